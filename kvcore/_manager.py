@@ -1,0 +1,872 @@
+"""KvCacheManager: the backend-neutral paged KV cache.
+
+The manager owns one block pool per device (the main pool, and optionally a swap
+pool), the block tables of every live sequence, the prefix cache and the statistics.
+Backends only move array data, in bulk (see :mod:`kvcore._backend`).
+
+Reading order: allocation (with prefix caching), extension and writes (with
+copy-on-write), reads, fork/deallocate, swap, and the read-only exports at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from ._backend import Backend
+from ._block_pool import BlockPool
+from ._block_table import BlockTable, _slots_of
+from ._paged_handle import PagedKvCacheHandle
+from ._registry import get_backend
+from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
+from ._tensor_ref import TensorRef
+from .errors import (CacheError, CapacityError, DeviceMismatchError, DtypeMismatchError,
+                     DuplicateRequestError, HandleSwappedError, InvalidHandleError,
+                     InvariantError, LayerIndexError, OutOfBlocksError, ShapeMismatchError,
+                     StaleSlotMappingError, UnknownRequestError, UnsupportedError,
+                     WriteOrderError)
+from .models import (AllocationRequest, CacheConfig, CacheGcStats, CacheHandleStats,
+                     CacheManagerStats, MemoryPressure)
+
+__all__ = ["KvCacheManager"]
+
+PressureCallback = Callable[[MemoryPressure, CacheManagerStats], None]
+_INT32_MAX = 2**31 - 1
+_ids = itertools.count()
+
+
+class _Sequence:
+    """Everything the manager knows about one request.  Handles point here."""
+
+    __slots__ = ("request_id", "cache_id", "table", "row", "valid", "swap_blocks",
+                 "num_cached_tokens", "private_from", "hashing", "parent_hash",
+                 "num_hashed_blocks", "pending_tokens", "last_access", "block_arr",
+                 "read_key", "read_index")
+
+    def __init__(self, request_id: str, table: BlockTable, row: int) -> None:
+        self.request_id = request_id
+        self.cache_id = f"{request_id}#{next(_ids)}"
+        self.table = table
+        self.row = row
+        self.valid = True
+        self.swap_blocks: list[int] | None = None
+        self.num_cached_tokens = 0
+        #: Blocks at logical index >= private_from are referenced by this table only.
+        self.private_from = 0
+        #: Prefix-hash chain state: the hash of the last full block, the number of
+        #: blocks hashed so far and the tokens of the partial block after them.
+        self.hashing = False
+        self.parent_hash = 0
+        self.num_hashed_blocks = 0
+        self.pending_tokens: list[int] = []
+        self.last_access = time.time()
+        self.block_arr: np.ndarray | None = None
+        self.read_key: tuple[int, int] | None = None
+        self.read_index: Any = None
+
+    def blocks(self) -> np.ndarray:
+        if self.block_arr is None:
+            self.block_arr = np.asarray(self.table._blocks, dtype=np.int64)
+        return self.block_arr
+
+    def blocks_changed(self) -> None:
+        self.block_arr = None
+        self.read_key = None
+
+
+class _ManagedBlockTable(BlockTable):
+    """The live table of a managed sequence.  Growth is routed through the manager so
+    accounting and copy-on-write stay right; blocks cannot be added by hand."""
+
+    __slots__ = ("_grow",)
+
+    def add_blocks(self, blocks: Iterable[int]) -> None:
+        raise CacheError("blocks of a managed cache come from its manager's pool; use "
+                         "KvCacheManager.extend(handle, num_tokens) to grow it")
+
+    def extend_sequence(self, num_tokens: int) -> None:
+        # Validate and refuse exactly as a plain table would, without changing it...
+        probe = self.copy()
+        probe.extend_sequence(num_tokens)
+        # ...then let the manager grow it (copy-on-write of a shared last block).
+        if probe.sequence_length != self._length:
+            self._grow(probe.sequence_length - self._length)
+
+
+def _managed_table(block_size: int, blocks: list[int], length: int,
+                   grow: Callable[[int], Any]) -> _ManagedBlockTable:
+    table = _ManagedBlockTable.__new__(_ManagedBlockTable)
+    table._block_size, table._blocks, table._length, table._grow = block_size, blocks, length, grow
+    return table
+
+
+def _check_positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+class KvCacheManager:
+    """A paged K/V cache for one model shape, on one backend.
+
+    >>> cfg = CacheConfig(num_layers=2, num_kv_heads=4, head_dim=8, num_blocks=64)
+    >>> mgr = KvCacheManager(cfg, backend="numpy")
+
+    Thread-safe: every public method holds one re-entrant lock.
+    """
+
+    def __init__(self, config: CacheConfig, backend: str | Backend | None = None, *,
+                 on_pressure: PressureCallback | None = None) -> None:
+        if not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a kvcore.CacheConfig, got {type(config).__name__}")
+        self._backend = backend if isinstance(backend, Backend) else get_backend(backend)
+        self._config = config
+        be, c = self._backend, config
+        be.check_dtype(c.dtype)
+        be.check_device(c.device)
+        self._layers = [be.allocate_layer(c.num_blocks, c.block_size, c.num_kv_heads,
+                                          c.head_dim, c.dtype, c.device)
+                        for _ in range(c.num_layers)]
+        self._pool = BlockPool(c.num_blocks)
+        self._swap_pool: BlockPool | None = None
+        self._swap_layers: list[Any] = []
+        if c.swap_blocks:
+            if c.swap_device.type not in be.capabilities().swap_device_types:
+                raise UnsupportedError(f"backend {be.name!r} cannot swap to {c.swap_device}")
+            pinned = c.device.is_cuda and not c.swap_device.is_cuda
+            self._swap_layers = [be.allocate_layer(c.swap_blocks, c.block_size, c.num_kv_heads,
+                                                   c.head_dim, c.dtype, c.swap_device,
+                                                   pinned=pinned)
+                                 for _ in range(c.num_layers)]
+            self._swap_pool = BlockPool(c.swap_blocks)
+        self._seqs: dict[str, _Sequence] = {}
+        # Per-sequence rows: tokens written per layer, and a version bumped whenever
+        # the sequence's existing slots move (copy-on-write, fork, swap, free).
+        self._written = np.zeros((16, c.num_layers), dtype=np.int64)
+        self._versions = np.zeros(16, dtype=np.int64)
+        self._free_rows = list(range(15, -1, -1))
+        self._lock = threading.RLock()
+        self._on_pressure = on_pressure
+        self._pressure = MemoryPressure.low
+        self._queries = self._hits = self._allocations = self._failures = self._cow = 0
+
+    # --- properties -----------------------------------------------------------------
+
+    @property
+    def config(self) -> CacheConfig:
+        return self._config
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def block_size(self) -> int:
+        return self._config.block_size
+
+    # --- rows -------------------------------------------------------------------------
+
+    def _take_row(self) -> int:
+        if not self._free_rows:
+            old = self._written.shape[0]
+            self._written = np.concatenate([self._written, np.zeros_like(self._written)])
+            self._versions = np.concatenate([self._versions, np.zeros_like(self._versions)])
+            self._free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self._free_rows.pop()
+
+    def _release_row(self, row: int) -> None:
+        self._written[row] = 0
+        self._versions[row] += 1
+        self._free_rows.append(row)
+
+    # --- lookups ------------------------------------------------------------------------
+
+    def _require_live(self, seq: _Sequence, op: str) -> None:
+        if not seq.valid:
+            raise InvalidHandleError(f"{op}: the cache of request {seq.request_id!r} was "
+                                     "deallocated; this handle is no longer valid")
+
+    def _require_data(self, seq: _Sequence, op: str) -> None:
+        self._require_live(seq, op)
+        if seq.swap_blocks is not None:
+            raise HandleSwappedError(f"{op}: request {seq.request_id!r} is swapped out; "
+                                     "call swap_in first")
+
+    def _seq_of(self, handle: PagedKvCacheHandle | str, op: str) -> _Sequence:
+        if isinstance(handle, str):
+            seq = self._seqs.get(handle)
+            if seq is None:
+                raise UnknownRequestError(f"{op}: no live cache has request id {handle!r}")
+            return seq
+        if not isinstance(handle, PagedKvCacheHandle):
+            raise TypeError(f"{op}: expected a handle or a request id, got "
+                            f"{type(handle).__name__}")
+        if handle._manager is not self:
+            raise InvalidHandleError(f"{op}: handle of request {handle.request_id!r} belongs "
+                                     "to a different manager")
+        self._require_live(handle._seq, op)
+        return handle._seq
+
+    def _check_layer(self, layer: Any) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"layer must be an int, got {layer!r}")
+        if not 0 <= layer < self._config.num_layers:
+            raise LayerIndexError(f"layer {layer} is out of range: the cache has "
+                                  f"{self._config.num_layers} layers (0..{self._config.num_layers - 1})")
+        return int(layer)
+
+    def _handle(self, seq: _Sequence) -> PagedKvCacheHandle:
+        return self._backend.handle_class(self, seq)
+
+    def get_handle(self, request_id: str) -> PagedKvCacheHandle:
+        """A new handle to the live cache of ``request_id``."""
+        with self._lock:
+            return self._handle(self._seq_of(request_id, "get_handle"))
+
+    def list_handles(self) -> list[PagedKvCacheHandle]:
+        """One handle per live cache, in allocation order."""
+        with self._lock:
+            return [self._handle(s) for s in self._seqs.values()]
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    # --- allocation ---------------------------------------------------------------------
+
+    def _prefix_plan(self, request: AllocationRequest) -> tuple[int, list[int], list[int], bytes]:
+        """Blocks the request needs, the prefix-cache hits, the chained hash of every
+        full prompt block, and the prompt as int32 bytes.  Side-effect free."""
+        n = request.num_tokens or 0
+        bs = self._config.block_size
+        total = -(-n // bs)
+        tokens = request.prompt_token_ids
+        if tokens is None or not self._config.enable_prefix_caching:
+            return total, [], [], b""
+        array = np.asarray(tokens, dtype=np.int64)
+        if array.size and (array.min() < 0 or array.max() > _INT32_MAX):
+            bad = int(array.min() if array.min() < 0 else array.max())
+            raise ValueError(f"prompt token id {bad} is outside [0, {_INT32_MAX}]")
+        buf = array.astype(np.int32).tobytes()
+        parent = self._root_hash(request.extra_key)
+        stride = 4 * bs
+        lookup = self._pool.lookup
+        hashes: list[int] = []
+        hits: list[int] = []
+        matching = True
+        for i in range(n // bs):
+            chunk = buf[i * stride:(i + 1) * stride]
+            parent = hash((parent, chunk))
+            hashes.append(parent)
+            if matching:
+                block = lookup(parent, chunk)
+                if block is None:
+                    matching = False
+                else:
+                    hits.append(block)
+        return total, hits, hashes, buf
+
+    def _root_hash(self, extra_key: str | None) -> int:
+        return hash(("kvcore-prefix", self._config.hash_seed, extra_key))
+
+    def can_allocate(self, request: AllocationRequest) -> bool:
+        """Whether :meth:`allocate` would succeed now (prefix hits counted).  Changes
+        nothing, not even the statistics."""
+        if not isinstance(request, AllocationRequest):
+            raise TypeError(f"expected an AllocationRequest, got {type(request).__name__}")
+        with self._lock:
+            if request.request_id in self._seqs:
+                return False
+            total, hits, _, _ = self._prefix_plan(request)
+            reclaimed = sum(1 for b in hits if self._pool.ref[b] == 0)
+            return total - len(hits) <= self._pool.num_free - reclaimed
+
+    def allocate(self, request: AllocationRequest) -> PagedKvCacheHandle:
+        """Reserve a cache for ``request.num_tokens`` tokens and return its handle.
+
+        With ``prompt_token_ids`` and prefix caching on, leading full blocks already in
+        the cache are shared; ``handle.num_cached_tokens()`` says how many tokens that
+        covers (their K/V are already there for every layer).
+        """
+        if not isinstance(request, AllocationRequest):
+            raise TypeError(f"expected an AllocationRequest, got {type(request).__name__}")
+        with self._lock:
+            rid = request.request_id
+            if rid in self._seqs:
+                raise DuplicateRequestError(f"request id {rid!r} already has a live cache")
+            total, hits, hashes, buf = self._prefix_plan(request)
+            pool = self._pool
+            reclaimed = sum(1 for b in hits if pool.ref[b] == 0)
+            need = total - len(hits)
+            if need > pool.num_free - reclaimed:
+                self._failures += 1
+                raise OutOfBlocksError(
+                    f"request {rid!r} needs {need} new blocks ({request.num_tokens} tokens, "
+                    f"{len(hits)} blocks from the prefix cache) but only "
+                    f"{pool.num_free - reclaimed} are free")
+            for block in hits:
+                pool.acquire(block)
+            blocks = hits + pool.allocate(need)
+            bs = self._config.block_size
+            stride = 4 * bs
+            for i in range(len(hits), len(hashes)):
+                pool.register(blocks[i], hashes[i], buf[i * stride:(i + 1) * stride])
+            if request.prompt_token_ids is not None and self._config.enable_prefix_caching:
+                self._queries += len(hashes)
+                self._hits += len(hits)
+            self._allocations += 1
+            row = self._take_row()
+            seq = _Sequence(rid, BlockTable(bs), row)
+            seq.table = _managed_table(bs, blocks, request.num_tokens or 0,
+                                       self._grower(seq))
+            seq.num_cached_tokens = len(hits) * bs
+            seq.private_from = len(hits)
+            self._written[row] = seq.num_cached_tokens
+            if buf:
+                seq.hashing = True
+                seq.parent_hash = hashes[-1] if hashes else self._root_hash(request.extra_key)
+                seq.num_hashed_blocks = len(hashes)
+                seq.pending_tokens = list(request.prompt_token_ids[len(hashes) * bs:])  # type: ignore[index]
+            self._seqs[rid] = seq
+            self._after_change()
+            return self._handle(seq)
+
+    def _grower(self, seq: _Sequence) -> Callable[[int], Any]:
+        return lambda n: self.extend(self._handle(seq), n)
+
+    # --- extension ----------------------------------------------------------------------
+
+    def extend(self, handle: PagedKvCacheHandle | str, num_tokens: int, *,
+               token_ids: Sequence[int] | None = None) -> SlotMapping:
+        """Reserve room for ``num_tokens`` more tokens; returns their slots.
+
+        Pass ``token_ids`` to keep prefix-caching the blocks they fill.  A shared last
+        block is copied first (copy-on-write).  All or nothing: on
+        :class:`~kvcore.errors.OutOfBlocksError` nothing changed.
+        """
+        return self.extend_batch([handle], num_tokens,
+                                 token_ids=None if token_ids is None else [token_ids])
+
+    def extend_batch(self, handles: Sequence[PagedKvCacheHandle | str], num_tokens: int = 1,
+                     *, token_ids: Sequence[Sequence[int]] | None = None) -> SlotMapping:
+        """:meth:`extend` for many sequences at once (one decode step of a batch).
+
+        One :class:`SlotMapping` covers them all, sequences in the order given; the
+        copy-on-write copies of the whole batch are one backend call per layer.
+        """
+        n = _check_positive("num_tokens", num_tokens)
+        with self._lock:
+            seqs = [self._seq_of(h, "extend") for h in handles]
+            for seq in seqs:
+                self._require_data(seq, "extend")
+            if len({id(s) for s in seqs}) != len(seqs):
+                raise ValueError("extend_batch: a sequence appears more than once in the batch")
+            if token_ids is not None:
+                if len(token_ids) != len(seqs):
+                    raise ValueError(f"token_ids has {len(token_ids)} entries for "
+                                     f"{len(seqs)} sequences")
+                for ids in token_ids:
+                    if len(ids) != n:
+                        raise ValueError(f"token_ids entry of length {len(ids)} differs from "
+                                         f"num_tokens={n}")
+            pool = self._pool
+            cow = [s.table.has_free_space and s.table._blocks and
+                   pool.ref[s.table._blocks[-1]] > 1 for s in seqs]
+            need = sum(s.table.additional_blocks_for(n) for s in seqs) + sum(map(bool, cow))
+            if need > pool.num_free:
+                self._failures += 1
+                raise OutOfBlocksError(f"extending {len(seqs)} sequence(s) by {n} tokens needs "
+                                       f"{need} blocks but only {pool.num_free} are free")
+            # From here on nothing can fail: the pool has room for everything.
+            src: list[int] = []
+            dst: list[int] = []
+            starts = []
+            for seq, copy in zip(seqs, cow):
+                table = seq.table
+                if copy:
+                    new = pool.allocate(1)[0]
+                    src.append(table._blocks[-1])
+                    dst.append(new)
+                    pool.free([table._blocks[-1]])
+                    table._blocks[-1] = new
+                    seq.private_from = min(seq.private_from, len(table._blocks) - 1)
+                    self._versions[seq.row] += 1
+                grow = table.additional_blocks_for(n)
+                if grow:
+                    table._blocks.extend(pool.allocate(grow))
+                starts.append(table._length)
+                table._length += n
+                seq.blocks_changed()
+                seq.last_access = time.time()
+            if src:
+                self._copy_blocks(src, dst)
+            if self._config.enable_prefix_caching:
+                for i, seq in enumerate(seqs):
+                    if seq.hashing:
+                        self._hash_new_blocks(seq, None if token_ids is None else token_ids[i])
+            mapping = self._mapping(seqs, starts, n)
+            self._after_change()
+            return mapping
+
+    def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        be, device = self._backend, self._config.device
+        src_i = be.index_array(np.asarray(src, dtype=np.int64), device)
+        dst_i = be.index_array(np.asarray(dst, dtype=np.int64), device)
+        for layer in self._layers:
+            be.copy_blocks(layer, src_i, dst_i)
+        self._cow += len(src)
+
+    def _hash_new_blocks(self, seq: _Sequence, token_ids: Sequence[int] | None) -> None:
+        if token_ids is None:  # the chain is broken: later blocks can't be cached
+            seq.hashing = False
+            seq.pending_tokens = []
+            return
+        bs = self._config.block_size
+        pending = seq.pending_tokens
+        pending.extend(int(t) for t in token_ids)
+        while len(pending) >= bs:
+            chunk = np.asarray(pending[:bs], dtype=np.int32).tobytes()
+            seq.parent_hash = hash((seq.parent_hash, chunk))
+            self._pool.register(seq.table._blocks[seq.num_hashed_blocks], seq.parent_hash, chunk)
+            seq.num_hashed_blocks += 1
+            del pending[:bs]
+
+    def _mapping(self, seqs: list[_Sequence], starts: list[int], n: int) -> SlotMapping:
+        bs = self._config.block_size
+        if n == 1:  # the decode step: one slot per sequence, no arrays per sequence
+            slots = np.fromiter((s.table._blocks[p // bs] * bs + p % bs
+                                 for s, p in zip(seqs, starts)), dtype=np.int64, count=len(seqs))
+        else:
+            slots = np.concatenate([
+                _slots_of(s.blocks(), bs, np.arange(p, p + n, dtype=np.int64))
+                for s, p in zip(seqs, starts)]) if seqs else np.zeros(0, np.int64)
+        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+        start_arr = np.asarray(starts, dtype=np.int64)
+        return SlotMapping(slots=slots, rows=rows, starts=start_arr, ends=start_arr + n,
+                           versions=self._versions[rows].copy(),
+                           request_ids=tuple(s.request_id for s in seqs))
+
+    # --- writes -------------------------------------------------------------------------
+
+    def _native_kv(self, key: Any, value: Any, tokens: int | None) -> tuple[Any, Any, int]:
+        """K and V as backend arrays of the cache's dtype and ``[n, heads, dim]`` shape."""
+        be, c = self._backend, self._config
+        out = []
+        for what, obj in (("key", key), ("value", value)):
+            native = be.asarray(obj, c.device)
+            shape, dtype, device = be.describe(native)
+            if device != c.device:
+                raise DeviceMismatchError(f"{what} is on {device}, the cache is on {c.device}")
+            if dtype is not c.dtype:
+                raise DtypeMismatchError(f"{what} has dtype {dtype.value if dtype else shape!r}"
+                                         f", the cache holds {c.dtype.value}; kvcore does not "
+                                         "cast, convert it first")
+            want = (tokens if tokens is not None else (shape[0] if shape else -1),
+                    c.num_kv_heads, c.head_dim)
+            if len(shape) != 3 or tuple(shape) != want or want[0] < 1:
+                expect = f"[{tokens if tokens is not None else 'n >= 1'}, {c.num_kv_heads}, {c.head_dim}]"
+                raise ShapeMismatchError(f"{what} has shape {list(shape)}, expected {expect} "
+                                         "(tokens, num_kv_heads, head_dim)")
+            out.append(native)
+            tokens = shape[0]
+        return out[0], out[1], int(tokens)  # type: ignore[arg-type]
+
+    def write(self, handle: PagedKvCacheHandle | str, layer: int, key: Any, value: Any, *,
+              start: int | None = None) -> None:
+        """Write K/V of ``n = key.shape[0]`` tokens of one sequence into ``layer``.
+
+        They land at positions ``[start, start + n)``; by default the last ``n``
+        positions (what the last ``extend`` reserved).  ``key`` and ``value`` are
+        ``[n, num_kv_heads, head_dim]`` arrays of the cache's dtype and device, in the
+        backend's library or any library speaking DLPack.  Blocks shared with other
+        sequences are copied first.
+        """
+        with self._lock:
+            seq = self._seq_of(handle, "write")
+            self._require_data(seq, "write")
+            layer = self._check_layer(layer)
+            k, v, n = self._native_kv(key, value, None)
+            length = seq.table._length
+            if start is None:
+                start = length - n
+            if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
+                raise TypeError(f"start must be an int, got {start!r}")
+            if start < 0 or start + n > length:
+                raise CapacityError(f"writing {n} tokens at position {start} overruns the "
+                                    f"sequence of {length} tokens; extend it first")
+            written = int(self._written[seq.row, layer])
+            if start > written:
+                raise WriteOrderError(f"write at position {start} of layer {layer} would "
+                                      f"leave positions {written}..{start - 1} unwritten")
+            bs = self._config.block_size
+            lo, hi = start // bs, -(-(start + n) // bs)
+            if lo < seq.private_from or start < written:
+                self._make_private(seq, lo, hi, overwrite=start < written)
+            slots = _slots_of(seq.blocks(), bs, np.arange(start, start + n, dtype=np.int64))
+            index = self._backend.index_array(slots, self._config.device)
+            self._backend.scatter(self._layers[layer], index, k, v)
+            self._written[seq.row, layer] = max(written, start + n)
+            seq.last_access = time.time()
+
+    def _make_private(self, seq: _Sequence, lo: int, hi: int, *, overwrite: bool) -> None:
+        """Copy-on-write: give ``seq`` its own copy of every block in ``[lo, hi)`` that
+        another table shares, or (when overwriting) that the prefix cache holds."""
+        pool, blocks = self._pool, seq.table._blocks
+        shared = [i for i in range(lo, hi)
+                  if pool.ref[blocks[i]] > 1 or (overwrite and pool.is_cached(blocks[i]))]
+        if shared:
+            if len(shared) > pool.num_free:
+                self._failures += 1
+                raise OutOfBlocksError(f"copy-on-write for request {seq.request_id!r} needs "
+                                       f"{len(shared)} blocks but only {pool.num_free} are free")
+            fresh = pool.allocate(len(shared))
+            old = [blocks[i] for i in shared]
+            self._copy_blocks(old, fresh)
+            for i, block in zip(shared, fresh):
+                blocks[i] = block
+            pool.free(old)
+            seq.blocks_changed()
+            self._versions[seq.row] += 1
+        while seq.private_from > 0 and pool.ref[blocks[seq.private_from - 1]] == 1:
+            seq.private_from -= 1
+
+    def write_slots(self, layer: int, slots: SlotMapping, key: Any, value: Any) -> None:
+        """Write K/V for every token of a :class:`SlotMapping` into ``layer``: one
+        backend call however many sequences the mapping spans (vLLM's
+        ``reshape_and_cache``).  ``key``/``value`` are ``[slots.num_tokens, heads, dim]``."""
+        if not isinstance(slots, SlotMapping):
+            raise TypeError(f"slots must be a SlotMapping from extend/extend_batch, got "
+                            f"{type(slots).__name__}")
+        with self._lock:
+            layer = self._check_layer(layer)
+            k, v, _ = self._native_kv(key, value, slots.num_tokens)
+            rows = slots.rows
+            if not np.array_equal(self._versions[rows], slots.versions):
+                stale = [rid for rid, a, b in zip(slots.request_ids, self._versions[rows],
+                                                   slots.versions) if a != b]
+                raise StaleSlotMappingError(
+                    f"the slot mapping of request(s) {stale} is stale: their blocks moved "
+                    "(fork, copy-on-write, swap or deallocation) since it was made")
+            written = self._written[rows, layer]
+            if np.any(slots.starts > written):
+                i = int(np.argmax(slots.starts > written))
+                raise WriteOrderError(
+                    f"request {slots.request_ids[i]!r}: write at position {slots.starts[i]} of "
+                    f"layer {layer} would leave positions {written[i]}..{slots.starts[i] - 1} "
+                    "unwritten")
+            index = slots.native(self._backend, self._config.device)
+            self._backend.scatter(self._layers[layer], index, k, v)
+            self._written[rows, layer] = np.maximum(written, slots.ends)
+
+    # --- reads --------------------------------------------------------------------------
+
+    def _num_written(self, seq: _Sequence, layer: int) -> int:
+        with self._lock:
+            self._require_live(seq, "num_written")
+            return int(self._written[seq.row, self._check_layer(layer)])
+
+    def _read_index(self, seq: _Sequence, n: int) -> Any:
+        key = (int(self._versions[seq.row]), n)
+        if seq.read_key != key:
+            bs = self._config.block_size
+            slots = _slots_of(seq.blocks(), bs, np.arange(n, dtype=np.int64))
+            seq.read_index = self._backend.index_array(slots, self._config.device)
+            seq.read_key = key
+        return seq.read_index
+
+    def _read(self, seq: _Sequence, layer: int, kv: int) -> TensorRef | None:
+        with self._lock:
+            self._require_data(seq, "key_cache" if kv == 0 else "value_cache")
+            layer = self._check_layer(layer)
+            n = int(self._written[seq.row, layer])
+            if n == 0:
+                return None
+            c = self._config
+            array = self._backend.gather(self._layers[layer], kv, self._read_index(seq, n))
+            seq.last_access = time.time()
+            return TensorRef(array, (n, c.num_kv_heads, c.head_dim), c.dtype, c.device)
+
+    def _read_pair(self, seq: _Sequence, layer: int) -> tuple[TensorRef, TensorRef] | None:
+        with self._lock:
+            key = self._read(seq, layer, 0)
+            return None if key is None else (key, self._read(seq, layer, 1))  # type: ignore[return-value]
+
+    # --- fork, deallocate -----------------------------------------------------------------
+
+    def fork(self, handle: PagedKvCacheHandle | str, new_request_id: str) -> PagedKvCacheHandle:
+        """A copy-on-write child of ``handle`` under ``new_request_id`` (beam search,
+        parallel sampling).  Costs O(blocks): no data is copied until one side writes
+        into a shared block."""
+        if not isinstance(new_request_id, str) or not new_request_id:
+            raise ValueError(f"new_request_id must be a non-empty str, got {new_request_id!r}")
+        with self._lock:
+            parent = self._seq_of(handle, "fork")
+            self._require_data(parent, "fork")
+            if new_request_id in self._seqs:
+                raise DuplicateRequestError(f"request id {new_request_id!r} already has a "
+                                            "live cache")
+            blocks = list(parent.table._blocks)
+            self._pool.incref(blocks)
+            row = self._take_row()
+            child = _Sequence(new_request_id, BlockTable(self._config.block_size), row)
+            child.table = _managed_table(self._config.block_size, blocks,
+                                         parent.table._length, self._grower(child))
+            self._written[row] = self._written[parent.row]
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.hashing, child.parent_hash = parent.hashing, parent.parent_hash
+            child.num_hashed_blocks = parent.num_hashed_blocks
+            child.pending_tokens = list(parent.pending_tokens)
+            parent.private_from = child.private_from = len(blocks)
+            self._versions[parent.row] += 1  # its pending slots now point at shared blocks
+            self._seqs[new_request_id] = child
+            self._allocations += 1
+            self._after_change()
+            return self._handle(child)
+
+    def deallocate(self, handle: PagedKvCacheHandle | str) -> None:
+        """End a request: every handle to it becomes invalid; its blocks return to the
+        pool once no other table holds them (prefix-cached ones stay reusable until
+        evicted)."""
+        with self._lock:
+            if isinstance(handle, PagedKvCacheHandle):
+                seq = self._seq_of(handle, "deallocate")
+            else:
+                if not isinstance(handle, str):
+                    raise TypeError(f"deallocate: expected a handle or a request id, got "
+                                    f"{type(handle).__name__}")
+                seq = self._seqs.get(handle)  # type: ignore[assignment]
+                if seq is None:
+                    raise UnknownRequestError(f"deallocate: no live cache has request id "
+                                              f"{handle!r} (already deallocated?)")
+            del self._seqs[seq.request_id]
+            seq.valid = False
+            if seq.swap_blocks is not None:
+                self._swap_pool.free(seq.swap_blocks)  # type: ignore[union-attr]
+                seq.swap_blocks = None
+            else:
+                self._pool.free(seq.table._blocks)
+            self._release_row(seq.row)
+            self._after_change()
+
+    # --- swap ---------------------------------------------------------------------------
+
+    def _require_swap(self) -> BlockPool:
+        if self._swap_pool is None:
+            raise UnsupportedError("this manager has no swap pool: set CacheConfig.swap_blocks")
+        return self._swap_pool
+
+    def swap_out(self, handle: PagedKvCacheHandle | str) -> None:
+        """Move a sequence's blocks to the swap pool (on ``config.swap_device``) and
+        release them here.  Its handles stay valid; data access waits for ``swap_in``."""
+        with self._lock:
+            swap = self._require_swap()
+            seq = self._seq_of(handle, "swap_out")
+            self._require_data(seq, "swap_out")
+            blocks = seq.table._blocks
+            if len(blocks) > swap.num_free:
+                raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {len(blocks)} "
+                                       f"swap blocks, {swap.num_free} are free")
+            dst = swap.allocate(len(blocks))
+            self._transfer(self._layers, blocks, self._config.device,
+                           self._swap_layers, dst, self._config.swap_device)
+            self._pool.free(blocks)
+            seq.swap_blocks = dst
+            seq.table._blocks = list(dst)
+            self._moved(seq)
+
+    def swap_in(self, handle: PagedKvCacheHandle | str) -> None:
+        """Bring a swapped-out sequence back into the main pool, bit-identical."""
+        with self._lock:
+            swap = self._require_swap()
+            seq = self._seq_of(handle, "swap_in")
+            if seq.swap_blocks is None:
+                raise CacheError(f"swap_in: request {seq.request_id!r} is not swapped out")
+            src = seq.swap_blocks
+            if len(src) > self._pool.num_free:
+                self._failures += 1
+                raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {len(src)} blocks, "
+                                       f"{self._pool.num_free} are free")
+            dst = self._pool.allocate(len(src))
+            self._transfer(self._swap_layers, src, self._config.swap_device,
+                           self._layers, dst, self._config.device)
+            swap.free(src)
+            seq.swap_blocks = None
+            seq.table._blocks = list(dst)
+            seq.private_from = 0
+            self._moved(seq)
+
+    def _moved(self, seq: _Sequence) -> None:
+        seq.blocks_changed()
+        seq.hashing = False  # blocks moved off the prefix cache: stop extending the chain
+        seq.pending_tokens = []
+        self._versions[seq.row] += 1
+        self._after_change()
+
+    def _transfer(self, src_layers: list[Any], src: list[int], src_device: Any,
+                  dst_layers: list[Any], dst: list[int], dst_device: Any) -> None:
+        if not src:
+            return
+        be = self._backend
+        src_i = be.index_array(np.asarray(src, dtype=np.int64), src_device)
+        dst_i = be.index_array(np.asarray(dst, dtype=np.int64), dst_device)
+        for s_layer, d_layer in zip(src_layers, dst_layers):
+            be.transfer_blocks(s_layer, src_i, d_layer, dst_i)
+        be.synchronize(dst_device)
+
+    # --- statistics, pressure, gc ----------------------------------------------------------
+
+    def _handle_stats(self, seq: _Sequence) -> CacheHandleStats:
+        with self._lock:
+            self._require_live(seq, "stats")
+            t = seq.table
+            capacity = t.capacity
+            return CacheHandleStats(
+                memory_bytes=t.num_blocks * self._config.bytes_per_block,
+                blocks_allocated=t.num_blocks, tokens_stored=t._length,
+                utilization=t._length / capacity if capacity else 0.0,
+                last_access=datetime.fromtimestamp(seq.last_access, timezone.utc))
+
+    def _level(self) -> MemoryPressure:
+        c = self._config
+        used = self._pool.num_used / self._pool.num_blocks
+        if used >= c.pressure_critical:
+            return MemoryPressure.critical
+        if used >= c.pressure_high:
+            return MemoryPressure.high
+        if used >= c.pressure_medium:
+            return MemoryPressure.medium
+        return MemoryPressure.low
+
+    def pressure(self) -> MemoryPressure:
+        """The memory-pressure level now (fraction of blocks in use)."""
+        with self._lock:
+            return self._level()
+
+    def _after_change(self) -> None:
+        level = self._level()
+        if level is not self._pressure:
+            self._pressure = level
+            if self._on_pressure is not None:
+                self._on_pressure(level, self.stats())
+
+    def stats(self) -> CacheManagerStats:
+        with self._lock:
+            pool, c = self._pool, self._config
+            swap = self._swap_pool
+            return CacheManagerStats(
+                total_blocks=pool.num_blocks,
+                free_blocks=pool.num_free - pool.num_cached_free,
+                cached_blocks=pool.num_cached_free,
+                used_blocks=pool.num_used,
+                block_size=c.block_size,
+                memory_bytes=c.total_bytes,
+                used_memory_bytes=pool.num_used * c.bytes_per_block,
+                active_caches=sum(1 for s in self._seqs.values() if s.swap_blocks is None),
+                swapped_caches=sum(1 for s in self._seqs.values() if s.swap_blocks is not None),
+                swap_total_blocks=swap.num_blocks if swap else 0,
+                swap_free_blocks=swap.num_free if swap else 0,
+                prefix_cache_queries=self._queries,
+                prefix_cache_hits=self._hits,
+                prefix_cache_hit_rate=self._hits / self._queries if self._queries else 0.0,
+                evictions=pool.evictions,
+                allocations=self._allocations,
+                allocation_failures=self._failures,
+                copy_on_write_copies=self._cow,
+                pressure=self._level(),
+                utilization=pool.num_used / pool.num_blocks)
+
+    def gc(self) -> CacheGcStats:
+        """Drop the prefix cache of every block no sequence references, making them
+        plain free blocks.  Blocks in use are never touched."""
+        with self._lock:
+            began = time.perf_counter()
+            freed = self._pool.evict_all_free()
+            self._after_change()
+            return CacheGcStats(blocks_freed=freed, bytes_freed=freed * self._config.bytes_per_block,
+                                duration_s=time.perf_counter() - began)
+
+    def check_invariants(self) -> None:
+        """Raise :class:`~kvcore.errors.InvariantError` unless the pools and tables are
+        consistent: free + cached + used == total, every refcount equals the number of
+        tables holding the block, no table holds a block twice, lengths fit."""
+        with self._lock:
+            holders: Counter[int] = Counter()
+            swap_holders: Counter[int] = Counter()
+            bs = self._config.block_size
+            for rid, seq in self._seqs.items():
+                blocks = seq.table._blocks
+                if len(set(blocks)) != len(blocks):
+                    raise InvariantError(f"request {rid!r} holds a block twice: {blocks}")
+                if len(blocks) != -(-seq.table._length // bs):
+                    raise InvariantError(f"request {rid!r} has {len(blocks)} blocks for "
+                                         f"{seq.table._length} tokens")
+                if np.any(self._written[seq.row] > seq.table._length):
+                    raise InvariantError(f"request {rid!r} has more tokens written than it holds")
+                (swap_holders if seq.swap_blocks is not None else holders).update(blocks)
+            self._pool.check(holders)
+            if self._swap_pool is not None:
+                self._swap_pool.check(swap_holders)
+            stats = self.stats()
+            if stats.free_blocks + stats.cached_blocks + stats.used_blocks != stats.total_blocks:
+                raise InvariantError(f"blocks do not add up: {stats}")
+
+    # --- exports ----------------------------------------------------------------------------
+
+    def _live_tables(self, handles: Sequence[PagedKvCacheHandle | str]) -> list[BlockTable]:
+        seqs = [self._seq_of(h, "page table") for h in handles]
+        for seq in seqs:
+            self._require_data(seq, "page table")
+        return [s.table for s in seqs]
+
+    def flashinfer_page_table(self, handles: Sequence[PagedKvCacheHandle | str]) -> FlashInferPageTable:
+        """The batch's pages as FlashInfer's ``indptr`` / ``indices`` / ``last_page_len``."""
+        with self._lock:
+            tables = self._live_tables(handles)
+            bs = self._config.block_size
+            counts = np.fromiter((len(t._blocks) for t in tables), np.int32, len(tables))
+            indptr = np.zeros(len(tables) + 1, dtype=np.int32)
+            np.cumsum(counts, out=indptr[1:])
+            indices = np.fromiter(itertools.chain.from_iterable(t._blocks for t in tables),
+                                  np.int32, int(indptr[-1]))
+            lengths = np.fromiter((t._length for t in tables), np.int32, len(tables))
+            last = np.where(lengths > 0, (lengths - 1) % bs + 1, 0).astype(np.int32)
+            return FlashInferPageTable(indptr, indices, last, bs)
+
+    def vllm_block_table(self, handles: Sequence[PagedKvCacheHandle | str], *,
+                         pad_value: int = 0) -> VllmBlockTable:
+        """The batch's pages as vLLM's padded ``block_tables`` plus ``seq_lens``."""
+        with self._lock:
+            tables = self._live_tables(handles)
+            width = max((len(t._blocks) for t in tables), default=0)
+            out = np.full((len(tables), width), pad_value, dtype=np.int32)
+            for i, t in enumerate(tables):
+                out[i, :len(t._blocks)] = t._blocks
+            lengths = np.fromiter((t._length for t in tables), np.int32, len(tables))
+            return VllmBlockTable(out, lengths, self._config.block_size, pad_value)
+
+    def layer_pool(self, layer: int) -> TensorRef:
+        """The raw pool of ``layer``: ``[2, num_blocks, block_size, heads, dim]`` (K at
+        index 0, V at 1), shared with the cache, for attention kernels."""
+        layer = self._check_layer(layer)
+        c = self._config
+        return TensorRef(self._layers[layer],
+                         (2, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim),
+                         c.dtype, c.device)
+
+    def __repr__(self) -> str:
+        c = self._config
+        return (f"KvCacheManager(backend={self._backend.name!r}, layers={c.num_layers}, "
+                f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={c.dtype.value}, "
+                f"blocks={c.num_blocks}x{c.block_size}, device={c.device}, "
+                f"live={len(self._seqs)})")

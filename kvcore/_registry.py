@@ -1,0 +1,371 @@
+"""Finding, checking and selecting backends.
+
+Discovery walks ``importlib.metadata.entry_points(group="kvcore")`` itself instead of
+calling pluggy's ``load_setuptools_entrypoints``: that helper stops at the first plugin
+that fails to import, so one broken distribution would hide every other backend.  Here
+each plugin is loaded in isolation and its failure is recorded against it.  pluggy
+still does what it is good at: validating hook implementations and calling them.
+
+Three levels of "is it there", each cheaper than the next:
+
+1. *installed*: an entry point exists (metadata only);
+2. *loadable*: its plugin module imported and its hook answered, the API version
+   matches and the array library is found by ``find_spec`` (nothing heavy imported);
+3. *usable*: the backend module imported and its :meth:`Backend.probe` passed.
+
+``list_backends()`` reports level 2, ``list_backends(probe=True)`` level 3, and
+``get_backend(name)`` requires level 3 and never falls back to another backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pluggy
+
+from . import _hookspecs
+from ._backend import KVCORE_API_VERSION, Backend
+from ._hookspecs import BackendSpec
+from .errors import (ApiVersionError, BackendUnavailableError, DuplicateBackendError,
+                     PluginLoadError, UnknownBackendError)
+
+__all__ = ["BackendRecord", "ENTRY_POINT_GROUP", "Registry", "get_backend",
+           "list_backends", "register_backend", "unregister_backend", "refresh_backends"]
+
+ENTRY_POINT_GROUP = "kvcore"
+DEFAULT_BACKEND = "numpy"
+ENV_BACKEND = "KVCORE_BACKEND"
+ENV_STRICT = "KVCORE_STRICT_PLUGINS"
+#: Backends this project ships, and the extra that installs each.
+KNOWN_EXTRAS = {"numpy": "numpy", "torch": "torch", "cupy": "cupy"}
+_PROGRAMMATIC = "<registered in code>"
+
+
+def install_hint(name: str) -> str:
+    extra = KNOWN_EXTRAS.get(name)
+    if extra is None:
+        return f"no known distribution provides backend {name!r}; install its plugin"
+    return f'pip install "kvcore[{extra}]"'
+
+
+@dataclass(frozen=True)
+class BackendRecord:
+    """One discovered backend (or one plugin that failed before naming any)."""
+
+    name: str
+    distribution: str
+    version: str
+    entry_point: str
+    available: bool
+    reason: str | None = None
+    #: ``True`` when the array library was imported and :meth:`Backend.probe` ran.
+    probed: bool = False
+    api_version: int | None = None
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Entry:
+    spec: BackendSpec
+    distribution: str
+    version: str
+    entry_point: str
+
+
+def _strict() -> bool:
+    return os.environ.get(ENV_STRICT, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _describe_exc(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Registry:
+    """The set of known backends.  ``kvcore`` keeps one module-level instance; tests
+    may build their own."""
+
+    def __init__(self, group: str = ENTRY_POINT_GROUP) -> None:
+        self._group = group
+        self._lock = threading.RLock()
+        self._discovered = False
+        self._entries: dict[str, list[_Entry]] = {}
+        self._failures: list[BackendRecord] = []
+        self._manual: dict[str, _Entry] = {}
+        self._instances: dict[str, Backend] = {}
+        self._pm = self._new_plugin_manager()
+
+    @staticmethod
+    def _new_plugin_manager() -> pluggy.PluginManager:
+        pm = pluggy.PluginManager(_hookspecs.PROJECT_NAME)
+        pm.add_hookspecs(_hookspecs)
+        return pm
+
+    # --- discovery ----------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Forget everything discovered; the next call looks at the metadata again."""
+        with self._lock:
+            self._discovered = False
+            self._entries = {}
+            self._failures = []
+            self._instances = {}
+            self._pm = self._new_plugin_manager()
+
+    def _entry_points(self) -> list[metadata.EntryPoint]:
+        seen: set[tuple[str, str, str]] = set()
+        unique = []
+        for ep in metadata.entry_points(group=self._group):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            # An editable install next to a stale egg-info shows one entry point twice.
+            key = (ep.name, ep.value, dist.lower().replace("_", "-"))
+            if key not in seen:
+                seen.add(key)
+                unique.append(ep)
+        return unique
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        for ep in self._entry_points():
+            dist = ep.dist.name if ep.dist is not None else "?"
+            version = ep.dist.version if ep.dist is not None else "?"
+            where = f"{ep.name} = {ep.value}"
+            try:
+                module = ep.load()
+                plugin_name = f"{dist}:{ep.name}"
+                self._pm.register(module, name=plugin_name)
+                caller = self._pm.subset_hook_caller(
+                    "kvcore_backends",
+                    remove_plugins=[p for p in self._pm.get_plugins() if p is not module])
+                specs = [s for batch in caller() for s in (batch or [])]
+                for spec in specs:
+                    if not isinstance(spec, BackendSpec):
+                        raise TypeError(f"hook kvcore_backends returned {spec!r}, "
+                                        "expected kvcore.BackendSpec records")
+            except Exception as exc:  # a broken plugin must not break the others
+                reason = (f"plugin {where!r} of distribution {dist} {version} failed: "
+                          f"{_describe_exc(exc)} (fix or uninstall {dist})")
+                if _strict():
+                    raise PluginLoadError(reason) from exc
+                self._failures.append(BackendRecord(
+                    name=ep.name, distribution=dist, version=version, entry_point=where,
+                    available=False, reason=reason))
+                continue
+            for spec in specs:
+                self._entries.setdefault(spec.name, []).append(
+                    _Entry(spec, dist, version, where))
+        if _strict():
+            for name in self._entries:
+                self._check_unique(name)
+        self._discovered = True
+
+    def _all_entries(self) -> dict[str, list[_Entry]]:
+        self._discover()
+        merged = {name: list(entries) for name, entries in self._entries.items()}
+        for name, entry in self._manual.items():
+            merged[name] = [entry]  # code registration overrides discovery, on purpose
+        return merged
+
+    def _check_unique(self, name: str) -> _Entry:
+        entries = self._all_entries()[name]
+        if len(entries) > 1:
+            who = ", ".join(f"{e.distribution} {e.version} ({e.entry_point})" for e in entries)
+            raise DuplicateBackendError(
+                f"backend {name!r} is declared by more than one distribution: {who}; "
+                "uninstall all but one")
+        return entries[0]
+
+    # --- programmatic registration -----------------------------------------------
+
+    def register(self, backend: BackendSpec | type[Backend], *, replace_existing: bool = False) -> None:
+        """Make a backend selectable without an entry point (tests, notebooks)."""
+        if isinstance(backend, type) and issubclass(backend, Backend):
+            cls = backend
+            spec = BackendSpec(name=cls.name, load=lambda: cls, api_version=cls.api_version,
+                               description=(cls.__doc__ or "").strip().split("\n")[0])
+        elif isinstance(backend, BackendSpec):
+            spec = backend
+        else:
+            raise TypeError(f"register_backend takes a BackendSpec or a Backend subclass, "
+                            f"got {backend!r}")
+        with self._lock:
+            if spec.name in self._manual and not replace_existing:
+                raise DuplicateBackendError(f"backend {spec.name!r} is already registered in "
+                                            "code; pass replace_existing=True to replace it")
+            self._manual[spec.name] = _Entry(spec, _PROGRAMMATIC, "", _PROGRAMMATIC)
+            self._instances.pop(spec.name, None)
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            if self._manual.pop(name, None) is None:
+                raise UnknownBackendError(f"no backend named {name!r} was registered in code")
+            self._instances.pop(name, None)
+
+    # --- listing ------------------------------------------------------------------
+
+    def list_backends(self, *, probe: bool = False) -> list[BackendRecord]:
+        """One record per backend, plus one per plugin that failed to load."""
+        with self._lock:
+            records = []
+            for name, entries in sorted(self._all_entries().items()):
+                for entry in entries:
+                    record = self._static_record(name, entry)
+                    if len(entries) > 1:
+                        others = ", ".join(e.distribution for e in entries)
+                        record = replace(record, available=False,
+                                         reason=f"backend name {name!r} is claimed by several "
+                                                f"distributions: {others}")
+                    elif probe and record.available:
+                        try:
+                            self._load_usable(name, entry)
+                            record = replace(record, probed=True)
+                        except BackendUnavailableError as exc:
+                            record = replace(record, available=False, probed=True,
+                                             reason=str(exc))
+                    records.append(record)
+            return records + list(self._failures)
+
+    def _static_record(self, name: str, entry: _Entry) -> BackendRecord:
+        spec = entry.spec
+        record = BackendRecord(name=name, distribution=entry.distribution,
+                               version=entry.version, entry_point=entry.entry_point,
+                               available=True, api_version=spec.api_version,
+                               description=spec.description)
+        reason = self._static_problem(spec)
+        return replace(record, available=False, reason=reason) if reason else record
+
+    @staticmethod
+    def _static_problem(spec: BackendSpec) -> str | None:
+        if spec.api_version != KVCORE_API_VERSION:
+            return (f"backend {spec.name!r} was built for kvcore API version "
+                    f"{spec.api_version}, this kvcore provides {KVCORE_API_VERSION}")
+        for module in spec.requires:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                hint = spec.install_hint or install_hint(spec.name)
+                return f"library {module!r} is not installed ({hint})"
+        return None
+
+    # --- selection ----------------------------------------------------------------
+
+    def get_backend(self, name: str | None = None) -> Backend:
+        """The backend called ``name``, else ``$KVCORE_BACKEND``, else ``numpy``."""
+        if name is None:
+            name = os.environ.get(ENV_BACKEND, "").strip() or DEFAULT_BACKEND
+        with self._lock:
+            cached = self._instances.get(name)
+            if cached is not None:
+                return cached
+            entries = self._all_entries()
+            if name not in entries:
+                raise self._unknown(name)
+            entry = self._check_unique(name)
+            problem = self._static_problem(entry.spec)
+            if problem is not None:
+                cls = ApiVersionError if "API version" in problem else BackendUnavailableError
+                raise cls(f"backend {name!r} is unavailable: {problem}")
+            return self._load_usable(name, entry)
+
+    def _unknown(self, name: str) -> Exception:
+        for failure in self._failures:
+            if failure.name == name:
+                return BackendUnavailableError(f"backend {name!r} is unavailable: {failure.reason}")
+        installed = sorted(self._all_entries())
+        listing = ", ".join(installed) if installed else "none"
+        return UnknownBackendError(f"no backend named {name!r}; installed backends: "
+                                   f"{listing}. To get it: {install_hint(name)}")
+
+    def _load_usable(self, name: str, entry: _Entry) -> Backend:
+        cached = self._instances.get(name)
+        if cached is not None:
+            return cached
+        spec = entry.spec
+        try:
+            cls = _resolve(spec.load)
+        except ImportError as exc:
+            hint = spec.install_hint or install_hint(name)
+            raise BackendUnavailableError(
+                f"backend {name!r} is unavailable: importing it failed with "
+                f"{_describe_exc(exc)} ({hint})") from exc
+        except Exception as exc:
+            raise BackendUnavailableError(
+                f"backend {name!r} from {entry.distribution} is broken: loading "
+                f"{spec.load!r} raised {_describe_exc(exc)}") from exc
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            raise BackendUnavailableError(f"backend {name!r}: {spec.load!r} is {cls!r}, "
+                                          "not a kvcore.Backend subclass")
+        if cls.api_version != KVCORE_API_VERSION:
+            raise ApiVersionError(f"backend {name!r} was built for kvcore API version "
+                                  f"{cls.api_version}, this kvcore provides {KVCORE_API_VERSION}")
+        try:
+            cls.probe()
+            instance = cls()
+        except BackendUnavailableError as exc:
+            raise BackendUnavailableError(f"backend {name!r} is unavailable: {exc}") from exc
+        except Exception as exc:
+            raise BackendUnavailableError(f"backend {name!r} is unavailable: its probe "
+                                          f"raised {_describe_exc(exc)}") from exc
+        self._instances[name] = instance
+        return instance
+
+
+def _resolve(load: Any) -> Any:
+    if callable(load):
+        return load()
+    module_name, _, attr = str(load).partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split(".") if attr else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+_REGISTRY = Registry()
+
+
+def list_backends(*, probe: bool = False) -> list[BackendRecord]:
+    """Every discovered backend with its distribution, version and availability.
+
+    Without ``probe`` no array library is imported: availability means the plugin
+    loaded, the API version matches and the library is installed.  With
+    ``probe=True`` each backend is imported and its runtime checked (a GPU backend
+    reports the driver's own error text).
+    """
+    return _REGISTRY.list_backends(probe=probe)
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """Select a backend by name, else ``$KVCORE_BACKEND``, else ``"numpy"``.
+
+    Raises :class:`~kvcore.errors.UnknownBackendError` (listing what is installed and
+    the ``pip install`` that would bring ``name``), or
+    :class:`~kvcore.errors.BackendUnavailableError` with the cause.  Never falls back
+    to a different backend.
+    """
+    return _REGISTRY.get_backend(name)
+
+
+def register_backend(backend: BackendSpec | type[Backend], *, replace_existing: bool = False) -> None:
+    """Register a backend in code, without an entry point."""
+    _REGISTRY.register(backend, replace_existing=replace_existing)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend registered with :func:`register_backend`."""
+    _REGISTRY.unregister(name)
+
+
+def refresh_backends() -> None:
+    """Discover entry points again (after installing a plugin in a running process)."""
+    _REGISTRY.refresh()

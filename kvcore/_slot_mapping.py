@@ -1,0 +1,77 @@
+"""Where new tokens go (SlotMapping) and page tables for attention kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ._backend import Backend
+    from ._device import Device
+
+__all__ = ["SlotMapping", "FlashInferPageTable", "VllmBlockTable"]
+
+
+@dataclass(frozen=True, eq=False)
+class SlotMapping:
+    """The pool slots reserved by one ``extend`` or ``extend_batch`` call.
+
+    ``slots[i]`` is the flat slot (``block * block_size + offset``) of the ``i``-th new
+    token, sequences in the order given, tokens in logical order: exactly the
+    ``slot_mapping`` vLLM's ``reshape_and_cache`` takes.  Pass the mapping to
+    :meth:`KvCacheManager.write_slots` once per layer; the backend index it needs is
+    built on first use and reused for every layer.
+    """
+
+    slots: np.ndarray
+    #: Per sequence: the manager's row, first and one-past-last new position.
+    rows: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    #: Per sequence: the block-layout version the slots were computed against.
+    versions: np.ndarray
+    request_ids: tuple[str, ...]
+    _native: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slots.shape[0])
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def native(self, backend: Backend, device: Device) -> Any:
+        """The slots as ``backend``'s index array on ``device`` (cached)."""
+        key = (backend.name, str(device))
+        index = self._native.get(key)
+        if index is None:
+            index = backend.index_array(self.slots, device)
+            self._native[key] = index
+        return index
+
+
+@dataclass(frozen=True)
+class FlashInferPageTable:
+    """A batch's pages in FlashInfer's CSR form (``BatchDecodeWithPagedKVCacheWrapper.plan``).
+
+    Sequence ``i`` uses pages ``indices[indptr[i]:indptr[i + 1]]``; its last page holds
+    ``last_page_len[i]`` tokens.  All ``int32``.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    last_page_len: np.ndarray
+    page_size: int
+
+
+@dataclass(frozen=True)
+class VllmBlockTable:
+    """A batch's pages as vLLM's attention metadata takes them: ``block_tables``
+    ``[batch, max_blocks]`` padded with ``pad_value``, and ``seq_lens``.  ``int32``."""
+
+    block_tables: np.ndarray
+    seq_lens: np.ndarray
+    block_size: int
+    pad_value: int = 0

@@ -1,0 +1,145 @@
+"""Every exception kvcore raises on purpose.
+
+All of them derive from :class:`KvCoreError`, so ``except kvcore.errors.KvCoreError``
+catches everything the library signals.  Where a built-in exception carries the same
+meaning (``IndexError`` for a layer out of range, ``ValueError`` for a bad argument,
+``TypeError`` for a wrong type) the kvcore error subclasses it too, so code written
+against plain Python conventions keeps working.
+
+Every message names the offending value and what was expected.  An operation that
+raises one of these leaves the cache exactly as it was.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KvCoreError",
+    "BackendError",
+    "UnknownBackendError",
+    "BackendUnavailableError",
+    "PluginLoadError",
+    "DuplicateBackendError",
+    "ApiVersionError",
+    "CacheError",
+    "OutOfBlocksError",
+    "InvalidHandleError",
+    "HandleSwappedError",
+    "UnknownRequestError",
+    "DuplicateRequestError",
+    "LayerIndexError",
+    "CapacityError",
+    "ArrayMismatchError",
+    "ShapeMismatchError",
+    "DtypeMismatchError",
+    "DeviceMismatchError",
+    "UnsupportedError",
+    "WriteOrderError",
+    "StaleSlotMappingError",
+    "InvariantError",
+]
+
+
+class KvCoreError(Exception):
+    """Base class of every error kvcore raises on purpose."""
+
+
+# --- backends and plugins --------------------------------------------------------
+
+
+class BackendError(KvCoreError):
+    """Something is wrong with finding, loading or using a backend."""
+
+
+class UnknownBackendError(BackendError, LookupError):
+    """No installed backend has the requested name."""
+
+
+class BackendUnavailableError(BackendError):
+    """The backend is installed but cannot run here (missing library, no GPU, ...)."""
+
+
+class PluginLoadError(BackendError):
+    """A plugin's entry point failed to import, or one of its hooks raised.
+
+    Only raised when ``KVCORE_STRICT_PLUGINS=1``; otherwise the failure is reported by
+    :func:`kvcore.list_backends` and the other plugins keep working.
+    """
+
+
+class DuplicateBackendError(BackendError):
+    """Two distributions declare a backend with the same name."""
+
+
+class ApiVersionError(BackendUnavailableError):
+    """A backend was built for a different ``KVCORE_API_VERSION``."""
+
+
+class UnsupportedError(BackendError, NotImplementedError):
+    """The backend does not support the requested dtype, device or operation."""
+
+
+# --- the cache ------------------------------------------------------------------
+
+
+class CacheError(KvCoreError):
+    """A cache operation was refused."""
+
+
+class OutOfBlocksError(CacheError, MemoryError):
+    """The block pool cannot hold the request; nothing was allocated."""
+
+
+class InvalidHandleError(CacheError):
+    """The handle was deallocated (or never belonged to this manager)."""
+
+
+class HandleSwappedError(CacheError):
+    """The handle's blocks are swapped out; ``swap_in`` it before touching its data."""
+
+
+class UnknownRequestError(CacheError, KeyError):
+    """No live cache has this request id."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateRequestError(CacheError, ValueError):
+    """A live cache already has this request id."""
+
+
+class LayerIndexError(CacheError, IndexError):
+    """A layer index outside ``0 <= layer < num_layers``."""
+
+
+class CapacityError(CacheError, ValueError):
+    """A block table was asked to hold more tokens than its blocks have room for."""
+
+
+class WriteOrderError(CacheError, ValueError):
+    """A write would leave a gap of unwritten tokens before it."""
+
+
+class ArrayMismatchError(CacheError, ValueError):
+    """An array given to the cache does not match what the cache holds."""
+
+
+class ShapeMismatchError(ArrayMismatchError):
+    """An array has the wrong shape."""
+
+
+class DtypeMismatchError(ArrayMismatchError, TypeError):
+    """An array has the wrong dtype; kvcore never casts silently."""
+
+
+class DeviceMismatchError(ArrayMismatchError):
+    """An array lives on a different device than the cache."""
+
+
+class StaleSlotMappingError(CacheError):
+    """A slot mapping was made before blocks moved (fork, copy-on-write, swap or
+    deallocation); make a new one with ``extend``."""
+
+
+class InvariantError(CacheError, AssertionError):
+    """:meth:`KvCacheManager.check_invariants` found the pool inconsistent (a bug)."""

@@ -10,12 +10,9 @@ copy-on-write), reads, fork/deallocate, swap, and the read-only exports at the e
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,88 +20,24 @@ import numpy as np
 from ._backend import Backend
 from ._block_pool import BlockPool
 from ._block_table import BlockTable, _slots_of
+from ._introspection import IntrospectionMixin
 from ._paged_handle import PagedKvCacheHandle
+from ._swap import SwapMixin
+from ._prefix_cache import PrefixPlan, hash_full_blocks, plan_prefix, root_hash
+from ._sequence import _managed_table, _Sequence
 from ._registry import get_backend
-from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
+from ._slot_mapping import SlotMapping
 from ._tensor_ref import TensorRef
-from .errors import (CacheError, CapacityError, DeviceMismatchError, DtypeMismatchError,
+from .errors import (CapacityError, DeviceMismatchError, DtypeMismatchError,
                      DuplicateRequestError, HandleSwappedError, InvalidHandleError,
-                     InvariantError, LayerIndexError, OutOfBlocksError, ShapeMismatchError,
+                     LayerIndexError, OutOfBlocksError, ShapeMismatchError,
                      StaleSlotMappingError, UnknownRequestError, UnsupportedError,
                      WriteOrderError)
-from .models import (AllocationRequest, CacheConfig, CacheGcStats, CacheHandleStats,
-                     CacheManagerStats, MemoryPressure)
+from .models import (AllocationRequest, CacheConfig, CacheManagerStats, MemoryPressure)
 
 __all__ = ["KvCacheManager"]
 
 PressureCallback = Callable[[MemoryPressure, CacheManagerStats], None]
-_INT32_MAX = 2**31 - 1
-_ids = itertools.count()
-
-
-class _Sequence:
-    """Everything the manager knows about one request.  Handles point here."""
-
-    __slots__ = ("request_id", "cache_id", "table", "row", "valid", "swap_blocks",
-                 "num_cached_tokens", "private_from", "hashing", "parent_hash",
-                 "num_hashed_blocks", "pending_tokens", "last_access", "block_arr",
-                 "read_key", "read_index")
-
-    def __init__(self, request_id: str, table: BlockTable, row: int) -> None:
-        self.request_id = request_id
-        self.cache_id = f"{request_id}#{next(_ids)}"
-        self.table = table
-        self.row = row
-        self.valid = True
-        self.swap_blocks: list[int] | None = None
-        self.num_cached_tokens = 0
-        #: Blocks at logical index >= private_from are referenced by this table only.
-        self.private_from = 0
-        #: Prefix-hash chain state: the hash of the last full block, the number of
-        #: blocks hashed so far and the tokens of the partial block after them.
-        self.hashing = False
-        self.parent_hash = 0
-        self.num_hashed_blocks = 0
-        self.pending_tokens: list[int] = []
-        self.last_access = time.time()
-        self.block_arr: np.ndarray | None = None
-        self.read_key: tuple[int, int] | None = None
-        self.read_index: Any = None
-
-    def blocks(self) -> np.ndarray:
-        if self.block_arr is None:
-            self.block_arr = np.asarray(self.table._blocks, dtype=np.int64)
-        return self.block_arr
-
-    def blocks_changed(self) -> None:
-        self.block_arr = None
-        self.read_key = None
-
-
-class _ManagedBlockTable(BlockTable):
-    """The live table of a managed sequence.  Growth is routed through the manager so
-    accounting and copy-on-write stay right; blocks cannot be added by hand."""
-
-    __slots__ = ("_grow",)
-
-    def add_blocks(self, blocks: Iterable[int]) -> None:
-        raise CacheError("blocks of a managed cache come from its manager's pool; use "
-                         "KvCacheManager.extend(handle, num_tokens) to grow it")
-
-    def extend_sequence(self, num_tokens: int) -> None:
-        # Validate and refuse exactly as a plain table would, without changing it...
-        probe = self.copy()
-        probe.extend_sequence(num_tokens)
-        # ...then let the manager grow it (copy-on-write of a shared last block).
-        if probe.sequence_length != self._length:
-            self._grow(probe.sequence_length - self._length)
-
-
-def _managed_table(block_size: int, blocks: list[int], length: int,
-                   grow: Callable[[int], Any]) -> _ManagedBlockTable:
-    table = _ManagedBlockTable.__new__(_ManagedBlockTable)
-    table._block_size, table._blocks, table._length, table._grow = block_size, blocks, length, grow
-    return table
 
 
 def _check_positive(name: str, value: Any) -> int:
@@ -115,7 +48,7 @@ def _check_positive(name: str, value: Any) -> int:
     return int(value)
 
 
-class KvCacheManager:
+class KvCacheManager(SwapMixin, IntrospectionMixin):
     """A paged K/V cache for one model shape, on one backend.
 
     >>> cfg = CacheConfig(num_layers=2, num_kv_heads=4, head_dim=8, num_blocks=64)
@@ -245,40 +178,13 @@ class KvCacheManager:
 
     # --- allocation ---------------------------------------------------------------------
 
-    def _prefix_plan(self, request: AllocationRequest) -> tuple[int, list[int], list[int], bytes]:
-        """Blocks the request needs, the prefix-cache hits, the chained hash of every
-        full prompt block, and the prompt as int32 bytes.  Side-effect free."""
-        n = request.num_tokens or 0
-        bs = self._config.block_size
-        total = -(-n // bs)
-        tokens = request.prompt_token_ids
-        if tokens is None or not self._config.enable_prefix_caching:
-            return total, [], [], b""
-        array = np.asarray(tokens, dtype=np.int64)
-        if array.size and (array.min() < 0 or array.max() > _INT32_MAX):
-            bad = int(array.min() if array.min() < 0 else array.max())
-            raise ValueError(f"prompt token id {bad} is outside [0, {_INT32_MAX}]")
-        buf = array.astype(np.int32).tobytes()
-        parent = self._root_hash(request.extra_key)
-        stride = 4 * bs
-        lookup = self._pool.lookup
-        hashes: list[int] = []
-        hits: list[int] = []
-        matching = True
-        for i in range(n // bs):
-            chunk = buf[i * stride:(i + 1) * stride]
-            parent = hash((parent, chunk))
-            hashes.append(parent)
-            if matching:
-                block = lookup(parent, chunk)
-                if block is None:
-                    matching = False
-                else:
-                    hits.append(block)
-        return total, hits, hashes, buf
+    def _prefix_plan(self, request: AllocationRequest) -> PrefixPlan:
+        root = self._root_hash(request.extra_key)
+        caching = self._config.enable_prefix_caching
+        return plan_prefix(self._pool, request, self._config.block_size, root, caching)
 
     def _root_hash(self, extra_key: str | None) -> int:
-        return hash(("kvcore-prefix", self._config.hash_seed, extra_key))
+        return root_hash(self._config.hash_seed, extra_key)
 
     def can_allocate(self, request: AllocationRequest) -> bool:
         """Whether :meth:`allocate` would succeed now (prefix hits counted).  Changes
@@ -432,15 +338,12 @@ class KvCacheManager:
             seq.hashing = False
             seq.pending_tokens = []
             return
-        bs = self._config.block_size
         pending = seq.pending_tokens
         pending.extend(int(t) for t in token_ids)
-        while len(pending) >= bs:
-            chunk = np.asarray(pending[:bs], dtype=np.int32).tobytes()
-            seq.parent_hash = hash((seq.parent_hash, chunk))
-            self._pool.register(seq.table._blocks[seq.num_hashed_blocks], seq.parent_hash, chunk)
+        for block_hash, chunk in hash_full_blocks(seq.parent_hash, pending, self._config.block_size):
+            self._pool.register(seq.table._blocks[seq.num_hashed_blocks], block_hash, chunk)
+            seq.parent_hash = block_hash
             seq.num_hashed_blocks += 1
-            del pending[:bs]
 
     def _mapping(self, seqs: list[_Sequence], starts: list[int], n: int) -> SlotMapping:
         bs = self._config.block_size
@@ -658,211 +561,6 @@ class KvCacheManager:
                 self._pool.free(seq.table._blocks)
             self._release_row(seq.row)
             self._after_change()
-
-    # --- swap ---------------------------------------------------------------------------
-
-    def _require_swap(self) -> BlockPool:
-        if self._swap_pool is None:
-            raise UnsupportedError("this manager has no swap pool: set CacheConfig.swap_blocks")
-        return self._swap_pool
-
-    def swap_out(self, handle: PagedKvCacheHandle | str) -> None:
-        """Move a sequence's blocks to the swap pool (on ``config.swap_device``) and
-        release them here.  Its handles stay valid; data access waits for ``swap_in``."""
-        with self._lock:
-            swap = self._require_swap()
-            seq = self._seq_of(handle, "swap_out")
-            self._require_data(seq, "swap_out")
-            blocks = seq.table._blocks
-            if len(blocks) > swap.num_free:
-                raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {len(blocks)} "
-                                       f"swap blocks, {swap.num_free} are free")
-            dst = swap.allocate(len(blocks))
-            self._transfer(self._layers, blocks, self._config.device,
-                           self._swap_layers, dst, self._config.swap_device)
-            self._pool.free(blocks)
-            seq.swap_blocks = dst
-            seq.table._blocks = list(dst)
-            self._moved(seq)
-
-    def swap_in(self, handle: PagedKvCacheHandle | str) -> None:
-        """Bring a swapped-out sequence back into the main pool, bit-identical."""
-        with self._lock:
-            swap = self._require_swap()
-            seq = self._seq_of(handle, "swap_in")
-            if seq.swap_blocks is None:
-                raise CacheError(f"swap_in: request {seq.request_id!r} is not swapped out")
-            src = seq.swap_blocks
-            if len(src) > self._pool.num_free:
-                self._failures += 1
-                raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {len(src)} blocks, "
-                                       f"{self._pool.num_free} are free")
-            dst = self._pool.allocate(len(src))
-            self._transfer(self._swap_layers, src, self._config.swap_device,
-                           self._layers, dst, self._config.device)
-            swap.free(src)
-            seq.swap_blocks = None
-            seq.table._blocks = list(dst)
-            seq.private_from = 0
-            self._moved(seq)
-
-    def _moved(self, seq: _Sequence) -> None:
-        seq.blocks_changed()
-        seq.hashing = False  # blocks moved off the prefix cache: stop extending the chain
-        seq.pending_tokens = []
-        self._versions[seq.row] += 1
-        self._after_change()
-
-    def _transfer(self, src_layers: list[Any], src: list[int], src_device: Any,
-                  dst_layers: list[Any], dst: list[int], dst_device: Any) -> None:
-        if not src:
-            return
-        be = self._backend
-        src_i = be.index_array(np.asarray(src, dtype=np.int64), src_device)
-        dst_i = be.index_array(np.asarray(dst, dtype=np.int64), dst_device)
-        for s_layer, d_layer in zip(src_layers, dst_layers):
-            be.transfer_blocks(s_layer, src_i, d_layer, dst_i)
-        be.synchronize(dst_device)
-
-    # --- statistics, pressure, gc ----------------------------------------------------------
-
-    def _handle_stats(self, seq: _Sequence) -> CacheHandleStats:
-        with self._lock:
-            self._require_live(seq, "stats")
-            t = seq.table
-            capacity = t.capacity
-            return CacheHandleStats(
-                memory_bytes=t.num_blocks * self._config.bytes_per_block,
-                blocks_allocated=t.num_blocks, tokens_stored=t._length,
-                utilization=t._length / capacity if capacity else 0.0,
-                last_access=datetime.fromtimestamp(seq.last_access, timezone.utc))
-
-    def _level(self) -> MemoryPressure:
-        c = self._config
-        used = self._pool.num_used / self._pool.num_blocks
-        if used >= c.pressure_critical:
-            return MemoryPressure.critical
-        if used >= c.pressure_high:
-            return MemoryPressure.high
-        if used >= c.pressure_medium:
-            return MemoryPressure.medium
-        return MemoryPressure.low
-
-    def pressure(self) -> MemoryPressure:
-        """The memory-pressure level now (fraction of blocks in use)."""
-        with self._lock:
-            return self._level()
-
-    def _after_change(self) -> None:
-        level = self._level()
-        if level is not self._pressure:
-            self._pressure = level
-            if self._on_pressure is not None:
-                self._on_pressure(level, self.stats())
-
-    def stats(self) -> CacheManagerStats:
-        with self._lock:
-            pool, c = self._pool, self._config
-            swap = self._swap_pool
-            return CacheManagerStats(
-                total_blocks=pool.num_blocks,
-                free_blocks=pool.num_free - pool.num_cached_free,
-                cached_blocks=pool.num_cached_free,
-                used_blocks=pool.num_used,
-                block_size=c.block_size,
-                memory_bytes=c.total_bytes,
-                used_memory_bytes=pool.num_used * c.bytes_per_block,
-                active_caches=sum(1 for s in self._seqs.values() if s.swap_blocks is None),
-                swapped_caches=sum(1 for s in self._seqs.values() if s.swap_blocks is not None),
-                swap_total_blocks=swap.num_blocks if swap else 0,
-                swap_free_blocks=swap.num_free if swap else 0,
-                prefix_cache_queries=self._queries,
-                prefix_cache_hits=self._hits,
-                prefix_cache_hit_rate=self._hits / self._queries if self._queries else 0.0,
-                evictions=pool.evictions,
-                allocations=self._allocations,
-                allocation_failures=self._failures,
-                copy_on_write_copies=self._cow,
-                pressure=self._level(),
-                utilization=pool.num_used / pool.num_blocks)
-
-    def gc(self) -> CacheGcStats:
-        """Drop the prefix cache of every block no sequence references, making them
-        plain free blocks.  Blocks in use are never touched."""
-        with self._lock:
-            began = time.perf_counter()
-            freed = self._pool.evict_all_free()
-            self._after_change()
-            return CacheGcStats(blocks_freed=freed, bytes_freed=freed * self._config.bytes_per_block,
-                                duration_s=time.perf_counter() - began)
-
-    def check_invariants(self) -> None:
-        """Raise :class:`~kvcore.errors.InvariantError` unless the pools and tables are
-        consistent: free + cached + used == total, every refcount equals the number of
-        tables holding the block, no table holds a block twice, lengths fit."""
-        with self._lock:
-            holders: Counter[int] = Counter()
-            swap_holders: Counter[int] = Counter()
-            bs = self._config.block_size
-            for rid, seq in self._seqs.items():
-                blocks = seq.table._blocks
-                if len(set(blocks)) != len(blocks):
-                    raise InvariantError(f"request {rid!r} holds a block twice: {blocks}")
-                if len(blocks) != -(-seq.table._length // bs):
-                    raise InvariantError(f"request {rid!r} has {len(blocks)} blocks for "
-                                         f"{seq.table._length} tokens")
-                if np.any(self._written[seq.row] > seq.table._length):
-                    raise InvariantError(f"request {rid!r} has more tokens written than it holds")
-                (swap_holders if seq.swap_blocks is not None else holders).update(blocks)
-            self._pool.check(holders)
-            if self._swap_pool is not None:
-                self._swap_pool.check(swap_holders)
-            stats = self.stats()
-            if stats.free_blocks + stats.cached_blocks + stats.used_blocks != stats.total_blocks:
-                raise InvariantError(f"blocks do not add up: {stats}")
-
-    # --- exports ----------------------------------------------------------------------------
-
-    def _live_tables(self, handles: Sequence[PagedKvCacheHandle | str]) -> list[BlockTable]:
-        seqs = [self._seq_of(h, "page table") for h in handles]
-        for seq in seqs:
-            self._require_data(seq, "page table")
-        return [s.table for s in seqs]
-
-    def flashinfer_page_table(self, handles: Sequence[PagedKvCacheHandle | str]) -> FlashInferPageTable:
-        """The batch's pages as FlashInfer's ``indptr`` / ``indices`` / ``last_page_len``."""
-        with self._lock:
-            tables = self._live_tables(handles)
-            bs = self._config.block_size
-            counts = np.fromiter((len(t._blocks) for t in tables), np.int32, len(tables))
-            indptr = np.zeros(len(tables) + 1, dtype=np.int32)
-            np.cumsum(counts, out=indptr[1:])
-            indices = np.fromiter(itertools.chain.from_iterable(t._blocks for t in tables),
-                                  np.int32, int(indptr[-1]))
-            lengths = np.fromiter((t._length for t in tables), np.int32, len(tables))
-            last = np.where(lengths > 0, (lengths - 1) % bs + 1, 0).astype(np.int32)
-            return FlashInferPageTable(indptr, indices, last, bs)
-
-    def vllm_block_table(self, handles: Sequence[PagedKvCacheHandle | str], *,
-                         pad_value: int = 0) -> VllmBlockTable:
-        """The batch's pages as vLLM's padded ``block_tables`` plus ``seq_lens``."""
-        with self._lock:
-            tables = self._live_tables(handles)
-            width = max((len(t._blocks) for t in tables), default=0)
-            out = np.full((len(tables), width), pad_value, dtype=np.int32)
-            for i, t in enumerate(tables):
-                out[i, :len(t._blocks)] = t._blocks
-            lengths = np.fromiter((t._length for t in tables), np.int32, len(tables))
-            return VllmBlockTable(out, lengths, self._config.block_size, pad_value)
-
-    def layer_pool(self, layer: int) -> TensorRef:
-        """The raw pool of ``layer``: ``[2, num_blocks, block_size, heads, dim]`` (K at
-        index 0, V at 1), shared with the cache, for attention kernels."""
-        layer = self._check_layer(layer)
-        c = self._config
-        return TensorRef(self._layers[layer],
-                         (2, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim),
-                         c.dtype, c.device)
 
     def __repr__(self) -> str:
         c = self._config

@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import itertools
+from collections.abc import Sequence
+
 import numpy as np
 
 if TYPE_CHECKING:
+    from ._block_table import BlockTable
     from ._backend import Backend
     from ._device import Device
 
@@ -65,6 +69,17 @@ class FlashInferPageTable:
     last_page_len: np.ndarray
     page_size: int
 
+    @classmethod
+    def from_tables(cls, tables: Sequence[BlockTable], page_size: int) -> FlashInferPageTable:
+        counts = np.fromiter((t.num_blocks for t in tables), np.int32, len(tables))
+        indptr = np.zeros(len(tables) + 1, dtype=np.int32)
+        np.cumsum(counts, out=indptr[1:])
+        indices = np.fromiter(itertools.chain.from_iterable(t._blocks for t in tables),
+                              np.int32, int(indptr[-1]))
+        lengths = np.fromiter((t.sequence_length for t in tables), np.int32, len(tables))
+        last = np.where(lengths > 0, (lengths - 1) % page_size + 1, 0).astype(np.int32)
+        return cls(indptr, indices, last, page_size)
+
 
 @dataclass(frozen=True)
 class VllmBlockTable:
@@ -75,3 +90,13 @@ class VllmBlockTable:
     seq_lens: np.ndarray
     block_size: int
     pad_value: int = 0
+
+    @classmethod
+    def from_tables(cls, tables: Sequence[BlockTable], block_size: int,
+                    pad_value: int = 0) -> VllmBlockTable:
+        width = max((t.num_blocks for t in tables), default=0)
+        out = np.full((len(tables), width), pad_value, dtype=np.int32)
+        for i, t in enumerate(tables):  # one row copy per sequence, no per-block work
+            out[i, :t.num_blocks] = t._blocks
+        lengths = np.fromiter((t.sequence_length for t in tables), np.int32, len(tables))
+        return cls(out, lengths, block_size, pad_value)

@@ -1,0 +1,86 @@
+"""Prefix caching: chained block hashes over raw int32 token bytes (vLLM's scheme).
+
+Block ``i``'s hash is ``hash((hash of block i-1, the block's token ids as int32
+bytes))``, starting from a root derived from the config's seed and the request's
+``extra_key``.  Only full blocks are hashed, each once.  Python's built-in ``hash`` is
+fast and good enough because a hit is confirmed by comparing the stored token bytes:
+a collision can cost a miss, never someone else's data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from ._block_pool import BlockPool
+from .models import AllocationRequest
+
+__all__ = ["PrefixPlan", "plan_prefix", "root_hash", "hash_full_blocks"]
+
+_INT32_MAX = 2**31 - 1
+
+
+class PrefixPlan(NamedTuple):
+    #: Blocks the request occupies in all.
+    total_blocks: int
+    #: Leading blocks found in the cache, in order.
+    hits: list[int]
+    #: The chained hash of every full prompt block.
+    hashes: list[int]
+    #: The prompt as int32 bytes (empty when not hashing).
+    token_bytes: bytes
+
+
+def root_hash(seed: int, extra_key: str | None) -> int:
+    return hash(("kvcore-prefix", seed, extra_key))
+
+
+def token_bytes(tokens: Sequence[int]) -> bytes:
+    """Token ids as int32 bytes, refusing ids outside int32 with a ValueError."""
+    array = np.asarray(tokens, dtype=np.int64)
+    if array.size and (array.min() < 0 or array.max() > _INT32_MAX):
+        bad = int(array.min() if array.min() < 0 else array.max())
+        raise ValueError(f"token id {bad} is outside [0, {_INT32_MAX}]")
+    return array.astype(np.int32).tobytes()
+
+
+def plan_prefix(pool: BlockPool, request: AllocationRequest, block_size: int, root: int,
+                enabled: bool) -> PrefixPlan:
+    """What allocating ``request`` would take from ``pool``.  Side-effect free."""
+    n = request.num_tokens or 0
+    total = -(-n // block_size)
+    tokens = request.prompt_token_ids
+    if tokens is None or not enabled:
+        return PrefixPlan(total, [], [], b"")
+    buf = token_bytes(tokens)
+    stride = 4 * block_size
+    lookup = pool.lookup
+    hashes: list[int] = []
+    hits: list[int] = []
+    parent = root
+    matching = True
+    for i in range(n // block_size):
+        chunk = buf[i * stride:(i + 1) * stride]
+        parent = hash((parent, chunk))
+        hashes.append(parent)
+        if matching:
+            block = lookup(parent, chunk)
+            if block is None:
+                matching = False
+            else:
+                hits.append(block)
+    return PrefixPlan(total, hits, hashes, buf)
+
+
+def hash_full_blocks(parent: int, pending: list[int], block_size: int) -> list[tuple[int, bytes]]:
+    """Hash every full block at the front of ``pending`` (consuming it), chained from
+    ``parent``; returns ``(hash, token_bytes)`` per block."""
+    out = []
+    while len(pending) >= block_size:
+        chunk = token_bytes(pending[:block_size])
+        parent = hash((parent, chunk))
+        out.append((parent, chunk))
+        del pending[:block_size]
+    return out

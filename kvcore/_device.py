@@ -73,7 +73,11 @@ class DType(str, enum.Enum):
         (``numpy.dtype('float16')``, ``torch.bfloat16``)."""
         if isinstance(value, DType):
             return value
-        text = str(value).rsplit(".", 1)[-1].strip().lower()
+        if isinstance(value, type):  # numpy.float16 and friends are classes
+            value_text = value.__name__
+        else:
+            value_text = str(value)
+        text = value_text.rsplit(".", 1)[-1].strip().lower()
         aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16",
                    "fp16": "float16", "fp32": "float32"}
         text = aliases.get(text, text)

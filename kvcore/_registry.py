@@ -178,7 +178,8 @@ class Registry:
     def _check_unique(self, name: str) -> _Entry:
         entries = self._all_entries()[name]
         if len(entries) > 1:
-            who = ", ".join(f"{e.distribution} {e.version} ({e.entry_point})" for e in entries)
+            who = ", ".join(sorted(f"{e.distribution} {e.version} ({e.entry_point})"
+                                   for e in entries))
             raise DuplicateBackendError(
                 f"backend {name!r} is declared by more than one distribution: {who}; "
                 "uninstall all but one")
@@ -220,7 +221,7 @@ class Registry:
                 for entry in entries:
                     record = self._static_record(name, entry)
                     if len(entries) > 1:
-                        others = ", ".join(e.distribution for e in entries)
+                        others = ", ".join(sorted(e.distribution for e in entries))
                         record = replace(record, available=False,
                                          reason=f"backend name {name!r} is claimed by several "
                                                 f"distributions: {others}")

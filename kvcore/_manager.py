@@ -372,9 +372,9 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             if device != c.device:
                 raise DeviceMismatchError(f"{what} is on {device}, the cache is on {c.device}")
             if dtype is not c.dtype:
-                raise DtypeMismatchError(f"{what} has dtype {dtype.value if dtype else shape!r}"
-                                         f", the cache holds {c.dtype.value}; kvcore does not "
-                                         "cast, convert it first")
+                seen = dtype.value if dtype is not None else str(getattr(native, "dtype", "?"))
+                raise DtypeMismatchError(f"{what} has dtype {seen}, the cache holds "
+                                         f"{c.dtype.value}; kvcore does not cast, convert it first")
             want = (tokens if tokens is not None else (shape[0] if shape else -1),
                     c.num_kv_heads, c.head_dim)
             if len(shape) != 3 or tuple(shape) != want or want[0] < 1:

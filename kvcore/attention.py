@@ -1,0 +1,362 @@
+"""Reference paged attention, read straight from a kvcore pool through a page table.
+
+This is the attention an engine built on kvcore computes, written once for every
+array library: the pool (``manager.layer_pool(layer)``, shaped ``[2, num_blocks,
+block_size, kv_heads, head_dim]``) is gathered through the batch's page table into a
+padded ``[batch, tokens, kv_heads, head_dim]`` rectangle, and attention is two batched
+matmuls with a mask.  No kernels, no Python loop over tokens or sequences: it is the
+correctness reference that fused kernels (FlashInfer, vLLM's paged attention) are
+checked against, and fast enough for tests, demos and small models.
+
+Array operations come from the library the arrays belong to, found in ``sys.modules``
+(an array of that library exists, so the library is imported already): importing this
+module never imports torch or cupy.
+
+>>> pages = manager.vllm_block_table(handles)            # or flashinfer_page_table
+>>> out = paged_attention(query, manager.layer_pool(0), pages)   # query [B, Q, H, D]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._slot_mapping import FlashInferPageTable, VllmBlockTable
+from ._tensor_ref import TensorRef
+from .errors import ArrayMismatchError, ShapeMismatchError, UnsupportedError
+
+if TYPE_CHECKING:
+    from ._manager import KvCacheManager
+    from ._paged_handle import PagedKvCacheHandle
+
+__all__ = ["PagedLayout", "gather_kv", "paged_attention"]
+
+Pages = Any  # PagedLayout | VllmBlockTable | FlashInferPageTable | array [batch, max_blocks]
+
+
+# --- array operations per library ---------------------------------------------------
+
+
+class _XpOps:
+    """numpy and cupy share one spelling of everything used here."""
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+        self.name = xp.__name__
+
+    def from_host(self, host: np.ndarray, like: Any) -> Any:
+        if self.name == "numpy":
+            return host
+        with self.xp.cuda.Device(like.device.id):  # the pool's GPU, not the current one
+            return self.xp.asarray(host)
+
+    def float32(self, a: Any) -> Any:
+        return a.astype(self.xp.float32, copy=False)
+
+    def cast_like(self, a: Any, like: Any) -> Any:
+        return a.astype(like.dtype, copy=False)
+
+    def permute(self, a: Any, axes: tuple[int, ...]) -> Any:
+        return self.xp.transpose(a, axes)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return self.xp.where(cond, a, b)
+
+    def amax(self, a: Any) -> Any:
+        return a.max(axis=-1, keepdims=True)
+
+    def sum(self, a: Any) -> Any:
+        return a.sum(axis=-1, keepdims=True)
+
+    def exp(self, a: Any) -> Any:
+        return self.xp.exp(a)
+
+    def isfinite(self, a: Any) -> Any:
+        return self.xp.isfinite(a)
+
+    def device_key(self, a: Any) -> str:
+        return "cpu" if self.name == "numpy" else f"cuda:{a.device.id}"
+
+
+class _TorchOps:
+    name = "torch"
+
+    def __init__(self, torch: Any) -> None:
+        self.torch = torch
+
+    def from_host(self, host: np.ndarray, like: Any) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(host)).to(like.device)
+
+    def float32(self, a: Any) -> Any:
+        return a.float()
+
+    def cast_like(self, a: Any, like: Any) -> Any:
+        return a.to(like.dtype)
+
+    def permute(self, a: Any, axes: tuple[int, ...]) -> Any:
+        return a.permute(*axes)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return self.torch.where(cond, a, b)
+
+    def amax(self, a: Any) -> Any:
+        return a.amax(dim=-1, keepdim=True)
+
+    def sum(self, a: Any) -> Any:
+        return a.sum(dim=-1, keepdim=True)
+
+    def exp(self, a: Any) -> Any:
+        return self.torch.exp(a)
+
+    def isfinite(self, a: Any) -> Any:
+        return self.torch.isfinite(a)
+
+    def device_key(self, a: Any) -> str:
+        return str(a.device)
+
+
+def _native(array: Any) -> Any:
+    return array.native if isinstance(array, TensorRef) else array
+
+
+def _ops(array: Any) -> _XpOps | _TorchOps:
+    """The operations of the library ``array`` belongs to, without importing anything."""
+    root = type(array).__module__.split(".", 1)[0]
+    module = sys.modules.get(root)
+    if root == "torch" and module is not None:
+        return _TorchOps(module)
+    if root in ("numpy", "cupy") and module is not None:
+        return _XpOps(module)
+    raise UnsupportedError(f"paged attention supports numpy, torch and cupy arrays, got a "
+                           f"{type(array).__module__}.{type(array).__name__}")
+
+
+# --- where a batch's tokens are ------------------------------------------------------
+
+
+class PagedLayout:
+    """A batch's tokens as a ``[batch, width]`` rectangle of pool slots.
+
+    Row ``i`` holds sequence ``i``'s ``seq_lens[i]`` tokens in logical order, starting
+    at column 0 (``left_padded=False``) or ending at the last column
+    (``left_padded=True``, the layout Hugging Face ``generate`` uses).  ``valid`` marks
+    the columns that hold a token.  Build one per batch step and reuse it for every
+    layer: the device copies of the indices are made once per library and device.
+    """
+
+    def __init__(self, block_tables: Any, seq_lens: Any, block_size: int, *,
+                 width: int | None = None, left_padded: bool = False) -> None:
+        tables = np.asarray(block_tables, dtype=np.int64)
+        lens = np.asarray(seq_lens, dtype=np.int64).reshape(-1)
+        if tables.ndim != 2 or tables.shape[0] != lens.shape[0]:
+            raise ShapeMismatchError(f"block_tables has shape {list(tables.shape)}, expected "
+                                     f"[{lens.shape[0]}, max_blocks] (one row per sequence "
+                                     "of seq_lens)")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if lens.size and lens.min() < 0:
+            raise ValueError(f"seq_lens must be >= 0, got {lens.tolist()}")
+        capacity = tables.shape[1] * block_size
+        if lens.size and lens.max() > capacity:
+            i = int(np.argmax(lens))
+            raise ShapeMismatchError(f"sequence {i} has {int(lens[i])} tokens but its block "
+                                     f"table row holds {tables.shape[1]} blocks of "
+                                     f"{block_size} ({capacity} tokens)")
+        longest = int(lens.max(initial=0))
+        width = longest if width is None else int(width)
+        if width < longest:
+            raise ShapeMismatchError(f"width {width} is shorter than the longest sequence "
+                                     f"({longest} tokens)")
+        pos = np.arange(width, dtype=np.int64)[None, :]
+        if left_padded:
+            pos = pos - (width - lens)[:, None]
+        valid = (pos >= 0) & (pos < lens[:, None])
+        pos = np.where(valid, pos, 0)
+        if tables.shape[1]:
+            blocks = np.take_along_axis(tables, pos // block_size, axis=1)
+        else:  # every sequence is empty: no slot is read
+            blocks = np.zeros_like(pos)
+        self.slots = np.where(valid, blocks * block_size + pos % block_size, 0)
+        self.valid = valid
+        self.seq_lens = lens
+        self.block_size = int(block_size)
+        self.width = width
+        self.left_padded = left_padded
+        self.max_block = int(blocks[valid].max(initial=-1))
+        self._native: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @classmethod
+    def from_pages(cls, pages: Pages, seq_lens: Any = None, *, block_size: int | None = None,
+                   width: int | None = None, left_padded: bool = False) -> PagedLayout:
+        """A layout from a :class:`~kvcore.VllmBlockTable`, a
+        :class:`~kvcore.FlashInferPageTable`, or a ``[batch, max_blocks]`` block table
+        with ``seq_lens`` and ``block_size``."""
+        if isinstance(pages, PagedLayout):
+            return pages
+        if isinstance(pages, VllmBlockTable):
+            return cls(pages.block_tables, pages.seq_lens if seq_lens is None else seq_lens,
+                       pages.block_size, width=width, left_padded=left_padded)
+        if isinstance(pages, FlashInferPageTable):
+            tables, lens = _csr_to_block_tables(pages)
+            return cls(tables, lens, pages.page_size, width=width, left_padded=left_padded)
+        if seq_lens is None or block_size is None:
+            raise ValueError("a plain block table needs seq_lens and block_size")
+        return cls(pages, seq_lens, block_size, width=width, left_padded=left_padded)
+
+    @classmethod
+    def from_manager(cls, manager: KvCacheManager,
+                     handles: Sequence[PagedKvCacheHandle | str], *, width: int | None = None,
+                     left_padded: bool = False) -> PagedLayout:
+        """The layout of live sequences of ``manager`` (their block tables now)."""
+        return cls.from_pages(manager.vllm_block_table(handles), width=width,
+                              left_padded=left_padded)
+
+    def native(self, like: Any) -> tuple[Any, Any]:
+        """``(slots, valid)`` as arrays of ``like``'s library on ``like``'s device."""
+        ops = _ops(like)
+        key = (ops.name, ops.device_key(like))
+        cached = self._native.get(key)
+        if cached is None:
+            cached = (ops.from_host(self.slots, like), ops.from_host(self.valid, like))
+            self._native[key] = cached
+        return cached
+
+
+def _csr_to_block_tables(pages: FlashInferPageTable) -> tuple[np.ndarray, np.ndarray]:
+    indptr = np.asarray(pages.indptr, dtype=np.int64)
+    counts = np.diff(indptr)
+    batch = counts.shape[0]
+    tables = np.zeros((batch, int(counts.max(initial=0))), dtype=np.int64)
+    rows = np.repeat(np.arange(batch), counts)
+    cols = np.arange(int(indptr[-1])) - np.repeat(indptr[:-1], counts)
+    tables[rows, cols] = np.asarray(pages.indices, dtype=np.int64)[:int(indptr[-1])]
+    last = np.asarray(pages.last_page_len, dtype=np.int64)
+    lens = np.where(counts > 0, (counts - 1) * pages.page_size + last, 0)
+    return tables, lens
+
+
+def _check_pool(pool: Any, layout: PagedLayout) -> tuple[int, int, int]:
+    shape = tuple(pool.shape)
+    if len(shape) != 5 or shape[0] != 2:
+        raise ShapeMismatchError(f"kv_pool has shape {list(shape)}, expected [2, num_blocks, "
+                                 "block_size, kv_heads, head_dim] (manager.layer_pool(layer))")
+    if shape[2] != layout.block_size:
+        raise ShapeMismatchError(f"the page table uses blocks of {layout.block_size} tokens, "
+                                 f"the pool's blocks hold {shape[2]}")
+    if layout.max_block >= shape[1]:
+        raise ArrayMismatchError(f"the page table names block {layout.max_block}, the pool has "
+                                 f"{shape[1]} blocks (0..{shape[1] - 1})")
+    return shape[1] * shape[2], shape[3], shape[4]
+
+
+def gather_kv(kv_pool: Any, pages: Pages, seq_lens: Any = None, *,
+              width: int | None = None, left_padded: bool = False) -> tuple[Any, Any]:
+    """K and V of a batch as ``[batch, width, kv_heads, head_dim]`` arrays of the pool's
+    library, dtype and device, zero where a row holds no token.
+
+    ``pages`` is a :class:`PagedLayout` (reused as is), a page table the manager
+    exported, or a plain block table with ``seq_lens``.  One gather per K and V,
+    however many sequences the batch holds.
+    """
+    pool = _native(kv_pool)
+    ops = _ops(pool)
+    block_size = int(pool.shape[2]) if len(pool.shape) == 5 else None
+    layout = PagedLayout.from_pages(pages, seq_lens, block_size=block_size, width=width,
+                                    left_padded=left_padded)
+    rows, heads, dim = _check_pool(pool, layout)
+    slots, valid = layout.native(pool)
+    flat = pool.reshape(2, rows, heads, dim)
+    mask = valid[:, :, None, None]
+    key = ops.where(mask, flat[0][slots], 0)
+    value = ops.where(mask, flat[1][slots], 0)
+    return ops.cast_like(key, pool), ops.cast_like(value, pool)
+
+
+def paged_attention(query: Any, kv_pool: Any, pages: Pages, seq_lens: Any = None, *,
+                    query_lens: Any = None, causal: bool = True,
+                    scale: float | None = None) -> Any:
+    """Attention of ``query`` over K/V read from ``kv_pool`` through ``pages``.
+
+    ``query`` is ``[batch, q_len, num_heads, head_dim]``; ``num_heads`` is a multiple
+    of the pool's ``kv_heads`` (grouped-query attention: head ``h`` reads KV head
+    ``h // (num_heads // kv_heads)``, the convention of Llama and ``repeat_kv``).
+    Sequence ``i``'s queries are its *last* ``query_lens[i]`` tokens (default
+    ``q_len`` for every sequence): a decode step is ``q_len == 1``, a prefill is
+    ``query_lens == seq_lens`` with queries padded on the right to ``q_len``, and
+    anything between is chunked prefill.  With ``causal`` a query at position ``p``
+    sees keys ``0..p``, otherwise the whole sequence.  Rows past ``query_lens[i]``
+    come back as zeros.
+
+    Computed in float32 whatever the dtype, returned in ``query``'s dtype, library and
+    device.  ``scale`` defaults to ``1 / sqrt(head_dim)``.
+    """
+    q = _native(query)
+    pool = _native(kv_pool)
+    ops = _ops(q)
+    if _ops(pool).name != ops.name:
+        raise ArrayMismatchError(f"query is a {ops.name} array but kv_pool is a "
+                                 f"{_ops(pool).name} array; use one library for both")
+    if len(q.shape) != 4:
+        raise ShapeMismatchError(f"query has shape {list(q.shape)}, expected [batch, q_len, "
+                                 "num_heads, head_dim]")
+    batch, q_len, heads, dim = (int(s) for s in q.shape)
+    block_size = int(pool.shape[2]) if len(pool.shape) == 5 else None
+    layout = PagedLayout.from_pages(pages, seq_lens, block_size=block_size)
+    _, kv_heads, pool_dim = _check_pool(pool, layout)
+    if layout.batch_size != batch:
+        raise ShapeMismatchError(f"query holds {batch} sequences, the page table "
+                                 f"{layout.batch_size}")
+    if dim != pool_dim:
+        raise ShapeMismatchError(f"query head_dim is {dim}, the pool's is {pool_dim}")
+    if heads % kv_heads:
+        raise ShapeMismatchError(f"query has {heads} heads, not a multiple of the pool's "
+                                 f"{kv_heads} kv heads")
+    lens = layout.seq_lens
+    qlens = (np.full(batch, q_len, dtype=np.int64) if query_lens is None
+             else np.asarray(query_lens, dtype=np.int64).reshape(-1))
+    if qlens.shape[0] != batch or (batch and (qlens.min() < 0 or qlens.max() > q_len)):
+        raise ShapeMismatchError(f"query_lens {qlens.tolist()} must hold {batch} values in "
+                                 f"0..{q_len} (the query's q_len)")
+    if np.any(qlens > lens):
+        i = int(np.argmax(qlens > lens))
+        raise ShapeMismatchError(f"sequence {i} has {int(qlens[i])} queries but only "
+                                 f"{int(lens[i])} tokens in the cache; write the new tokens' "
+                                 "K/V before attending")
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    groups = heads // kv_heads
+    width = layout.width
+
+    # The mask on the host: [batch, q_len, width], True where query j may read key t.
+    t = np.arange(width)[None, None, :]
+    j = np.arange(q_len)[None, :, None]
+    qpos = (lens - qlens)[:, None, None] + j
+    allowed = (t < lens[:, None, None]) & (j < qlens[:, None, None])
+    if causal:
+        allowed = allowed & (t <= qpos)
+    mask = ops.from_host(allowed[:, None, None, :, :], q)        # [B, 1, 1, Q, T]
+
+    key, value = gather_kv(pool, layout)                        # [B, T, Hkv, D]
+    qf = ops.float32(q).reshape(batch, q_len, kv_heads, groups, dim)
+    qf = ops.permute(qf, (0, 2, 3, 1, 4)).reshape(batch, kv_heads, groups * q_len, dim)
+    kf = ops.permute(ops.float32(key), (0, 2, 3, 1))            # [B, Hkv, D, T]
+    scores = (qf @ kf).reshape(batch, kv_heads, groups, q_len, width) * scale
+    scores = ops.where(mask, scores, -math.inf)
+    peak = ops.amax(scores)
+    # A query row with no key (a padded query) has peak -inf; 0 keeps exp() at 0, not NaN.
+    peak = ops.where(ops.isfinite(peak), peak, 0.0)
+    weights = ops.exp(scores - peak)
+    total = ops.sum(weights)
+    total = ops.where(total > 0, total, 1.0)
+    vf = ops.permute(ops.float32(value), (0, 2, 1, 3))          # [B, Hkv, T, D]
+    out = (weights.reshape(batch, kv_heads, groups * q_len, width) @ vf)
+    out = out.reshape(batch, kv_heads, groups, q_len, dim) / total
+    out = ops.permute(out, (0, 3, 1, 2, 4)).reshape(batch, q_len, heads, dim)
+    return ops.cast_like(out, q)

@@ -39,8 +39,11 @@ def check_manager(pool: BlockPool, swap_pool: BlockPool | None,
             swap_holders.update(blocks)
             continue
         holders.update(blocks)
+        # Blocks past private_from are not shared by a fork.  A prefix-cached block may
+        # still be shared through a prefix hit: it is only ever filled once and copied
+        # before any overwrite, so its owner need not know.
         for i in range(seq.private_from, len(blocks)):
-            if pool.ref[blocks[i]] != 1:
+            if pool.ref[blocks[i]] != 1 and not pool.is_cached(blocks[i]):
                 raise InvariantError(f"request {rid!r} treats block {blocks[i]} (logical {i}) "
                                      f"as private but its refcount is {pool.ref[blocks[i]]}")
     pool.check(holders)

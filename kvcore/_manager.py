@@ -87,6 +87,11 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
         self._written = np.zeros((16, c.num_layers), dtype=np.int64)
         self._versions = np.zeros(16, dtype=np.int64)
         self._free_rows = list(range(15, -1, -1))
+        # Per physical block: which layers hold its full block_size tokens, and whether
+        # all of them do.  Only complete blocks are served from the prefix cache, so a
+        # hit never returns K/V that nobody has written yet.
+        self._filled = np.zeros((c.num_blocks, c.num_layers), dtype=bool)
+        self._complete = np.zeros(c.num_blocks, dtype=bool)
         self._lock = threading.RLock()
         self._on_pressure = on_pressure
         self._pressure = MemoryPressure.low
@@ -120,6 +125,23 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
         self._written[row] = 0
         self._versions[row] += 1
         self._free_rows.append(row)
+
+    def _take(self, count: int) -> list[int]:
+        """Fresh blocks from the pool; whatever they held before is not theirs."""
+        blocks = self._pool.allocate(count)
+        if blocks:
+            self._filled[blocks] = False
+            self._complete[blocks] = False
+        return blocks
+
+    def _mark_filled(self, layer: int, slots: np.ndarray) -> None:
+        """Record blocks that a write to ``layer`` completed.  Writes always extend a
+        written prefix, so writing a block's last slot means the whole block is there."""
+        bs = self._config.block_size
+        done = slots[slots % bs == bs - 1] // bs
+        if done.size:
+            self._filled[done, layer] = True
+            self._complete[done] = self._filled[done].all(axis=1)
 
     # --- lookups ------------------------------------------------------------------------
 
@@ -181,7 +203,8 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
     def _prefix_plan(self, request: AllocationRequest) -> PrefixPlan:
         root = self._root_hash(request.extra_key)
         caching = self._config.enable_prefix_caching
-        return plan_prefix(self._pool, request, self._config.block_size, root, caching)
+        return plan_prefix(self._pool, request, self._config.block_size, root, caching,
+                           self._complete)
 
     def _root_hash(self, extra_key: str | None) -> int:
         return root_hash(self._config.hash_seed, extra_key)
@@ -223,7 +246,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
                     f"{pool.num_free - reclaimed} are free")
             for block in hits:
                 pool.acquire(block)
-            blocks = hits + pool.allocate(need)
+            blocks = hits + self._take(need)
             bs = self._config.block_size
             stride = 4 * bs
             for i in range(len(hits), len(hashes)):
@@ -301,7 +324,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             for seq, copy in zip(seqs, cow):
                 table = seq.table
                 if copy:
-                    new = pool.allocate(1)[0]
+                    new = self._take(1)[0]
                     src.append(table._blocks[-1])
                     dst.append(new)
                     pool.free([table._blocks[-1]])
@@ -310,7 +333,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
                     self._versions[seq.row] += 1
                 grow = table.additional_blocks_for(n)
                 if grow:
-                    table._blocks.extend(pool.allocate(grow))
+                    table._blocks.extend(self._take(grow))
                 starts.append(table._length)
                 table._length += n
                 seq.blocks_changed()
@@ -331,6 +354,8 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
         dst_i = be.index_array(np.asarray(dst, dtype=np.int64), device)
         for layer in self._layers:
             be.copy_blocks(layer, src_i, dst_i)
+        self._filled[dst] = self._filled[src]
+        self._complete[dst] = self._complete[src]
         self._cow += len(src)
 
     def _hash_new_blocks(self, seq: _Sequence, token_ids: Sequence[int] | None) -> None:
@@ -420,6 +445,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             index = self._backend.index_array(slots, self._config.device)
             self._backend.scatter(self._layers[layer], index, k, v)
             self._written[seq.row, layer] = max(written, start + n)
+            self._mark_filled(layer, slots)
             seq.last_access = time.time()
 
     def _make_private(self, seq: _Sequence, lo: int, hi: int, *, overwrite: bool) -> None:
@@ -433,7 +459,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
                 self._failures += 1
                 raise OutOfBlocksError(f"copy-on-write for request {seq.request_id!r} needs "
                                        f"{len(shared)} blocks but only {pool.num_free} are free")
-            fresh = pool.allocate(len(shared))
+            fresh = self._take(len(shared))
             old = [blocks[i] for i in shared]
             self._copy_blocks(old, fresh)
             for i, block in zip(shared, fresh):
@@ -471,6 +497,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             index = slots.native(self._backend, self._config.device)
             self._backend.scatter(self._layers[layer], index, k, v)
             self._written[rows, layer] = np.maximum(written, slots.ends)
+            self._mark_filled(layer, slots.slots)
 
     # --- reads --------------------------------------------------------------------------
 

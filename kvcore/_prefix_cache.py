@@ -47,8 +47,13 @@ def token_bytes(tokens: Sequence[int]) -> bytes:
 
 
 def plan_prefix(pool: BlockPool, request: AllocationRequest, block_size: int, root: int,
-                enabled: bool) -> PrefixPlan:
-    """What allocating ``request`` would take from ``pool``.  Side-effect free."""
+                enabled: bool, complete: np.ndarray) -> PrefixPlan:
+    """What allocating ``request`` would take from ``pool``.  Side-effect free.
+
+    A cached block is a hit only if ``complete[block]``: its K/V are written for every
+    layer.  A block still waiting for its owner's prefill is not shared; the request
+    gets its own, so nobody ever reads K/V that were not written yet.
+    """
     n = request.num_tokens or 0
     total = -(-n // block_size)
     tokens = request.prompt_token_ids
@@ -67,7 +72,7 @@ def plan_prefix(pool: BlockPool, request: AllocationRequest, block_size: int, ro
         hashes.append(parent)
         if matching:
             block = lookup(parent, chunk)
-            if block is None:
+            if block is None or not complete[block]:
                 matching = False
             else:
                 hits.append(block)

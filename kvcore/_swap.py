@@ -40,6 +40,7 @@ class SwapMixin:
         def _seq_of(self, handle: PagedKvCacheHandle | str, op: str) -> _Sequence: ...  # type: ignore[empty-body]
         def _require_data(self, seq: _Sequence, op: str) -> None: ...
         def _after_change(self) -> None: ...
+        def _take(self, count: int) -> list[int]: ...  # type: ignore[empty-body]
 
     def _require_swap(self) -> BlockPool:
         if self._swap_pool is None:
@@ -77,7 +78,7 @@ class SwapMixin:
                 self._failures += 1
                 raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {len(src)} blocks, "
                                        f"{self._pool.num_free} are free")
-            dst = self._pool.allocate(len(src))
+            dst = self._take(len(src))
             self._transfer(self._swap_layers, src, self._config.swap_device,
                            self._layers, dst, self._config.device)
             swap.free(src)

@@ -80,8 +80,17 @@ def test_out_of_blocks_allocates_nothing_and_counts_the_failure(manager):
     manager.check_invariants()
 
 
+def fill(mgr: KvCacheManager, handle) -> None:
+    """Write K/V for every token of every layer (so its full blocks can be shared)."""
+    c = mgr.config
+    n = handle.num_tokens()
+    for layer in range(c.num_layers):
+        x = np.full((n, c.num_kv_heads, c.head_dim), layer, np.float32)
+        mgr.write(handle, layer, x, x, start=0)
+
+
 def test_can_allocate_answers_without_side_effects(manager):
-    manager.allocate(req("a", 100, list(range(100))))
+    fill(manager, manager.allocate(req("a", 100, list(range(100)))))
     before = manager.stats()
     assert manager.can_allocate(req("b", 28)) and not manager.can_allocate(req("b", 29))
     assert manager.can_allocate(req("c", tokens=list(range(100))))  # all prefix hits

@@ -14,11 +14,18 @@ from kvcore import AllocationRequest, KvCacheManager, MemoryPressure
 from kvcore.errors import CacheError, HandleSwappedError, OutOfBlocksError, UnsupportedError
 
 from .conftest import kv
-from .test_manager import assert_same, req, snapshot
+from .test_manager import assert_same, fill, req, snapshot
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
     return random.Random(seed).sample(range(1, 50_000), n)
+
+
+def filled(mgr: KvCacheManager, rid: str, tokens: list[int], **kw):
+    """Allocate ``tokens`` and write its prefill, as an engine would."""
+    h = mgr.allocate(req(rid, tokens=tokens, **kw))
+    fill(mgr, h)
+    return h
 
 
 # --- fork and copy-on-write -----------------------------------------------------------
@@ -125,9 +132,21 @@ def test_a_shared_prefix_is_served_from_the_cache_with_its_data(manager, config,
     manager.check_invariants()
 
 
+def test_a_prefix_nobody_has_written_yet_is_not_shared(manager, config, rng):
+    tokens = prompt(8)
+    a = manager.allocate(req("a", tokens=tokens))
+    manager.write(a, 0, *kv(rng, 8, config))  # layer 1 still missing
+    b = manager.allocate(req("b", tokens=tokens))
+    assert b.num_cached_tokens() == 0 and b.key_cache(0) is None
+    assert set(a.block_table().physical_blocks).isdisjoint(b.block_table().physical_blocks)
+    manager.write(a, 1, *kv(rng, 8, config))
+    assert manager.allocate(req("c", tokens=tokens)).num_cached_tokens() == 8
+    manager.check_invariants()
+
+
 def test_the_prefix_chain_breaks_at_the_first_different_block(manager):
     tokens = prompt(12)
-    manager.allocate(req("a", tokens=tokens))
+    filled(manager, "a", tokens)
     changed = list(tokens)
     changed[5] += 1  # block 1 differs, so block 2 must not hit even though it is equal
     b = manager.allocate(req("b", tokens=changed))
@@ -136,7 +155,7 @@ def test_the_prefix_chain_breaks_at_the_first_different_block(manager):
 
 def test_extra_key_keeps_caches_of_different_models_apart(manager):
     tokens = prompt(8)
-    manager.allocate(req("a", tokens=tokens, extra_key="lora-1"))
+    filled(manager, "a", tokens, extra_key="lora-1")
     assert manager.allocate(req("b", tokens=tokens, extra_key="lora-2")).num_cached_tokens() == 0
     assert manager.allocate(req("c", tokens=tokens, extra_key="lora-1")).num_cached_tokens() == 8
 
@@ -144,7 +163,7 @@ def test_extra_key_keeps_caches_of_different_models_apart(manager):
 def test_a_hash_collision_never_returns_someone_elses_blocks(manager, monkeypatch):
     import kvcore._prefix_cache as prefix
     monkeypatch.setattr(prefix, "hash", lambda _: 42, raising=False)  # every block collides
-    manager.allocate(req("a", tokens=prompt(8, seed=1)))
+    filled(manager, "a", prompt(8, seed=1))
     b = manager.allocate(req("b", tokens=prompt(8, seed=2)))
     assert b.num_cached_tokens() == 0
     assert manager.allocate(req("c", tokens=prompt(8, seed=1))).num_cached_tokens() == 4
@@ -153,7 +172,7 @@ def test_a_hash_collision_never_returns_someone_elses_blocks(manager, monkeypatc
 def test_prefix_caching_can_be_switched_off(config):
     mgr = KvCacheManager(config.model_copy(update={"enable_prefix_caching": False}), "numpy")
     tokens = prompt(8)
-    mgr.allocate(req("a", tokens=tokens))
+    filled(mgr, "a", tokens)
     assert mgr.allocate(req("b", tokens=tokens)).num_cached_tokens() == 0
     assert mgr.stats().prefix_cache_queries == 0
 
@@ -163,6 +182,7 @@ def test_blocks_filled_by_decoding_join_the_prefix_cache(manager):
     a = manager.allocate(req("a", tokens=tokens))
     generated = [11, 12, 13]
     manager.extend(a, 3, token_ids=generated)  # 9 tokens: block 1 is now full
+    fill(manager, a)
     b = manager.allocate(req("b", tokens=tokens + generated))
     assert b.num_cached_tokens() == 8
 
@@ -171,6 +191,7 @@ def test_decoding_without_token_ids_stops_caching_that_sequence(manager):
     tokens = prompt(6)
     a = manager.allocate(req("a", tokens=tokens))
     manager.extend(a, 3)
+    fill(manager, a)
     assert manager.allocate(req("b", tokens=tokens + [1, 2, 3])).num_cached_tokens() == 4
 
 
@@ -178,7 +199,8 @@ def test_a_full_prompt_hit_still_leaves_the_cache_consistent(manager, config, rn
     tokens = prompt(8)
     a = manager.allocate(req("a", tokens=tokens))
     k, v = kv(rng, 8, config)
-    manager.write(a, 0, k, v)
+    for layer in range(config.num_layers):
+        manager.write(a, layer, k, v)
     b = manager.allocate(req("b", tokens=tokens))
     assert b.num_cached_tokens() == 8
     # Recomputing the last prompt token (for its logits) writes into a shared block:
@@ -192,7 +214,7 @@ def test_a_full_prompt_hit_still_leaves_the_cache_consistent(manager, config, rn
 
 def test_freed_prefix_blocks_stay_cached_until_evicted_tail_first(manager):
     tokens = prompt(8)
-    a = manager.allocate(req("a", tokens=tokens))
+    a = filled(manager, "a", tokens)
     first, second = a.block_table().physical_blocks
     manager.deallocate(a)
     s = manager.stats()
@@ -210,8 +232,8 @@ def test_freed_prefix_blocks_stay_cached_until_evicted_tail_first(manager):
 
 def test_least_recently_freed_prefix_is_evicted_first(manager):
     old, new = prompt(4, seed=1), prompt(4, seed=2)
-    manager.allocate(req("old", tokens=old))
-    manager.allocate(req("new", tokens=new))
+    filled(manager, "old", old)
+    filled(manager, "new", new)
     manager.deallocate("old")
     manager.deallocate("new")
     manager.allocate(req("f", 4 * 31))  # one eviction
@@ -221,8 +243,8 @@ def test_least_recently_freed_prefix_is_evicted_first(manager):
 
 
 def test_gc_drops_the_prefix_cache_of_unreferenced_blocks_only(manager):
-    manager.allocate(req("a", tokens=prompt(8, seed=1)))
-    manager.allocate(req("b", tokens=prompt(8, seed=2)))
+    filled(manager, "a", prompt(8, seed=1))
+    filled(manager, "b", prompt(8, seed=2))
     manager.deallocate("a")
     stats = manager.gc()
     assert stats.blocks_freed == 2 and stats.bytes_freed == 2 * manager.config.bytes_per_block

@@ -1,0 +1,298 @@
+"""The torch backend: every contract operation is one or two tensor ops.
+
+Pools are ``torch.Tensor``s on ``cpu`` or ``cuda:N``.  Scatter is ``index_copy_`` on
+the pool viewed as ``[2, slots, heads, dim]``, gather is ``index_select``, block copies
+are ``index_select`` + ``index_copy_`` along the block axis: no Python loop over tokens
+or blocks anywhere.
+
+Cross-device transfers (swap, ``move``):
+
+* host -> GPU: the picked blocks are gathered straight into a pinned staging buffer,
+  then copied with ``non_blocking=True``; the scatter on the GPU is stream-ordered
+  after the copy, so nothing waits on the host.  PyTorch's pinned-memory allocator
+  keeps the staging buffer alive until the copy has finished.
+* GPU -> host: the blocks are gathered on the GPU and copied ``non_blocking`` into a
+  pinned staging buffer; a CUDA event marks the end.  The host-side scatter into the
+  destination pool must wait for that event, so it is deferred: :meth:`synchronize`
+  (which the manager calls once after transferring every layer) waits and finishes
+  it, and so does every other operation of this backend before it touches data.
+  That way the copies of all layers overlap, and no caller can see half a transfer.
+* GPU -> GPU (another index): ``Tensor.to`` orders the two devices' streams itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvcore import Backend, BackendCapabilities, Device, DType
+from kvcore.errors import DeviceMismatchError, UnsupportedError
+
+from ._handle import TorchKvCacheHandle
+
+__all__ = ["TorchBackend"]
+
+_TORCH_DTYPES = {DType.float16: torch.float16, DType.bfloat16: torch.bfloat16,
+                 DType.float32: torch.float32}
+_FROM_TORCH = {v: k for k, v in _TORCH_DTYPES.items()}
+_CPU = Device("cpu")
+#: DLPack device types (``DLDeviceType``) by number, for error messages.
+_DLPACK_DEVICES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan",
+                   8: "metal", 9: "vpi", 10: "rocm", 11: "rocm_host", 13: "cuda_managed",
+                   14: "oneapi", 15: "webgpu", 16: "hexagon", 17: "maia"}
+
+
+@functools.cache
+def cuda_problem() -> str | None:
+    """Why torch cannot use CUDA here, in torch's own words; ``None`` if it can.
+
+    ``torch.cuda.is_available()`` is cheap and creates no context but says only
+    ``False``; ``torch.cuda.init()`` raises with the reason (a CPU-only build, no
+    driver, a driver too old), so it is called only once CUDA is known to be unusable.
+    Cached: CUDA does not appear or vanish during a process.
+    """
+    if torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # torch raises AssertionError or RuntimeError here
+        return f"{type(exc).__name__}: {exc}"
+    return "torch.cuda.is_available() returned False"
+
+
+@functools.cache
+def _torch_device(device: Device) -> torch.device:
+    return torch.device("cpu") if device.type == "cpu" else torch.device("cuda", device.index)
+
+
+def _kv_device(device: torch.device) -> Device | None:
+    """The kvcore :class:`Device` of a torch device, or ``None`` for types kvcore lacks
+    (``mps``, ``meta``, ...)."""
+    if device.type == "cpu":
+        return _CPU
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return Device("cuda", index)
+    return None
+
+
+def _dlpack_device_name(dl_type: int, dl_id: int) -> str:
+    name = _DLPACK_DEVICES.get(int(dl_type), f"DLPack device type {int(dl_type)}")
+    return "cpu" if name == "cpu" else f"{name}:{int(dl_id)}"
+
+
+@dataclass
+class _PendingHostScatter:
+    """A GPU -> host transfer whose data is still in flight (see the module docstring)."""
+
+    done: Any  # torch.cuda.Event recorded after the copy into ``staging``
+    staging: torch.Tensor
+    dst_layer: torch.Tensor
+    dst: torch.Tensor
+
+
+class TorchBackend(Backend):
+    """Paged K/V pools as torch tensors on the CPU or a CUDA device."""
+
+    name = "torch"
+    array_library = "torch"
+    handle_class = TorchKvCacheHandle
+
+    def __init__(self) -> None:
+        self._caps: BackendCapabilities | None = None
+        self._pending: list[_PendingHostScatter] = []
+        self._pending_lock = threading.Lock()
+
+    # --- availability -------------------------------------------------------------
+
+    def capabilities(self) -> BackendCapabilities:
+        if self._caps is None:
+            cuda = cuda_problem() is None
+            devices = ("cpu", "cuda") if cuda else ("cpu",)
+            self._caps = BackendCapabilities(
+                device_types=devices,
+                dtypes=(DType.float16, DType.bfloat16, DType.float32),
+                swap_device_types=devices,
+                dlpack=True,
+                pinned_memory=cuda,
+            )
+        return self._caps
+
+    def check_device(self, device: Device) -> None:
+        """Accept ``cpu`` always and ``cuda:N`` when torch can use CUDA device ``N``;
+        otherwise raise :class:`~kvcore.errors.UnsupportedError` with torch's reason."""
+        if device.type == "cpu":
+            return
+        problem = cuda_problem()
+        if problem is not None:
+            raise UnsupportedError(f"backend 'torch' cannot place a pool on {device}: torch "
+                                   f"cannot use CUDA here ({problem}); use device 'cpu'")
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise UnsupportedError(f"backend 'torch' cannot place a pool on {device}: torch "
+                                   f"sees {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+
+    # --- pools --------------------------------------------------------------------
+
+    def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int, dtype: DType, device: Device, *,
+                       pinned: bool = False) -> torch.Tensor:
+        """A zeroed pool layer.  ``pinned`` host memory is used only when CUDA is usable
+        (pinning needs the CUDA driver); without CUDA there is no GPU pool to serve."""
+        self.check_device(device)
+        self.check_dtype(dtype)
+        pin = pinned and device.type == "cpu" and cuda_problem() is None
+        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        # A manager built inside ``torch.inference_mode()`` must still be writable
+        # outside it: inference tensors refuse in-place updates in normal mode.
+        with torch.inference_mode(False):
+            return torch.zeros(shape, dtype=_TORCH_DTYPES[dtype], device=_torch_device(device),
+                               pin_memory=pin)
+
+    def index_array(self, indices: np.ndarray, device: Device) -> torch.Tensor:
+        # Copied (np.array) so the index never aliases an array the caller may reuse.
+        host = torch.from_numpy(np.array(indices, dtype=np.int64, copy=True).reshape(-1))
+        if device.type == "cpu":
+            return host
+        return host.to(_torch_device(device))
+
+    @staticmethod
+    def _flat(layer: torch.Tensor) -> torch.Tensor:
+        # [2, blocks, block_size, H, D] -> [2, blocks * block_size, H, D]: a view, since
+        # pools are contiguous, so a slot is a plain row index.
+        return layer.flatten(1, 2)
+
+    def scatter(self, layer: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor) -> None:
+        if self._pending:
+            self._finish_pending()
+        flat = self._flat(layer)
+        # detach: a K/V that requires grad must not drag the pool into the autograd graph.
+        flat[0].index_copy_(0, slots, key.detach())
+        flat[1].index_copy_(0, slots, value.detach())
+
+    def gather(self, layer: torch.Tensor, kv: int, slots: torch.Tensor) -> torch.Tensor:
+        if self._pending:
+            self._finish_pending()
+        return self._flat(layer)[kv].index_select(0, slots)
+
+    def copy_blocks(self, layer: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if self._pending:
+            self._finish_pending()
+        # index_select makes a new tensor first, so overlapping src/dst copy correctly.
+        layer.index_copy_(1, dst, layer.index_select(1, src))
+
+    def transfer_blocks(self, src_layer: torch.Tensor, src: torch.Tensor,
+                        dst_layer: torch.Tensor, dst: torch.Tensor) -> None:
+        if self._pending:
+            self._finish_pending()
+        s_dev, d_dev = src_layer.device, dst_layer.device
+        if s_dev == d_dev:
+            dst_layer.index_copy_(1, dst, src_layer.index_select(1, src))
+        elif d_dev.type == "cpu":
+            self._device_to_host(src_layer, src, dst_layer, dst)
+        elif s_dev.type == "cpu":
+            staging = torch.empty((2, src.numel(), *src_layer.shape[2:]),
+                                  dtype=src_layer.dtype, pin_memory=True)
+            torch.index_select(src_layer, 1, src, out=staging)
+            dst_layer.index_copy_(1, dst, staging.to(d_dev, non_blocking=True))
+        else:
+            moved = src_layer.index_select(1, src).to(d_dev, non_blocking=True)
+            dst_layer.index_copy_(1, dst, moved)
+
+    def _device_to_host(self, src_layer: torch.Tensor, src: torch.Tensor,
+                        dst_layer: torch.Tensor, dst: torch.Tensor) -> None:
+        picked = src_layer.index_select(1, src)
+        staging = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+        staging.copy_(picked, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(src_layer.device))
+        with self._pending_lock:
+            self._pending.append(_PendingHostScatter(done, staging, dst_layer, dst))
+
+    def _finish_pending(self) -> None:
+        """Wait for in-flight GPU -> host copies and scatter them into their pools."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+            for job in pending:
+                job.done.synchronize()
+                job.dst_layer.index_copy_(1, job.dst, job.staging)
+
+    def synchronize(self, device: Device) -> None:
+        """Wait until every transfer to ``device`` has landed: the CUDA queue of a GPU
+        device, and the deferred host-side scatters of GPU -> host copies."""
+        if device.is_cuda and cuda_problem() is None:
+            torch.cuda.synchronize(_torch_device(device))
+        if self._pending:
+            self._finish_pending()
+
+    # --- arrays -------------------------------------------------------------------
+
+    def describe(self, array: Any) -> tuple[tuple[int, ...], DType | None, Device]:
+        if not isinstance(array, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(array).__name__}")
+        device = _kv_device(array.device)
+        if device is None:
+            raise UnsupportedError(f"tensor is on device {str(array.device)!r}; kvcore "
+                                   "knows 'cpu' and 'cuda:N'")
+        return tuple(array.shape), _FROM_TORCH.get(array.dtype), device
+
+    def asarray(self, obj: Any, device: Device) -> torch.Tensor:
+        """``obj`` as a tensor on ``device`` without copying.
+
+        Tensors pass through; anything else speaking DLPack (numpy, cupy, jax, a
+        :class:`~kvcore.TensorRef`) goes through ``torch.from_dlpack`` and shares its
+        memory.  Read-only numpy arrays are shared too (the cache only reads K/V).  One
+        exception: an array with negative strides (``a[::-1]``) is copied once first,
+        keeping its dtype, because DLPack import in torch cannot represent it.
+        """
+        if isinstance(obj, torch.Tensor):
+            where = _kv_device(obj.device)
+            if where != device:
+                raise DeviceMismatchError(f"tensor is on {obj.device}, the cache is on "
+                                          f"{device}; move it first with .to({str(device)!r})")
+            return obj
+        if not (hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__")):
+            raise TypeError(f"expected a torch.Tensor or an array speaking DLPack "
+                            f"(__dlpack__), got {type(obj).__name__}")
+        where = _dlpack_device_name(*obj.__dlpack_device__())
+        if where != str(device):
+            raise DeviceMismatchError(f"{type(obj).__name__} array is on {where}, the cache "
+                                      f"is on {device}; move it to {device} first")
+        strides = getattr(obj, "strides", None)
+        if isinstance(strides, tuple) and any(s < 0 for s in strides):
+            # torch.from_dlpack aborts the process on negative strides (torch 2.x).
+            obj = obj.copy()
+        try:
+            return torch.from_dlpack(obj)
+        except (BufferError, RuntimeError) as exc:
+            if isinstance(obj, np.ndarray):  # e.g. a read-only array on numpy < 2
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "not writable": we only read
+                    return torch.as_tensor(obj)
+            raise TypeError(f"torch could not import the {type(obj).__name__} through "
+                            f"DLPack: {exc}") from exc
+
+    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
+        """A host copy; ``bfloat16`` is widened to ``float32`` (numpy has no bf16)."""
+        if not isinstance(array, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(array).__name__}")
+        if self._pending:
+            self._finish_pending()
+        tensor = array.detach()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        return tensor.cpu().numpy().copy()
+
+    def from_numpy(self, array: np.ndarray, dtype: DType, device: Device) -> torch.Tensor:
+        self.check_device(device)
+        self.check_dtype(dtype)
+        # np.array copies: the result must not alias the caller's array.
+        host = torch.from_numpy(np.array(array, copy=True, order="C"))
+        return host.to(device=_torch_device(device), dtype=_TORCH_DTYPES[dtype])

@@ -1,0 +1,168 @@
+"""``kvcore bench``: argument parsing and the run loop over backends and workloads."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from .._backend import Backend
+from .._registry import get_backend, list_backends
+from ..errors import KvCoreError
+from ._params import QUICK, BenchParams
+from ._report import PLOT_HINT, document, dumps, render_table, write_plot
+from ._result import WorkloadResult
+from ._timing import Progress, clock
+
+__all__ = ["WORKLOADS", "main"]
+
+#: Every workload, in the order they run.
+WORKLOADS = ("append", "read", "blocks", "fork", "generate")
+#: What runs without ``--workload``: ``generate`` joins when its integration exists.
+DEFAULT_WORKLOADS = ("append", "read", "blocks", "fork")
+
+_HELP = {
+    "layers": "model layers (append, read, fork)", "kv_heads": "KV heads",
+    "head_dim": "head dimension", "dtype": "cache dtype (float16, float32, bfloat16)",
+    "block_size": "tokens per block", "batch": "sequences in the append batch",
+    "prompt": "prompt tokens per sequence (append)", "decode_steps": "decode steps (append)",
+    "pool_blocks": "blocks in the pool (blocks)", "sequences": "requests served (blocks)",
+    "max_prompt": "prompt lengths are uniform in 1..N (blocks)",
+    "appends": "tokens appended one at a time per request (blocks)",
+    "shared_prefix": "tokens of the prefix shared by half the prompts (blocks)",
+    "hit_sequences": "requests served entirely from the prefix cache (blocks)",
+    "fork_tokens": "tokens of the forked sequence (fork)", "fork_children": "children (fork)",
+    "repeats": "timed repeats per workload (after one warm-up)", "seed": "random seed",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvcore bench",
+        description="Measure kvcore's workloads on every available backend, each figure "
+                    "against a baseline timed in the same process.")
+    p.add_argument("--workload", "-w", action="append", default=None, metavar="NAME",
+                   help=f"workload(s) to run, repeatable or comma-separated: "
+                        f"{', '.join(WORKLOADS)} (default: all available)")
+    p.add_argument("--backend", "-b", action="append", default=None, metavar="NAME",
+                   help="backend(s), repeatable or comma-separated (default: every "
+                        "available backend)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help=f"write a chart comparing backends and baselines (needs {PLOT_HINT})")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (about a second per workload); for tests and CI")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument("--check", action="store_true",
+                   help="exit with status 3 when a target is missed")
+    sizes = p.add_argument_group("workload sizes (defaults: the issue's; --quick shrinks them)")
+    for f in dataclasses.fields(BenchParams):
+        kind = str if f.name == "dtype" else int
+        sizes.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                           metavar="STR" if kind is str else "N",
+                           help=f"{_HELP.get(f.name, f.name)} (default {f.default})")
+    return p
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def _params(args: argparse.Namespace) -> BenchParams:
+    base = QUICK if args.quick else BenchParams()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchParams)
+                 if getattr(args, f.name) is not None}
+    for name, value in overrides.items():
+        if isinstance(value, int) and value < (0 if name in ("seed", "decode_steps") else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return dataclasses.replace(base, **overrides)
+
+
+def _backends(names: list[str], skipped: list[dict[str, str]]) -> list[Backend]:
+    if names:  # asked for by name: an unavailable one is an error, not a skip
+        return [get_backend(n) for n in names]
+    chosen = []
+    for record in list_backends(probe=True):
+        if record.available:
+            chosen.append(get_backend(record.name))
+        else:
+            skipped.append({"backend": record.name, "workload": "*",
+                            "reason": record.reason or "unavailable"})
+    return chosen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kvcore bench``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except (KvCoreError, ValueError, LookupError) as exc:
+        print(f"kvcore bench: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    from ._append import run_append_read
+    from ._blocks import run_blocks
+    from ._fork import run_fork
+    from ._generate import find_generation_bench, run_generate
+
+    began = clock()
+    params = _params(args)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print(f"kvcore bench: error: --plot needs matplotlib, which is not installed: "
+              f"{PLOT_HINT}", file=sys.stderr)
+        return 2
+    skipped: list[dict[str, str]] = []
+    workloads = _split(args.workload)
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workload(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(WORKLOADS)}")
+    gen_fn, gen_where = find_generation_bench()
+    if not workloads:
+        workloads = list(DEFAULT_WORKLOADS)
+        if gen_fn is not None:
+            workloads.append("generate")
+        else:
+            skipped.append({"backend": "*", "workload": "generate",
+                            "reason": f"the transformers integration provides no "
+                                      f"benchmark_generation ({gen_where})"})
+    progress = Progress(enabled=not args.quiet)
+    backends = _backends(_split(args.backend), skipped)
+    if not backends:
+        raise LookupError('no kvcore backend is available; try: pip install "kvcore[numpy]"')
+
+    results: list[WorkloadResult] = []
+    for backend in backends:
+        if "append" in workloads or "read" in workloads:
+            results += run_append_read(backend, params, want_append="append" in workloads,
+                                       want_read="read" in workloads, progress=progress)
+        if "blocks" in workloads:
+            results.append(run_blocks(backend, params, progress))
+        if "fork" in workloads:
+            results.append(run_fork(backend, params, progress))
+        if "generate" in workloads:
+            try:
+                results.append(run_generate(backend, params, progress, args.quick))
+            except Exception as exc:  # an integration problem must not lose the rest
+                skipped.append({"backend": backend.name, "workload": "generate",
+                                "reason": f"{type(exc).__name__}: {exc}"})
+    progress.done()
+    doc = document(results, skipped, params.to_dict(), argv, clock() - began)
+    if args.plot:
+        write_plot(results, args.plot)
+        progress(f"plot written to {args.plot}")
+        progress.done()
+    if args.json:
+        print(dumps(doc))
+    else:
+        render_table(results, skipped, sys.stdout)
+        print(f"\n{doc['command']}  ({doc['elapsed_s']:.1f} s, {doc['date']}, "
+              f"{doc['machine']['processor']}, {doc['machine']['cpus']} cpus)")
+    if args.check and not doc["all_targets_met"]:
+        return 3
+    return 0

@@ -1,0 +1,113 @@
+"""``kvcore bench``: every workload runs in --quick mode on numpy and torch and reports
+sane figures with their baselines.  No wall-clock thresholds: CI machines are noisy."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from kvcore.bench import main
+
+BACKENDS = ["numpy"] + (["torch"] if importlib.util.find_spec("torch") else [])
+
+
+def _bench(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    assert main(["--quick", "--json", *args]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)  # stdout holds the JSON document and nothing else
+    assert doc["kvcore_bench"] == 1
+    assert doc["machine"]["cpus"] >= 1
+    return doc
+
+
+def _figures(doc: dict, workload: str, backend: str) -> dict:
+    [result] = [r for r in doc["results"] if r["workload"] == workload and r["backend"] == backend]
+    return result["figures"]
+
+
+def _positive(fig: dict) -> None:
+    assert fig["value"] is not None and math.isfinite(fig["value"]) and fig["value"] > 0
+    assert fig["baseline"] is not None and fig["baseline"] > 0, fig
+    assert fig["baseline_label"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_append_and_read_report_rates_against_dense_baselines(capsys, backend):
+    doc = _bench(capsys, "--workload", "append,read", "--backend", backend)
+    append = _figures(doc, "append", backend)
+    for name in ("decode_step_s", "decode_tokens_per_s", "decode_write_GBps", "prefill_write_GBps"):
+        _positive(append[name])
+    step = append["decode_step_s"]
+    assert step["ratio"] == pytest.approx(step["value"] / step["baseline"])
+    assert step["target"] and isinstance(step["met"], bool)
+    read = _figures(doc, "read", backend)
+    _positive(read["read_GBps"])
+    assert "copy" in read["read_GBps"]["baseline_label"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocks_reports_costs_and_hit_rates(capsys, backend):
+    doc = _bench(capsys, "-w", "blocks", "-b", backend)
+    figs = _figures(doc, "blocks", backend)
+    for name in ("alloc_free_us_per_block", "append_us_per_token", "prefix_hit_us_per_block",
+                 "caching_on_0pct_hit_s", "ops_per_s"):
+        _positive(figs[name])
+    assert figs["shared_prefix_hit_rate"]["value"] > 0  # half the prompts share a prefix
+    assert figs["shared_prefix_hit_rate"]["baseline"] == 0  # unique prompts never hit
+    details = [r for r in doc["results"] if r["workload"] == "blocks"][0]["details"]
+    assert details["variants"]["on"]["hit_rate"]["max"] == 0
+    assert details["prefix_hit_blocks_served"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fork_copies_exactly_one_block_per_child(capsys, backend):
+    doc = _bench(capsys, "-w", "fork", "-b", backend)
+    figs = _figures(doc, "fork", backend)
+    assert figs["blocks_copied_per_child"]["value"] == 1
+    assert figs["blocks_copied_per_child"]["met"] is True
+    assert figs["bytes_copied_per_child"]["value"] < figs["bytes_copied_per_child"]["baseline"]
+    _positive(figs["fork_and_write_s_per_child"])
+
+
+def test_table_output_lists_figures_baselines_and_skips(capsys):
+    assert main(["--quick", "-q", "-w", "fork", "-b", "numpy"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks_copied_per_child" in out and "baselines (measured in the same process)" in out
+
+
+def test_progress_goes_to_stderr_only(capsys):
+    assert main(["--quick", "--json", "-w", "fork", "-b", "numpy"]) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)
+    assert "fork" in err
+
+
+def test_plot_is_written(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    assert main(["--quick", "-q", "-w", "fork", "-b", "numpy", "--plot", str(path)]) == 0
+    assert path.stat().st_size > 1000
+
+
+def test_bad_arguments_are_refused_with_a_message(capsys):
+    assert main(["--quick", "-w", "nope"]) == 1
+    assert "unknown workload" in capsys.readouterr().err
+    assert main(["--quick", "-b", "no-such-backend"]) == 1
+    assert "no-such-backend" in capsys.readouterr().err
+
+
+def test_import_kvcore_does_not_load_the_bench_or_matplotlib():
+    code = ("import sys, kvcore; bad = [m for m in sys.modules "
+            "if m.startswith(('kvcore.bench', 'matplotlib'))]; print(bad); sys.exit(bool(bad))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_cli_forwards_to_the_bench(capsys):
+    from kvcore._cli import main as cli_main
+    assert cli_main(["bench", "--quick", "--json", "-q", "-w", "fork", "-b", "numpy"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["workload"] == "fork"

@@ -1,0 +1,170 @@
+"""generate() on a kvcore-backed cache gives exactly the tokens of transformers' own
+DynamicCache: greedy, beam search and sampling, ragged batches, prefix sharing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+# CI installs both: a missing one must fail here, not skip.
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import kvcore
+from kvcore.errors import DtypeMismatchError, ShapeMismatchError, UnsupportedError
+from kvcore.integrations.transformers import KvCoreCache, cache_config_for
+
+PREFIX = [5, 17, 33, 9, 41, 77, 12, 3, 90, 64, 8, 21]  # three blocks of 4
+PROMPTS = [PREFIX + [44, 45], [3, 4, 5], PREFIX + [7, 8, 9, 10, 11, 12, 13], PREFIX]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[LlamaForCausalLM]:
+    # Matrices this small run fastest, and steadiest on a busy CI box, on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=None)
+    yield LlamaForCausalLM(config).eval()
+    torch.set_num_threads(threads)
+
+
+def _batch(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask, as a tokenizer with padding_side='left' builds them."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _generate(model, prompts, cache, **kwargs) -> torch.Tensor:
+    ids, mask = _batch(prompts)
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    return model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                          max_new_tokens=NEW, **kwargs)
+
+
+def _cache(model, backend="torch", *, prompts=None, manager=None) -> KvCoreCache:
+    if manager is None:
+        cache = KvCoreCache.from_model(model, backend=backend, num_blocks=128, block_size=4)
+    else:
+        cache = KvCoreCache(manager)
+    if prompts is not None:
+        cache.set_prompts(*_batch(prompts))
+    return cache
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("told", [True, False], ids=["prompts-set", "padding-stored"])
+def test_greedy_generation_of_a_ragged_batch_equals_dynamic_cache(model, backend, told):
+    expect = _generate(model, PROMPTS, None, do_sample=False)
+    cache = _cache(model, backend, prompts=PROMPTS if told else None)
+    got = _generate(model, PROMPTS, cache, do_sample=False)
+    assert torch.equal(got, expect)
+    width = max(map(len, PROMPTS))
+    stored = [h.num_tokens() for h in cache.handles]
+    # Told the prompts, rows hold their real tokens only; otherwise padding too.
+    assert stored == ([len(p) + NEW - 1 for p in PROMPTS] if told
+                      else [width + NEW - 1] * len(PROMPTS))
+    cache.release()
+    assert cache.manager.stats().used_blocks == 0
+
+
+def test_prompts_sharing_a_prefix_share_blocks_and_give_the_same_tokens(model):
+    expect = _generate(model, PROMPTS, None, do_sample=False)
+    alone = _cache(model)  # padding stored, nothing shared
+    _generate(model, PROMPTS, alone, do_sample=False)
+    cache = _cache(model, prompts=PROMPTS)
+    got = _generate(model, PROMPTS, cache, do_sample=False)
+    assert torch.equal(got, expect)
+    stats = cache.manager.stats()
+    assert stats.prefix_cache_hits >= 6  # rows 2 and 3 reuse row 0's three blocks
+    assert cache.num_cached_tokens[0] == 0 and min(cache.num_cached_tokens[2:]) >= 12
+    assert stats.used_blocks < alone.manager.stats().used_blocks
+    cache.manager.check_invariants()
+
+
+def test_prompt_blocks_of_one_generate_call_serve_the_next(model):
+    manager = kvcore.KvCacheManager(cache_config_for(model, num_blocks=128, block_size=4),
+                                    backend="torch")
+    with _cache(model, manager=manager, prompts=[PREFIX + [99]]) as first:
+        _generate(model, [PREFIX + [99]], first, do_sample=False)
+    later = [PREFIX + [50, 51, 52], [7, 7, 7, 7, 7]]
+    expect = _generate(model, later, None, do_sample=False)
+    cache = _cache(model, manager=manager, prompts=later)
+    got = _generate(model, later, cache, do_sample=False)
+    assert torch.equal(got, expect)
+    assert cache.num_cached_tokens == [12, 0]  # served at allocation, not recomputed
+    cache.release()
+    manager.check_invariants()
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["prompts-set", "padding-stored"])
+def test_beam_search_forks_beams_and_equals_dynamic_cache(model, told):
+    kwargs = dict(do_sample=False, num_beams=3, num_return_sequences=2)
+    expect = _generate(model, PROMPTS[:3], None, **kwargs)
+    cache = _cache(model, prompts=PROMPTS[:3] if told else None)
+    got = _generate(model, PROMPTS[:3], cache, **kwargs)
+    assert torch.equal(got, expect)
+    stats = cache.manager.stats()
+    assert stats.copy_on_write_copies > 0  # beams forked, then wrote their shared block
+    assert len(cache.handles) == 9
+    cache.manager.check_invariants()
+    cache.release()
+    assert cache.manager.stats().used_blocks == 0
+
+
+def test_sampling_several_sequences_per_prompt_equals_dynamic_cache(model):
+    kwargs = dict(do_sample=True, num_return_sequences=3, top_k=0, temperature=1.0)
+    torch.manual_seed(7)
+    expect = _generate(model, PROMPTS, None, **kwargs)
+    cache = _cache(model, prompts=PROMPTS)
+    torch.manual_seed(7)
+    got = _generate(model, PROMPTS, cache, **kwargs)
+    assert torch.equal(got, expect)
+    assert len(set(map(tuple, got[:3, -NEW:].tolist()))) > 1  # the samples differ
+    cache.release()
+
+
+def test_rows_that_finish_early_keep_matching(model):
+    ref = _generate(model, PROMPTS, None, do_sample=False)
+    eos = int(ref[0, -NEW + 2])  # a token row 0 emits at its third step
+    expect = _generate(model, PROMPTS, None, do_sample=False, eos_token_id=eos)
+    got = _generate(model, PROMPTS, _cache(model, prompts=PROMPTS), do_sample=False,
+                    eos_token_id=eos)
+    assert torch.equal(got, expect)
+
+
+def test_misuse_is_refused_with_typed_errors(model):
+    cache = _cache(model)
+    ids, mask = _batch(PROMPTS)
+    with pytest.raises(ValueError, match="expected left padding"):
+        cache.set_prompts(ids, mask.flip(1))
+    cache.set_prompts(ids[:3], mask[:3])
+    with pytest.raises(ShapeMismatchError, match="set_prompts got 3 prompts"):
+        model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=2,
+                       do_sample=False)
+    assert cache.manager.stats().used_blocks == 0  # nothing half-allocated
+    with pytest.raises(UnsupportedError, match="cannot shrink"):
+        cache.crop(-1)
+    half = KvCoreCache.from_model(model, num_blocks=64, dtype="float16")
+    with pytest.raises(DtypeMismatchError, match="float16"):
+        _generate(model, PROMPTS, half, do_sample=False)
+
+
+def test_importing_the_integrations_package_imports_neither_torch_nor_transformers():
+    code = ("import sys, kvcore.integrations\n"
+            "print(','.join(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == ""

@@ -54,6 +54,9 @@ class _XpOps:
         with self.xp.cuda.Device(like.device.id):  # the pool's GPU, not the current one
             return self.xp.asarray(host)
 
+    def take1(self, a: Any, index: Any) -> Any:
+        return self.xp.take(a, index, axis=1)
+
     def float32(self, a: Any) -> Any:
         return a.astype(self.xp.float32, copy=False)
 
@@ -90,6 +93,9 @@ class _TorchOps:
 
     def from_host(self, host: np.ndarray, like: Any) -> Any:
         return self.torch.from_numpy(np.ascontiguousarray(host)).to(like.device)
+
+    def take1(self, a: Any, index: Any) -> Any:
+        return a.index_select(1, index)
 
     def float32(self, a: Any) -> Any:
         return a.float()
@@ -220,12 +226,14 @@ class PagedLayout:
                               left_padded=left_padded)
 
     def native(self, like: Any) -> tuple[Any, Any]:
-        """``(slots, valid)`` as arrays of ``like``'s library on ``like``'s device."""
+        """``(slots, valid)`` as arrays of ``like``'s library on ``like``'s device:
+        ``slots`` flattened to ``[batch * width]``, ``valid`` as ``[batch, width]``."""
         ops = _ops(like)
         key = (ops.name, ops.device_key(like))
         cached = self._native.get(key)
-        if cached is None:
-            cached = (ops.from_host(self.slots, like), ops.from_host(self.valid, like))
+        if cached is None:  # slots flattened: gathers take one index axis
+            cached = (ops.from_host(self.slots.reshape(-1), like),
+                      ops.from_host(self.valid, like))
             self._native[key] = cached
         return cached
 
@@ -273,11 +281,11 @@ def gather_kv(kv_pool: Any, pages: Pages, seq_lens: Any = None, *,
                                     left_padded=left_padded)
     rows, heads, dim = _check_pool(pool, layout)
     slots, valid = layout.native(pool)
-    flat = pool.reshape(2, rows, heads, dim)
-    mask = valid[:, :, None, None]
-    key = ops.where(mask, flat[0][slots], 0)
-    value = ops.where(mask, flat[1][slots], 0)
-    return ops.cast_like(key, pool), ops.cast_like(value, pool)
+    # K and V in one gather along the slot axis of [2, slots, heads, dim].
+    both = ops.take1(pool.reshape(2, rows, heads, dim), slots)
+    both = both.reshape(2, layout.batch_size, layout.width, heads, dim)
+    both = ops.cast_like(ops.where(valid[None, :, :, None, None], both, 0), pool)
+    return both[0], both[1]
 
 
 def paged_attention(query: Any, kv_pool: Any, pages: Pages, seq_lens: Any = None, *,

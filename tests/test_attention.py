@@ -148,6 +148,7 @@ def test_layout_is_reused_per_library_and_device():
     assert layout.slots.tolist() == [[8, 9, 10, 11, 0]]
     pool = np.zeros((2, 4, 4, 1, 2), np.float32)
     assert layout.native(pool)[0] is layout.native(pool)[0]
+    assert layout.native(pool)[0].tolist() == [8, 9, 10, 11, 0]
 
 
 def test_bad_shapes_are_refused_naming_the_values():

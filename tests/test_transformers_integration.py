@@ -168,3 +168,35 @@ def test_importing_the_integrations_package_imports_neither_torch_nor_transforme
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == ""
+
+
+def test_generation_benchmark_reports_both_caches_from_one_run():
+    from kvcore.integrations._generation_bench import benchmark_generation
+
+    r = benchmark_generation(batch_size=2, prompt_len=12, new_tokens=4, repeats=2, warmup=0,
+                             shared_prefix=8, block_size=4,
+                             model_kwargs=dict(num_layers=2, hidden_size=32, vocab_size=64))
+    assert r["identical"] is True
+    assert r["kvcore_tokens_per_s"] > 0 and r["dynamic_tokens_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["kvcore_tokens_per_s"] / r["dynamic_tokens_per_s"])
+    assert r["prompt_lengths"] == [12, 9] and r["cache_stats"]["prefix_cache_hits"] >= 2
+    assert {"backend", "repeats", "threads", "model", "transformers_version"} <= set(r)
+    with pytest.raises(ValueError, match="repeats=0"):
+        benchmark_generation(repeats=0)
+
+
+def test_generation_demo_prints_tokens_per_second_and_stats(monkeypatch, capsys):
+    from kvcore.integrations import _demo_generate, _generation_bench
+
+    full = _generation_bench.benchmark_generation
+
+    def small(**kwargs):  # the demo's own sizes take seconds; the wiring is the point here
+        kwargs.update(new_tokens=3, repeats=1, warmup=0, prompt_len=10,
+                      model_kwargs=dict(num_layers=2, hidden_size=32, vocab_size=64))
+        return full(**kwargs)
+
+    monkeypatch.setattr(_generation_bench, "benchmark_generation", small)
+    assert _demo_generate.run_generation_demo("torch") == 0
+    out = capsys.readouterr().out
+    assert "tokens/s  kvcore" in out and "prefix hits" in out and "all checks passed" in out
+    assert _demo_generate.run_generation_demo("no-such-backend") == 2

@@ -92,6 +92,9 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
         # hit never returns K/V that nobody has written yet.
         self._filled = np.zeros((c.num_blocks, c.num_layers), dtype=bool)
         self._complete = np.zeros(c.num_blocks, dtype=bool)
+        # The SlotMapping of the last extend_batch, with what write_slots would otherwise
+        # recompute on every layer (see _remember_mapping); None once anything moves.
+        self._decode: tuple[SlotMapping, np.ndarray, np.ndarray] | None = None
         self._lock = threading.RLock()
         self._on_pressure = on_pressure
         self._pressure = MemoryPressure.low
@@ -122,6 +125,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
         return self._free_rows.pop()
 
     def _release_row(self, row: int) -> None:
+        self._decode = None
         self._written[row] = 0
         self._versions[row] += 1
         self._free_rows.append(row)
@@ -142,6 +146,12 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
         if done.size:
             self._filled[done, layer] = True
             self._complete[done] = self._filled[done].all(axis=1)
+
+    def _after_change(self) -> None:
+        # Every operation that moves a sequence's slots (fork, swap, free, copy-on-write)
+        # ends here, so the remembered decode mapping can no longer be trusted.
+        self._decode = None
+        super()._after_change()
 
     # --- lookups ------------------------------------------------------------------------
 
@@ -296,10 +306,9 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
         """
         n = _check_positive("num_tokens", num_tokens)
         with self._lock:
-            seqs = [self._seq_of(h, "extend") for h in handles]
-            for seq in seqs:
-                self._require_data(seq, "extend")
-            if len({id(s) for s in seqs}) != len(seqs):
+            self._decode = None
+            seqs = self._live_batch(handles)
+            if len(set(map(id, seqs))) != len(seqs):
                 raise ValueError("extend_batch: a sequence appears more than once in the batch")
             if token_ids is not None:
                 if len(token_ids) != len(seqs):
@@ -309,6 +318,10 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
                     if len(ids) != n:
                         raise ValueError(f"token_ids entry of length {len(ids)} differs from "
                                          f"num_tokens={n}")
+            if n == 1 and token_ids is None:
+                mapping = self._extend_one(seqs)
+                if mapping is not None:
+                    return mapping
             pool = self._pool
             cow = [s.table.has_free_space and s.table._blocks and
                    pool.ref[s.table._blocks[-1]] > 1 for s in seqs]
@@ -347,6 +360,89 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             mapping = self._mapping(seqs, starts, n)
             self._after_change()
             return mapping
+
+    def _live_batch(self, handles: Sequence[PagedKvCacheHandle | str]) -> list[_Sequence]:
+        """The sequences of ``handles``, all live and resident, else the error the
+        one-by-one checks raise.  The common case (this manager's own handles) costs
+        two attribute reads per handle."""
+        cls = self._backend.handle_class
+        seqs = []
+        append = seqs.append
+        for h in handles:
+            if type(h) is cls and h._manager is self:
+                seq = h._seq
+                if seq.valid and seq.swap_blocks is None:
+                    append(seq)
+                    continue
+            break
+        else:
+            return seqs
+        seqs = [self._seq_of(h, "extend") for h in handles]
+        for seq in seqs:
+            self._require_data(seq, "extend")
+        return seqs
+
+    def _extend_one(self, seqs: list[_Sequence]) -> SlotMapping | None:
+        """The decode step: every sequence grows by one token, none shares its last
+        block.  Same result as the general path (same blocks, taken in the same order,
+        same errors) in one pass per sequence instead of a dozen method calls; returns
+        ``None`` (having changed nothing) when a sequence needs copy-on-write."""
+        bs = self._config.block_size
+        ref = self._pool.ref
+        growing: list[_Sequence] = []
+        for seq in seqs:
+            table = seq.table
+            blocks = table._blocks
+            if table._length == len(blocks) * bs:
+                growing.append(seq)
+            elif ref[blocks[-1]] > 1:
+                return None  # copy-on-write: the general path handles it
+        pool = self._pool
+        if len(growing) > pool.num_free:
+            self._failures += 1
+            raise OutOfBlocksError(f"extending {len(seqs)} sequence(s) by 1 tokens needs "
+                                   f"{len(growing)} blocks but only {pool.num_free} are free")
+        if growing:
+            for seq, block in zip(growing, self._take(len(growing))):
+                seq.table._blocks.append(block)
+                seq.block_arr = None
+                seq.read_key = None
+        now = time.time()
+        starts = []
+        slots = []
+        completes = []  # blocks whose last slot this step writes
+        last = bs - 1
+        for seq in seqs:
+            table = seq.table
+            length = table._length
+            starts.append(length)
+            block = table._blocks[length // bs]
+            offset = length % bs
+            slots.append(block * bs + offset)
+            if offset == last:
+                completes.append(block)
+            table._length = length + 1
+            seq.last_access = now
+        if self._config.enable_prefix_caching:
+            for seq in seqs:
+                if seq.hashing:  # no token ids: the chain is broken
+                    self._hash_new_blocks(seq, None)
+        rows = np.array([s.row for s in seqs], dtype=np.int64)
+        start_arr = np.array(starts, dtype=np.int64)
+        mapping = SlotMapping(slots=np.array(slots, dtype=np.int64), rows=rows,
+                              starts=start_arr, ends=start_arr + 1,
+                              versions=self._versions[rows],
+                              request_ids=tuple([s.request_id for s in seqs]))
+        self._after_change()
+        # Precompute, once per step, what write_slots would check on every layer.
+        # Which layers are written up to the starts, so writing leaves no gap: written
+        # never exceeds a sequence's length (= its start here), so "every row is
+        # written up to its start" is "the written counts sum to the starts' sum".
+        ok = self._written[rows].sum(axis=0) == sum(starts)
+        done = np.array(completes, dtype=np.int64)
+        # Valid until something moves a slot (_after_change) or another extend.
+        self._decode = (mapping, ok, done)
+        return mapping
 
     def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
         be, device = self._backend, self._config.device
@@ -480,6 +576,20 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
         with self._lock:
             layer = self._check_layer(layer)
             k, v, _ = self._native_kv(key, value, slots.num_tokens)
+            decode = self._decode
+            if decode is not None and decode[0] is slots and decode[1][layer]:
+                # The last decode step's mapping, nothing moved since and this layer is
+                # written up to its starts: the version and order checks hold already.
+                self._backend.scatter(self._layers[layer],
+                                      slots.native(self._backend, self._config.device), k, v)
+                # Its sequences are exactly ``ends`` long (any later extend would have
+                # replaced the mapping), so nothing is written beyond: max() is ends.
+                self._written[slots.rows, layer] = slots.ends
+                done = decode[2]
+                if done.size:
+                    self._filled[done, layer] = True
+                    self._complete[done] = self._filled[done].all(axis=1)
+                return
             rows = slots.rows
             if not np.array_equal(self._versions[rows], slots.versions):
                 stale = [rid for rid, a, b in zip(slots.request_ids, self._versions[rows],

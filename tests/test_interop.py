@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch  # CI installs torch: a missing torch must fail here, not skip
+from kv_torch._backend import cuda_problem
 
-torch = pytest.importorskip("torch")
-
-import kvcore  # noqa: E402
-from kvcore import AllocationRequest, CacheConfig, KvCacheManager, TensorRef  # noqa: E402
-from kvcore.errors import DeviceMismatchError  # noqa: E402
-from kv_torch._backend import cuda_problem  # noqa: E402
+import kvcore
+from kvcore import AllocationRequest, CacheConfig, KvCacheManager, TensorRef
+from kvcore.errors import DeviceMismatchError
 
 
 def make(backend: str, dtype: str = "float16", device: str = "cpu") -> KvCacheManager:
@@ -66,7 +65,7 @@ def test_numpy_ref_to_torch_shares_storage(dtype: str) -> None:
 def test_layer_pool_is_shared_with_the_cache(backend: str) -> None:
     """The pool TensorRef is the cache's own memory: a write through a numpy view of a
     torch pool (or a torch view of a numpy pool) is what the cache reads back."""
-    mgr, h, k = filled(backend)
+    mgr, h, _ = filled(backend)
     pool = mgr.layer_pool(0)
     other = torch.from_dlpack(pool) if backend == "numpy" else np.from_dlpack(pool)
     slot = int(h.block_table().slots(0, 1)[0])

@@ -10,21 +10,25 @@ import time
 
 import numpy as np
 import pytest
+import torch  # CI installs torch: a missing torch must fail here, not skip
+from kv_torch import TorchBackend, TorchKvCacheHandle
+from kv_torch._backend import _PendingHostScatter, cuda_problem
 
-torch = pytest.importorskip("torch")  # CI installs torch; the import error would say why
-
-import kvcore  # noqa: E402
-from kvcore import AllocationRequest, CacheConfig, Device, DType, KvCacheManager  # noqa: E402
-from kvcore.errors import (DeviceMismatchError, DtypeMismatchError,  # noqa: E402
-                           HandleSwappedError, ShapeMismatchError, UnsupportedError)
-from kv_torch import TorchBackend, TorchKvCacheHandle  # noqa: E402
-from kv_torch._backend import _PendingHostScatter, cuda_problem  # noqa: E402
+import kvcore
+from kvcore import AllocationRequest, CacheConfig, Device, DType, KvCacheManager
+from kvcore.errors import (
+    DeviceMismatchError,
+    DtypeMismatchError,
+    HandleSwappedError,
+    ShapeMismatchError,
+    UnsupportedError,
+)
 
 CPU = Device("cpu")
 DTYPES = [DType.float16, DType.bfloat16, DType.float32]
 TORCH = {DType.float16: torch.float16, DType.bfloat16: torch.bfloat16,
          DType.float32: torch.float32}
-SHAPE = dict(num_blocks=6, block_size=4, num_kv_heads=2, head_dim=3)
+SHAPE = {"num_blocks": 6, "block_size": 4, "num_kv_heads": 2, "head_dim": 3}
 CUDA_REASON = cuda_problem()
 needs_cuda = pytest.mark.skipif(CUDA_REASON is not None,
                                 reason=f"torch cannot use CUDA here: {CUDA_REASON}")
@@ -242,9 +246,9 @@ def test_pending_host_scatter_lands_before_any_use(be: TorchBackend, finish: str
 
 
 def config(dtype: DType, **over: object) -> CacheConfig:
-    fields: dict[str, object] = dict(num_layers=2, num_kv_heads=2, head_dim=4, dtype=dtype,
-                                     block_size=4, num_blocks=16, swap_blocks=8,
-                                     swap_device="cpu")
+    fields: dict[str, object] = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4,
+                                 "dtype": dtype, "block_size": 4, "num_blocks": 16,
+                                 "swap_blocks": 8, "swap_device": "cpu"}
     fields.update(over)
     return CacheConfig(**fields)
 
@@ -278,7 +282,7 @@ def test_manager_end_to_end(dtype: DType) -> None:
 
     def check(handle: TorchKvCacheHandle, want: dict[int, list[np.ndarray]]) -> None:
         for layer in range(2):
-            k, v = handle.kv_tensors(layer)
+            k, _ = handle.kv_tensors(layer)
             assert k.dtype == TORCH[dtype] and k.device.type == "cpu"
             np.testing.assert_array_equal(host(k), want[layer][0])
             np.testing.assert_array_equal(host(handle.value_tensor(layer)), want[layer][1])

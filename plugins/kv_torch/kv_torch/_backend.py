@@ -61,7 +61,7 @@ def cuda_problem() -> str | None:
         return None
     try:
         torch.cuda.init()
-    except Exception as exc:  # torch raises AssertionError or RuntimeError here
+    except Exception as exc:  # noqa: BLE001 - AssertionError, RuntimeError, ...: all are the reason
         return f"{type(exc).__name__}: {exc}"
     return "torch.cuda.is_available() returned False"
 

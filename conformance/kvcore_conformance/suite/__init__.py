@@ -1,0 +1,49 @@
+"""The contract classes.  Subclass them in your own ``test_*.py``::
+
+    import pytest
+    from kvcore_conformance.suite import ConformanceSuite
+
+    @pytest.fixture
+    def kvcore_backend():
+        from kv_mybackend import MyBackend
+        return MyBackend()
+
+    class TestMyBackend(ConformanceSuite):
+        expected_failures = {"test_swap_round_trip_is_bit_identical": "swap lands in 0.3"}
+
+:class:`ConformanceSuite` is all of them; the single classes let you run a part.
+"""
+
+from __future__ import annotations
+
+from ._base import ContractTests
+from ._harness import Harness
+from .backend_ops import BackendOpsContract
+from .handles import HandleContract
+from .manager import ManagerContract
+from .sharing import PrefixSharingContract, StatsContract, SwapContract
+from .stateful import StatefulContract, make_machine
+from .tables import BlockTableContract
+from .threads import ThreadSafetyContract
+
+__all__ = [
+    "BackendOpsContract",
+    "BlockTableContract",
+    "ConformanceSuite",
+    "ContractTests",
+    "HandleContract",
+    "Harness",
+    "ManagerContract",
+    "PrefixSharingContract",
+    "StatefulContract",
+    "StatsContract",
+    "SwapContract",
+    "ThreadSafetyContract",
+    "make_machine",
+]
+
+
+class ConformanceSuite(BackendOpsContract, BlockTableContract, HandleContract, ManagerContract,
+                       PrefixSharingContract, SwapContract, StatsContract, ThreadSafetyContract,
+                       StatefulContract):
+    """The whole contract in one class."""

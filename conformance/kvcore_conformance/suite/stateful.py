@@ -1,0 +1,348 @@
+"""The property-based stateful test: random operation sequences against a dense model.
+
+A hypothesis ``RuleBasedStateMachine`` drives allocate / extend / extend_batch / write /
+rewrite / fork / clone / deallocate / gc (eviction) / swap on a small pool (so pools
+fill up, allocations are refused and cached blocks get evicted), and mirrors every
+sequence in a dense numpy model.  After every step it checks that every live sequence
+reads back exactly what the model holds, that the pool's invariants hold (no block
+both free and in use, refcounts equal table holdings), and at the end that freeing
+everything makes the pool whole again.
+
+Sequences come in two kinds.  *Prompted* ones are allocated with token ids and always
+written right away with K/V that are a fixed function of (layer, position, token), the
+way a real model's K/V depend on the tokens: that is what makes prefix-cache hits
+predictable, so the model knows what a hit must read.  *Plain* ones carry arbitrary
+data, may leave layers partly unwritten, and get overwritten in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+from kvcore import AllocationRequest, Backend, Device, DType, PagedKvCacheHandle
+from kvcore.errors import OutOfBlocksError
+
+from .._backends import require_device_type
+from .._clauses import STATEFUL, check, check_equal
+from ._base import ContractTests
+from ._harness import Harness
+from .checks import settle
+from .manager import snapshot
+
+__all__ = ["StatefulContract", "make_machine"]
+
+PREFIXES = (tuple(range(1000, 1024)), tuple(range(2000, 2024)))
+LAYERS, HEADS, DIM, BS, BLOCKS = 2, 1, 4, 4, 12
+
+
+@dataclass
+class SeqModel:
+    """The dense reference of one sequence."""
+
+    tokens: list[int]
+    prompted: bool
+    prefix: int = 0
+    keys: list[np.ndarray] = field(default_factory=list)  # per layer, written rows
+    values: list[np.ndarray] = field(default_factory=list)
+    swapped: bool = False
+
+    def copy(self) -> SeqModel:
+        return SeqModel(list(self.tokens), self.prompted, self.prefix,
+                        [k.copy() for k in self.keys], [v.copy() for v in self.values],
+                        self.swapped)
+
+    def complete(self) -> bool:
+        return all(len(k) == len(self.tokens) for k in self.keys)
+
+
+def make_machine(backend: Backend, dtype: DType, device: Device,
+                 swap_device: Device | None) -> type[RuleBasedStateMachine]:
+    """The state machine class for one backend, dtype, device and swap device."""
+
+    class KvCacheMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.h = Harness(backend, dtype, device, seed=7)
+            extra: dict[str, Any] = {}
+            if swap_device is not None:
+                extra = dict(swap_blocks=BLOCKS, swap_device=swap_device)
+            self.mgr = self.h.manager(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM,
+                                      block_size=BS, num_blocks=BLOCKS, **extra)
+            self.models: dict[str, SeqModel] = {}
+            self.handles: dict[str, list[PagedKvCacheHandle]] = {}
+            self.dead: list[PagedKvCacheHandle] = []
+            self.counter = 0
+
+        # --- helpers ----------------------------------------------------------------
+
+        def _rows(self, layer: int, kv: int, positions: range, tokens: list[int]) -> np.ndarray:
+            keys = np.array([((layer * 2 + kv) << 40) | (p << 20) | (tokens[p] & 0xFFFFF)
+                             for p in positions], dtype=np.int64)
+            return self.h.keyed(keys)
+
+        def _write(self, rid: str, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+            model = self.models[rid]
+            self.h.write(self.mgr, rid, layer, k, v, start=start)
+            model.keys[layer] = np.concatenate([model.keys[layer][:start], k,
+                                                model.keys[layer][start + len(k):]])
+            model.values[layer] = np.concatenate([model.values[layer][:start], v,
+                                                  model.values[layer][start + len(v):]])
+
+        def _write_new(self, rid: str, layer: int, start: int) -> None:
+            """Write positions ``[start, len)`` of ``layer`` with the kind's data."""
+            model = self.models[rid]
+            span = range(start, len(model.tokens))
+            if not span:
+                return
+            if model.prompted:
+                k, v = (self._rows(layer, 0, span, model.tokens),
+                        self._rows(layer, 1, span, model.tokens))
+            else:
+                k, v = self.h.kv(len(span)), self.h.kv(len(span))
+            self._write(rid, layer, start, k, v)
+
+        def _pick(self, data: st.DataObject, *, swapped: bool | None = False,
+                  complete: bool = False, prompted: bool | None = None) -> str | None:
+            ids = [rid for rid, m in self.models.items()
+                   if (swapped is None or m.swapped == swapped)
+                   and (not complete or m.complete())
+                   and (prompted is None or m.prompted == prompted)]
+            return data.draw(st.sampled_from(ids), label="request") if ids else None
+
+        def _refused(self, call: Any) -> bool:
+            """Run ``call``; on OutOfBlocksError check nothing changed and say so."""
+            before = snapshot(self.mgr)
+            try:
+                call()
+            except OutOfBlocksError:
+                check_equal(snapshot(self.mgr), before, STATEFUL, "cache after a refused "
+                            "operation (must be unchanged)")
+                return True
+            return False
+
+        # --- rules ------------------------------------------------------------------
+
+        @rule(n=st.integers(0, 10), prefix=st.sampled_from([None, 0, 1]))
+        def allocate(self, n: int, prefix: int | None) -> None:
+            rid = f"s{self.counter}"
+            self.counter += 1
+            if prefix is None:
+                request = AllocationRequest(request_id=rid, num_tokens=n)
+                tokens = [0] * n
+            else:
+                request = AllocationRequest(request_id=rid, prompt_token_ids=PREFIXES[prefix][:n])
+                tokens = list(PREFIXES[prefix][:n])
+            can = self.mgr.can_allocate(request)
+            holder: list[PagedKvCacheHandle] = []
+            if self._refused(lambda: holder.append(self.mgr.allocate(request))):
+                check(not can, STATEFUL, "can_allocate said yes, allocate ran out of blocks")
+                return
+            check(can, STATEFUL, "can_allocate said no, allocate succeeded")
+            handle = holder[0]
+            model = SeqModel(tokens, prefix is not None, prefix or 0)
+            cached = handle.num_cached_tokens()
+            for layer in range(LAYERS):  # cached tokens already hold f(layer, pos, token)
+                model.keys.append(self._rows(layer, 0, range(cached), tokens))
+                model.values.append(self._rows(layer, 1, range(cached), tokens))
+            self.models[rid], self.handles[rid] = model, [handle]
+            for layer in range(LAYERS):
+                self._write_new(rid, layer, cached)
+
+        @rule(data=st.data(), n=st.integers(1, 6), follow=st.booleans(), write=st.booleans(),
+              via_slots=st.booleans())
+        def extend(self, data: st.DataObject, n: int, follow: bool, write: bool,
+                   via_slots: bool) -> None:
+            rid = self._pick(data)
+            if rid is None:
+                return
+            model = self.models[rid]
+            start = len(model.tokens)
+            if model.prompted and follow:  # continue the shared prefix where it goes on
+                new = list(PREFIXES[model.prefix][start:start + n])
+                new += [3000 + i for i in range(n - len(new))]
+            else:
+                new = [data.draw(st.integers(5000, 5003)) for _ in range(n)]
+            out: list[Any] = []
+            if self._refused(lambda: out.append(self.mgr.extend(rid, n, token_ids=new))):
+                return
+            model.tokens.extend(new)
+            if not (model.prompted or write):
+                return  # plain sequences may leave the new tokens unwritten for now
+            if via_slots and all(len(k) == start for k in model.keys):
+                for layer in range(LAYERS):
+                    span = range(start, start + n)
+                    if model.prompted:
+                        k, v = (self._rows(layer, 0, span, model.tokens),
+                                self._rows(layer, 1, span, model.tokens))
+                    else:
+                        k, v = self.h.kv(n), self.h.kv(n)
+                    self.mgr.write_slots(layer, out[0], self.h.native(k), self.h.native(v))
+                    model.keys[layer] = np.concatenate([model.keys[layer], k])
+                    model.values[layer] = np.concatenate([model.values[layer], v])
+            else:
+                for layer in range(LAYERS):
+                    if model.prompted:  # fresh private slots: no copy-on-write needed
+                        self._write_new(rid, layer, len(model.keys[layer]))
+                    else:  # an earlier unwritten tail may sit in a shared block
+                        self._refused(lambda: self._write_new(rid, layer,
+                                                              len(model.keys[layer])))
+
+        @rule(data=st.data(), n=st.integers(1, 2))
+        def decode_batch(self, data: st.DataObject, n: int) -> None:
+            ids = [rid for rid, m in self.models.items() if not m.swapped and m.complete()]
+            if not ids:
+                return
+            batch = data.draw(st.lists(st.sampled_from(ids), min_size=1, max_size=3,
+                                       unique=True), label="batch")
+            tokens = [[5000 + len(self.models[r].tokens) % 3] * n for r in batch]
+            out: list[Any] = []
+            if self._refused(lambda: out.append(self.mgr.extend_batch(batch, n,
+                                                                      token_ids=tokens))):
+                return
+            for rid, new in zip(batch, tokens):
+                self.models[rid].tokens.extend(new)
+            for layer in range(LAYERS):
+                ks, vs = [], []
+                for rid in batch:
+                    model = self.models[rid]
+                    span = range(len(model.tokens) - n, len(model.tokens))
+                    if model.prompted:
+                        k, v = (self._rows(layer, 0, span, model.tokens),
+                                self._rows(layer, 1, span, model.tokens))
+                    else:
+                        k, v = self.h.kv(n), self.h.kv(n)
+                    ks.append(k)
+                    vs.append(v)
+                    model.keys[layer] = np.concatenate([model.keys[layer], k])
+                    model.values[layer] = np.concatenate([model.values[layer], v])
+                self.mgr.write_slots(layer, out[0], self.h.native(np.concatenate(ks)),
+                                     self.h.native(np.concatenate(vs)))
+
+        @rule(data=st.data(), layer=st.integers(0, LAYERS - 1))
+        def catch_up(self, data: st.DataObject, layer: int) -> None:
+            rid = self._pick(data, prompted=False)
+            if rid is not None:  # may copy a shared block first, so may run out of blocks
+                self._refused(lambda: self._write_new(rid, layer,
+                                                      len(self.models[rid].keys[layer])))
+
+        @rule(data=st.data(), layer=st.integers(0, LAYERS - 1))
+        def rewrite(self, data: st.DataObject, layer: int) -> None:
+            rid = self._pick(data, prompted=False)
+            if rid is None or not len(self.models[rid].keys[layer]):
+                return
+            model = self.models[rid]
+            start = data.draw(st.integers(0, len(model.keys[layer]) - 1), label="start")
+            m = data.draw(st.integers(1, len(model.tokens) - start), label="count")
+            k, v = self.h.kv(m), self.h.kv(m)
+            # Overwriting shared blocks copies them first, which may need free blocks.
+            self._refused(lambda: self._write(rid, layer, start, k, v))
+
+        @rule(data=st.data())
+        def fork(self, data: st.DataObject) -> None:
+            rid = self._pick(data)
+            if rid is None:
+                return
+            child = f"s{self.counter}"
+            self.counter += 1
+            handle = self.mgr.fork(self.handles[rid][0], child)
+            self.models[child], self.handles[child] = self.models[rid].copy(), [handle]
+
+        @rule(data=st.data())
+        def clone(self, data: st.DataObject) -> None:
+            rid = self._pick(data, swapped=None)
+            if rid is not None:
+                self.handles[rid].append(self.handles[rid][-1].clone_handle())
+
+        @rule(data=st.data(), by_id=st.booleans())
+        def deallocate(self, data: st.DataObject, by_id: bool) -> None:
+            rid = self._pick(data, swapped=None)
+            if rid is None:
+                return
+            self.mgr.deallocate(rid if by_id else self.handles[rid][0])
+            del self.models[rid]
+            self.dead.extend(self.handles.pop(rid))
+
+        @rule()
+        def gc(self) -> None:
+            self.mgr.gc()
+
+        @precondition(lambda self: swap_device is not None)
+        @rule(data=st.data())
+        def swap_out(self, data: st.DataObject) -> None:
+            rid = self._pick(data)
+            if rid is not None and not self._refused(lambda: self.mgr.swap_out(rid)):
+                self.models[rid].swapped = True
+
+        @precondition(lambda self: swap_device is not None)
+        @rule(data=st.data())
+        def swap_in(self, data: st.DataObject) -> None:
+            rid = self._pick(data, swapped=True)
+            if rid is not None and not self._refused(lambda: self.mgr.swap_in(rid)):
+                self.models[rid].swapped = False
+
+        # --- checks -----------------------------------------------------------------
+
+        @invariant()
+        def everything_reads_back(self) -> None:
+            settle(self.mgr)
+            check_equal(sorted(hd.request_id for hd in self.mgr.list_handles()),
+                        sorted(self.models), STATEFUL, "live request ids")
+            for rid, model in self.models.items():
+                for handle in self.handles[rid]:
+                    check(handle.is_valid(), STATEFUL, f"{rid!r}: a live handle is invalid")
+                    check_equal(handle.cache_id(), self.handles[rid][0].cache_id(), STATEFUL,
+                                f"{rid!r}: clone cache_id")
+                handle = self.handles[rid][-1]
+                check_equal((handle.num_tokens(), handle.is_swapped()),
+                            (len(model.tokens), model.swapped), STATEFUL,
+                            f"{rid!r}: (num_tokens, is_swapped)")
+                if model.swapped:
+                    continue
+                for layer in range(LAYERS):
+                    check_equal(handle.num_written(layer), len(model.keys[layer]), STATEFUL,
+                                f"{rid!r}: num_written({layer})")
+                    self.h.expect_kv(STATEFUL, handle, layer, model.keys[layer],
+                                     model.values[layer], "dense reference")
+            for handle in self.dead:
+                check(not handle.is_valid(), STATEFUL,
+                      f"a handle of deallocated {handle.request_id!r} is still valid")
+
+        def teardown(self) -> None:
+            for rid in list(self.models):
+                self.mgr.deallocate(rid)
+            self.mgr.gc()
+            stats = settle(self.mgr)
+            check_equal((stats.free_blocks, stats.used_blocks, stats.cached_blocks,
+                         stats.swap_free_blocks),
+                        (BLOCKS, 0, 0, BLOCKS if swap_device is not None else 0), STATEFUL,
+                        "(free, used, cached, swap_free) blocks after freeing everything and gc")
+
+    KvCacheMachine.__name__ = KvCacheMachine.__qualname__ = (
+        f"KvCacheMachine_{backend.name}_{dtype.value}_{device.type}")
+    return KvCacheMachine
+
+
+class StatefulContract(ContractTests):
+    """The stateful property test, per declared dtype and device."""
+
+    def test_random_operations_match_a_dense_reference(
+            self, kvcore_backend: Backend, kvcore_dtype: DType, kvcore_device: Device,
+            kvcore_hypothesis_settings: Any) -> None:
+        swap_types = kvcore_backend.capabilities().swap_device_types
+        swap = Device.parse(swap_types[0]) if swap_types else None
+        machine = make_machine(kvcore_backend, kvcore_dtype, kvcore_device, swap)
+        run_state_machine_as_test(machine, settings=kvcore_hypothesis_settings)
+
+    def test_random_operations_without_swap(self, kvcore_backend: Backend,
+                                            kvcore_default_dtype: DType,
+                                            kvcore_default_device: Device,
+                                            kvcore_hypothesis_settings: Any) -> None:
+        require_device_type(kvcore_backend, kvcore_default_device.type)
+        machine = make_machine(kvcore_backend, kvcore_default_dtype, kvcore_default_device, None)
+        run_state_machine_as_test(machine, settings=kvcore_hypothesis_settings)

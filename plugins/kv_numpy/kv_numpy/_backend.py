@@ -14,6 +14,9 @@ from ._handle import NumpyKvCacheHandle
 _NP_DTYPES = {DType.float16: np.dtype(np.float16), DType.float32: np.dtype(np.float32)}
 _FROM_NP = {v: k for k, v in _NP_DTYPES.items()}
 _CPU = Device("cpu")
+#: Reads of at least this many blocks try the whole-block gather (below it, the
+#: structure check costs more than it saves).
+_WHOLE_BLOCKS_FROM = 4
 
 
 class NumpyBackend(Backend):
@@ -54,6 +57,19 @@ class NumpyBackend(Backend):
         flat[1, slots] = value
 
     def gather(self, layer: np.ndarray, kv: int, slots: np.ndarray) -> np.ndarray:
+        bs = layer.shape[2]
+        n = slots.shape[0]
+        # A sequence read in logical order is whole blocks, each slot run starting on a
+        # block boundary.  Taking whole blocks copies block_size rows per index instead
+        # of one; row-by-row take measured ~2x slower than a plain copy of the same
+        # bytes.  The check is exact and O(n) in numpy, a few us next to the copy.
+        if n >= _WHOLE_BLOCKS_FROM * bs:
+            firsts = slots[::bs]
+            if not (firsts % bs).any():
+                runs = firsts[:, None] + np.arange(bs, dtype=slots.dtype)
+                if np.array_equal(runs.reshape(-1)[:n], slots):
+                    whole = layer[kv].take(firsts // bs, axis=0)
+                    return whole.reshape(-1, *layer.shape[3:])[:n]
         return self._flat(layer)[kv].take(slots, axis=0)
 
     def copy_blocks(self, layer: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:

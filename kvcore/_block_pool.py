@@ -79,15 +79,19 @@ class BlockPool:
         if count > self._num_free:
             raise OutOfBlocksError(f"need {count} blocks, {self._num_free} free")
         taken = []
-        nxt, ref, hash_of = self._next, self.ref, self._hash_of
+        nxt, prv, ref, hash_of = self._next, self._prev, self.ref, self._hash_of
         sentinel = self.num_blocks
+        # _unlink of the head, inlined: this loop runs once per block allocated.
+        block = nxt[sentinel]
         for _ in range(count):
-            block = nxt[sentinel]
-            self._unlink(block)
+            after = nxt[block]
+            nxt[sentinel] = after
+            prv[after] = sentinel
             if hash_of[block] is not None:
                 self._evict(block)
             ref[block] = 1
             taken.append(block)
+            block = after
         self._num_free -= count
         return taken
 
@@ -103,15 +107,24 @@ class BlockPool:
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; blocks reaching zero join the queue's
         tail, last block first, so a sequence's tail is evicted before its prefix."""
-        ref, hash_of = self.ref, self._hash_of
+        ref, hash_of, nxt, prv = self.ref, self._hash_of, self._next, self._prev
+        sentinel = self.num_blocks
+        freed = cached = 0
         for block in reversed(blocks):
             count = ref[block] - 1
             ref[block] = count
             if count == 0:
-                self._append(block)
-                self._num_free += 1
+                # _append to the tail, inlined: this loop runs once per block freed.
+                tail = prv[sentinel]
+                nxt[tail] = block
+                prv[block] = tail
+                nxt[block] = sentinel
+                prv[sentinel] = block
+                freed += 1
                 if hash_of[block] is not None:
-                    self._num_cached_free += 1
+                    cached += 1
+        self._num_free += freed
+        self._num_cached_free += cached
 
     def incref(self, blocks: Iterable[int]) -> None:
         """One more reference to blocks that are already in use (fork)."""
@@ -143,6 +156,20 @@ class BlockPool:
         self._by_hash[block_hash] = block
         self._hash_of[block] = block_hash
         self._tokens_of[block] = tokens
+
+    def register_run(self, blocks: Sequence[int], hashes: Sequence[int], tokens: bytes,
+                     first: int, stride: int) -> None:
+        """:meth:`register` of ``blocks[i]`` under ``hashes[i]`` for every ``i`` from
+        ``first``, block ``i`` holding ``tokens[i * stride:(i + 1) * stride]``: one call
+        per allocation instead of one per block (allocation with caching on)."""
+        by_hash, hash_of, tokens_of = self._by_hash, self._hash_of, self._tokens_of
+        for i in range(first, len(hashes)):
+            block_hash, block = hashes[i], blocks[i]
+            if block_hash in by_hash or hash_of[block] is not None:
+                continue  # first writer wins, exactly as register()
+            by_hash[block_hash] = block
+            hash_of[block] = block_hash
+            tokens_of[block] = tokens[i * stride:(i + 1) * stride]
 
     def is_cached(self, block: int) -> bool:
         return self._hash_of[block] is not None

@@ -259,8 +259,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             blocks = hits + self._take(need)
             bs = self._config.block_size
             stride = 4 * bs
-            for i in range(len(hits), len(hashes)):
-                pool.register(blocks[i], hashes[i], buf[i * stride:(i + 1) * stride])
+            pool.register_run(blocks, hashes, buf, len(hits), stride)
             if request.prompt_token_ids is not None and self._config.enable_prefix_caching:
                 self._queries += len(hashes)
                 self._hits += len(hits)

@@ -9,6 +9,7 @@ a collision can cost a miss, never someone else's data.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -20,6 +21,8 @@ from .models import AllocationRequest
 __all__ = ["PrefixPlan", "plan_prefix", "root_hash", "hash_full_blocks"]
 
 _INT32_MAX = 2**31 - 1
+#: array('I') is 4 bytes on every mainstream platform; elsewhere use numpy only.
+_FAST_U32 = array("I").itemsize == 4 and np.dtype(np.uint32).byteorder in "=|"
 
 
 class PrefixPlan(NamedTuple):
@@ -39,11 +42,22 @@ def root_hash(seed: int, extra_key: str | None) -> int:
 
 def token_bytes(tokens: Sequence[int]) -> bytes:
     """Token ids as int32 bytes, refusing ids outside int32 with a ValueError."""
-    array = np.asarray(tokens, dtype=np.int64)
-    if array.size and (array.min() < 0 or array.max() > _INT32_MAX):
-        bad = int(array.min() if array.min() < 0 else array.max())
+    if _FAST_U32 and isinstance(tokens, (tuple, list)):
+        # array('I') converts a tuple of ints ~5x faster than np.asarray (which first
+        # discovers the sequence's shape and type) and itself refuses ids below 0 or
+        # above 2**32 - 1; ids in [0, 2**31) have the same bytes as uint32 and int32.
+        try:
+            packed = array("I", tokens)
+        except (OverflowError, TypeError):
+            pass  # let the general path below name the bad id
+        else:
+            if not packed or np.frombuffer(packed, np.uint32).max() <= _INT32_MAX:
+                return packed.tobytes()
+    array_ = np.asarray(tokens, dtype=np.int64)
+    if array_.size and (array_.min() < 0 or array_.max() > _INT32_MAX):
+        bad = int(array_.min() if array_.min() < 0 else array_.max())
         raise ValueError(f"token id {bad} is outside [0, {_INT32_MAX}]")
-    return array.astype(np.int32).tobytes()
+    return array_.astype(np.int32).tobytes()
 
 
 def plan_prefix(pool: BlockPool, request: AllocationRequest, block_size: int, root: int,

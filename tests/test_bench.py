@@ -111,3 +111,15 @@ def test_cli_forwards_to_the_bench(capsys):
     from kvcore._cli import main as cli_main
     assert cli_main(["bench", "--quick", "--json", "-q", "-w", "fork", "-b", "numpy"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["workload"] == "fork"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_generate_reports_tokens_per_second_against_dynamic_cache(capsys, backend):
+    from kvcore.bench._generate import find_generation_bench
+    if find_generation_bench()[0] is None or importlib.util.find_spec("transformers") is None:
+        pytest.skip("the transformers integration (kvcore.integrations) is not installed")
+    doc = _bench(capsys, "-w", "generate", "-b", backend)
+    assert not doc["skipped"], doc["skipped"]
+    fig = _figures(doc, "generate", backend)["generate_tokens_per_s"]
+    _positive(fig)
+    assert "DynamicCache" in fig["baseline_label"]

@@ -51,7 +51,11 @@ def run_generate(backend: Backend, p: BenchParams, progress: Progress,
     accepted = inspect.signature(fn).parameters
     kwargs: dict[str, Any] = {}
     # Pass only what the integration's signature takes: it owns its own defaults.
-    for key, value in (("backend", backend.name), ("quick", quick), ("seed", p.seed)):
+    wanted: list[tuple[str, Any]] = [("backend", backend.name), ("quick", quick),
+                                     ("seed", p.seed)]
+    if quick:  # a smoke run: fewer rounds and tokens, when the integration takes them
+        wanted += [("repeats", 2), ("warmup", 1), ("new_tokens", 8)]
+    for key, value in wanted:
         if key in accepted:
             kwargs[key] = value
     raw = fn(**kwargs)
@@ -60,6 +64,8 @@ def run_generate(backend: Backend, p: BenchParams, progress: Progress,
     kv = _first(raw, ("kvcore_tokens_per_s", "kvcore_tok_s", "kvcore"))
     base = _first(raw, ("dynamic_cache_tokens_per_s", "dynamiccache_tokens_per_s",
                         "dynamic_tokens_per_s", "baseline_tokens_per_s", "dynamic_cache"))
+    if isinstance(raw, dict) and "identical" in raw:
+        result.details["identical_tokens"] = bool(raw["identical"])
     if kv is not None:
         result.add(Figure("generate_tokens_per_s", kv, "tok/s", base,
                           "transformers DynamicCache" if base is not None else None,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from .._backend import Backend
 from .._registry import get_backend, list_backends
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small sizes (about a second per workload); for tests and CI")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="intra-op threads of array libraries that have them (torch), "
+                        "0 leaves the library's default (default 1: on a small shared "
+                        "machine, spinning worker threads turn other processes' load "
+                        "into 10x outliers)")
     p.add_argument("--check", action="store_true",
                    help="exit with status 3 when a target is missed")
     sizes = p.add_argument_group("workload sizes (defaults: the issue's; --quick shrinks them)")
@@ -105,10 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    from ._append import run_append_read
-    from ._blocks import run_blocks
-    from ._fork import run_fork
-    from ._generate import find_generation_bench, run_generate
+    from ._generate import find_generation_bench
 
     began = clock()
     params = _params(args)
@@ -136,23 +139,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if not backends:
         raise LookupError('no kvcore backend is available; try: pip install "kvcore[numpy]"')
 
-    results: list[WorkloadResult] = []
-    for backend in backends:
-        if "append" in workloads or "read" in workloads:
-            results += run_append_read(backend, params, want_append="append" in workloads,
-                                       want_read="read" in workloads, progress=progress)
-        if "blocks" in workloads:
-            results.append(run_blocks(backend, params, progress))
-        if "fork" in workloads:
-            results.append(run_fork(backend, params, progress))
-        if "generate" in workloads:
-            try:
-                results.append(run_generate(backend, params, progress, args.quick))
-            except Exception as exc:  # an integration problem must not lose the rest
-                skipped.append({"backend": backend.name, "workload": "generate",
-                                "reason": f"{type(exc).__name__}: {exc}"})
+    with _threads(args.threads):
+        results = _measure(backends, workloads, params, progress, skipped, args.quick)
     progress.done()
     doc = document(results, skipped, params.to_dict(), argv, clock() - began)
+    doc["threads"] = args.threads
     if args.plot:
         write_plot(results, args.plot)
         progress(f"plot written to {args.plot}")
@@ -166,3 +157,47 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.check and not doc["all_targets_met"]:
         return 3
     return 0
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Pin torch's intra-op thread count for the run (when torch is loaded), then
+    restore it.  numpy's indexing and copies are single-threaded already."""
+    torch = sys.modules.get("torch")
+    if count < 0:
+        raise ValueError(f"--threads must be >= 0, got {count}")
+    if torch is None or count == 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(backends: list[Backend], workloads: list[str], params: BenchParams,
+             progress: Progress, skipped: list[dict[str, str]],
+             quick: bool) -> list[WorkloadResult]:
+    from ._append import run_append_read
+    from ._blocks import run_blocks
+    from ._fork import run_fork
+    from ._generate import run_generate
+
+    results: list[WorkloadResult] = []
+    for backend in backends:
+        if "append" in workloads or "read" in workloads:
+            results += run_append_read(backend, params, want_append="append" in workloads,
+                                       want_read="read" in workloads, progress=progress)
+        if "blocks" in workloads:
+            results.append(run_blocks(backend, params, progress))
+        if "fork" in workloads:
+            results.append(run_fork(backend, params, progress))
+        if "generate" in workloads:
+            try:
+                results.append(run_generate(backend, params, progress, quick))
+            except Exception as exc:  # an integration problem must not lose the rest
+                skipped.append({"backend": backend.name, "workload": "generate",
+                                "reason": f"{type(exc).__name__}: {exc}"})
+    return results

@@ -150,6 +150,6 @@ def write_plot(results: list[WorkloadResult], path: str) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle("kvcore bench: each figure against its baseline (same process)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)

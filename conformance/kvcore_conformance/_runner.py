@@ -72,7 +72,10 @@ def _run_one(name: str, pytest_args: Sequence[str]) -> int:
         print(f"kvcore conformance: {exc}", file=sys.stderr)
         return EXIT_BACKEND_PROBLEM
     ini = Path(__file__).with_name("suite.ini")
+    # Later sessions in this process find hypothesis imported already; pytest's warning
+    # that it cannot assertion-rewrite it again is noise here.
     args = ["-c", str(ini), "--rootdir", str(ini.parent), "-p", "no:cacheprovider",
+            "-W", "ignore::pytest.PytestAssertRewriteWarning",
             "--pyargs", "kvcore_conformance.tests", f"--kv-backend={name}", *pytest_args]
     if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
         args[:0] = ["-p", "kvcore_conformance"]  # load it through its entry point by name

@@ -10,9 +10,10 @@ Options:
 ``--kv-backend NAME``  (repeatable, or comma-separated)
     Run the suite against the installed backend(s) called NAME.  Each test is
     parametrized by backend name; an unknown or unavailable name is a usage error.
-``--kv-hypothesis-profile {kvcore-ci,kvcore-thorough}``
+``--kv-hypothesis-profile {kvcore-ci,kvcore-quick,kvcore-thorough}``
     How hard the property-based tests try (default ``kvcore-ci``: reproducible,
-    database-less, a few seconds).
+    database-less, a few seconds; ``kvcore-quick`` a third of that; ``kvcore-thorough``
+    random seeds, ten times the examples, failing runs shrunk to a minimal one).
 
 Fixtures (override any of them in your ``conftest.py`` or test class):
 
@@ -39,7 +40,7 @@ __all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests",
 
 _DTYPES = ("float16", "bfloat16", "float32")  # kvcore.DType, spelled without importing it
 _DEVICE_TYPES = ("cpu", "cuda")
-PROFILES = ("kvcore-ci", "kvcore-thorough")
+PROFILES = ("kvcore-ci", "kvcore-quick", "kvcore-thorough")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 
-__all__ = ["ContractTests"]
+from .._clauses import Clause, ContractViolation
+
+__all__ = ["ContractTests", "covers"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def covers(item: Clause) -> Callable[[F], F]:
+    """Mark a contract test with the clause it checks.
+
+    Any exception other than a :class:`ContractViolation` (or pytest's skip / xfail)
+    that escapes the test is reported as a violation of ``item``: a backend that blows
+    up during an operation the contract allows breaks that clause too, and the report
+    should say so rather than show a bare traceback.
+    """
+    def decorate(test: F) -> F:
+        @functools.wraps(test)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return test(*args, **kwargs)
+            except ContractViolation:
+                raise
+            except Exception as exc:
+                raise ContractViolation(
+                    item, f"  an operation the contract allows raised "
+                    f"{type(exc).__name__}: {exc}") from exc
+        wrapper.kvcore_clause = item  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+    return decorate
 
 
 class ContractTests:

@@ -11,8 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from kvcore import (AllocationRequest, Backend, CacheConfig, Device, DType, KvCacheManager,
-                    PagedKvCacheHandle, TensorRef)
+from kvcore import (
+    AllocationRequest,
+    Backend,
+    CacheConfig,
+    Device,
+    DType,
+    KvCacheManager,
+    PagedKvCacheHandle,
+    TensorRef,
+)
 
 from .._clauses import Clause, check, check_equal, fail
 from .._data import assert_same_bits, hashed_kv, random_kv

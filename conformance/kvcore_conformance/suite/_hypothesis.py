@@ -21,6 +21,10 @@ _COMMON = dict(deadline=None, database=None, print_blob=False,
 settings.register_profile("kvcore-ci", max_examples=60, stateful_step_count=50,
                           derandomize=True,
                           phases=(Phase.explicit, Phase.reuse, Phase.generate), **_COMMON)
+# A smoke run (a third of the CI effort), for suites that run the contract many times.
+settings.register_profile("kvcore-quick", max_examples=20, stateful_step_count=40,
+                          derandomize=True,
+                          phases=(Phase.explicit, Phase.reuse, Phase.generate), **_COMMON)
 # For a backend author hunting a bug: random seeds, ten times the effort, and the
 # failing sequence shrunk to a minimal one.
 settings.register_profile("kvcore-thorough", max_examples=300, stateful_step_count=60,
@@ -28,5 +32,5 @@ settings.register_profile("kvcore-thorough", max_examples=300, stateful_step_cou
 
 
 def profile(name: str) -> settings:
-    """The registered profile ``name`` (``kvcore-ci`` or ``kvcore-thorough``)."""
+    """The registered profile ``name`` (``kvcore-ci``, ``kvcore-quick``, ``kvcore-thorough``)."""
     return settings.get_profile(name)

@@ -5,17 +5,38 @@ from __future__ import annotations
 import numpy as np
 
 import kvcore
-from kvcore import (Backend, BackendCapabilities, CacheConfig, Device, DType, KvCacheManager,
-                    PagedKvCacheHandle)
+from kvcore import (
+    Backend,
+    BackendCapabilities,
+    CacheConfig,
+    Device,
+    DType,
+    KvCacheManager,
+    PagedKvCacheHandle,
+)
 from kvcore.errors import DeviceMismatchError, UnsupportedError
 
 from .._backends import capability_skip
-from .._clauses import (ALLOCATE_LAYER, ASARRAY, BACKEND_IDENTITY, CAPS_REFUSE_UNDECLARED,
-                        CAPS_WELL_FORMED, COPY_BLOCKS, DESCRIBE, GATHER_COPY, GATHER_ORDER,
-                        NUMPY_ROUNDTRIP, PINNED, SCATTER, TRANSFER_BLOCKS, check, check_equal,
-                        expect_raises)
+from .._clauses import (
+    ALLOCATE_LAYER,
+    ASARRAY,
+    BACKEND_IDENTITY,
+    CAPS_REFUSE_UNDECLARED,
+    CAPS_WELL_FORMED,
+    COPY_BLOCKS,
+    DESCRIBE,
+    GATHER_COPY,
+    GATHER_ORDER,
+    NUMPY_ROUNDTRIP,
+    PINNED,
+    SCATTER,
+    TRANSFER_BLOCKS,
+    check,
+    check_equal,
+    expect_raises,
+)
 from .._data import assert_same_bits
-from ._base import ContractTests
+from ._base import ContractTests, covers
 from ._harness import Harness
 
 __all__ = ["BackendOpsContract"]
@@ -47,6 +68,7 @@ def _filled_layer(h: Harness, device: Device | None = None) -> tuple[object, np.
 class BackendOpsContract(ContractTests):
     """Identity, capabilities, and every bulk operation of the backend, bit-exact."""
 
+    @covers(BACKEND_IDENTITY)
     def test_backend_declares_identity(self, kvcore_backend: Backend) -> None:
         be = kvcore_backend
         check(isinstance(getattr(be, "name", None), str) and bool(be.name), BACKEND_IDENTITY,
@@ -59,6 +81,7 @@ class BackendOpsContract(ContractTests):
         check(isinstance(cls, type) and issubclass(cls, PagedKvCacheHandle), BACKEND_IDENTITY,
               "Backend.handle_class must subclass kvcore.PagedKvCacheHandle", seen=cls)
 
+    @covers(CAPS_WELL_FORMED)
     def test_capabilities_are_well_formed(self, kvcore_backend: Backend) -> None:
         caps = kvcore_backend.capabilities()
         check(isinstance(caps, BackendCapabilities), CAPS_WELL_FORMED,
@@ -75,6 +98,7 @@ class BackendOpsContract(ContractTests):
               "default_device() must be a declared device type", seen=str(default),
               expected=caps.device_types)
 
+    @covers(CAPS_REFUSE_UNDECLARED)
     def test_undeclared_dtypes_and_devices_are_refused(self, kvcore_backend: Backend) -> None:
         caps = kvcore_backend.capabilities()
         missing_dtypes = [d for d in DType if d not in caps.dtypes]
@@ -96,6 +120,7 @@ class BackendOpsContract(ContractTests):
                           lambda: KvCacheManager(cfg, backend=kvcore_backend),
                           f"a manager on undeclared device type {device_type!r}")
 
+    @covers(ALLOCATE_LAYER)
     def test_allocate_layer_is_zeroed_with_the_pool_layout(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         layer = _layer(h)
@@ -107,6 +132,7 @@ class BackendOpsContract(ContractTests):
         assert_same_bits(ALLOCATE_LAYER, host, np.zeros(host.shape, host.dtype), h.dtype,
                          "a fresh layer (must be all +0.0 bits)")
 
+    @covers(NUMPY_ROUNDTRIP)
     def test_numpy_round_trip_and_describe(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         data = h.kv(7)
@@ -117,6 +143,7 @@ class BackendOpsContract(ContractTests):
         assert_same_bits(NUMPY_ROUNDTRIP, h.backend.to_numpy(arr), data, h.dtype,
                          "to_numpy(from_numpy(x))")
 
+    @covers(ASARRAY)
     def test_asarray_keeps_native_arrays_and_their_dtype(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         be = h.backend
@@ -142,6 +169,7 @@ class BackendOpsContract(ContractTests):
             expect_raises(ASARRAY, TypeError, lambda: be.asarray(junk, h.device),
                           f"asarray({junk!r})")
 
+    @covers(SCATTER)
     def test_scatter_writes_only_the_given_slots(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         be = h.backend
@@ -155,6 +183,7 @@ class BackendOpsContract(ContractTests):
         assert_same_bits(SCATTER, rows[0], want[0], h.dtype, f"K plane after scatter to {slots}")
         assert_same_bits(SCATTER, rows[1], want[1], h.dtype, f"V plane after scatter to {slots}")
 
+    @covers(GATHER_ORDER)
     def test_gather_returns_rows_in_slot_order(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         be = h.backend
@@ -162,8 +191,12 @@ class BackendOpsContract(ContractTests):
         rows = host.reshape(2, -1, h.heads, h.dim)
         # Descending, shuffled and block-crossing orders: a gather that sorts, or
         # walks blocks in physical order, cannot pass all three.
+        whole = (np.array([4, 1, 5, 0])[:, None] * BS + np.arange(BS)).reshape(-1)
         for order in (np.arange(NB * BS)[::-1][:9], h.rng.permutation(NB * BS)[:11],
-                      np.array([9, 10, 11, 20, 21, 0, 1, 2, 3])):
+                      np.array([9, 10, 11, 20, 21, 0, 1, 2, 3]),
+                      # whole blocks out of physical order, then a partial block: what
+                      # reading a sequence looks like (and what block-wise fast paths see)
+                      np.concatenate([whole, [2 * BS, 2 * BS + 1]])):
             order = order.astype(np.int64)
             idx = be.index_array(order, h.device)
             for kv in (0, 1):
@@ -171,18 +204,24 @@ class BackendOpsContract(ContractTests):
                 assert_same_bits(GATHER_ORDER, got, rows[kv, order], h.dtype,
                                  f"gather(layer, kv={kv}, slots={order.tolist()})")
 
+    @covers(GATHER_COPY)
     def test_gather_returns_a_copy(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         be = h.backend
         layer, host = _filled_layer(h)
-        order = np.array([4, 5, 6, 7, 12], dtype=np.int64)
-        idx = be.index_array(order, h.device)
-        before = be.gather(layer, 0, idx)
-        snapshot = h.host(before)
-        be.scatter(layer, idx, h.native(h.kv(5)), h.native(h.kv(5)))
-        assert_same_bits(GATHER_COPY, h.host(before), snapshot, h.dtype,
-                         "an earlier gather after the pool was overwritten")
+        # One contiguous run (where returning a view is tempting) and a scattered one.
+        for order in (np.arange(4, 12), np.array([4, 5, 6, 7, 12])):
+            order = order.astype(np.int64)
+            idx = be.index_array(order, h.device)
+            before = [be.gather(layer, kv, idx) for kv in (0, 1)]
+            snapshots = [h.host(b) for b in before]
+            be.scatter(layer, idx, h.native(h.kv(len(order))), h.native(h.kv(len(order))))
+            for kv in (0, 1):
+                assert_same_bits(GATHER_COPY, h.host(before[kv]), snapshots[kv], h.dtype,
+                                 f"gather(kv={kv}, slots={order.tolist()}) after the pool was "
+                                 "overwritten at those slots")
 
+    @covers(COPY_BLOCKS)
     def test_copy_blocks_copies_whole_blocks(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         be = h.backend
@@ -198,6 +237,7 @@ class BackendOpsContract(ContractTests):
                              f"{name} plane (slots as rows) after copy_blocks(src={src.tolist()}, "
                              f"dst={dst.tolist()})")
 
+    @covers(TRANSFER_BLOCKS)
     def test_transfer_blocks_round_trips_through_the_swap_device(
             self, kvcore_harness: Harness, kvcore_swap_device: Device) -> None:
         h = kvcore_harness
@@ -224,6 +264,7 @@ class BackendOpsContract(ContractTests):
                          want2.reshape(-1, h.heads, h.dim), h.dtype,
                          f"layer on {h.device} after the round trip")
 
+    @covers(PINNED)
     def test_pinned_host_layer_when_declared(self, kvcore_backend: Backend,
                                              kvcore_default_dtype: DType) -> None:
         if not kvcore_backend.capabilities().pinned_memory:

@@ -9,11 +9,23 @@ from kvcore import CacheHandleStats, KvCacheManager, PagedKvCacheHandle, TensorR
 from kvcore.errors import InvalidHandleError, LayerIndexError
 
 from .._backends import capability_skip
-from .._clauses import (DLPACK, HANDLE_AS_ANY, HANDLE_CLONE, HANDLE_IDS, HANDLE_LAYER_RANGE,
-                        HANDLE_READ, HANDLE_SHAPE, HANDLE_STATS, HANDLE_VALIDITY, check,
-                        check_equal, expect_raises, fail)
+from .._clauses import (
+    DLPACK,
+    HANDLE_AS_ANY,
+    HANDLE_CLONE,
+    HANDLE_IDS,
+    HANDLE_LAYER_RANGE,
+    HANDLE_READ,
+    HANDLE_SHAPE,
+    HANDLE_STATS,
+    HANDLE_VALIDITY,
+    check,
+    check_equal,
+    expect_raises,
+    fail,
+)
 from .._data import assert_same_bits
-from ._base import ContractTests
+from ._base import ContractTests, covers
 from ._harness import Harness
 from .checks import settle
 
@@ -41,6 +53,7 @@ def scrambled_handle(h: Harness, mgr: KvCacheManager, rid: str = "scrambled") ->
 class HandleContract(ContractTests):
     """The fifteen handle methods, their errors, and DLPack export."""
 
+    @covers(HANDLE_SHAPE)
     def test_handle_reports_the_config_shape(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         mgr = h.manager(num_layers=3, num_kv_heads=2, head_dim=8)
@@ -48,6 +61,7 @@ class HandleContract(ContractTests):
         check_equal((handle.device(), handle.num_layers(), handle.num_heads(), handle.head_dim()),
                     (h.device, 3, 2, 8), HANDLE_SHAPE, "(device, num_layers, num_heads, head_dim)")
 
+    @covers(HANDLE_AS_ANY)
     def test_handle_class_and_as_any(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager()
@@ -62,6 +76,7 @@ class HandleContract(ContractTests):
         expect_raises(HANDLE_AS_ANY, TypeError, lambda: handle.as_any(int), "as_any(int)")
         expect_raises(HANDLE_AS_ANY, TypeError, lambda: handle.as_any("cls"), "as_any('cls')")
 
+    @covers(HANDLE_READ)
     def test_reads_are_none_before_any_write(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager()
@@ -72,6 +87,7 @@ class HandleContract(ContractTests):
                   f"layer {layer} before any write: (key_cache, value_cache, kv_cache)",
                   seen=seen, expected=(None, None, None))
 
+    @covers(HANDLE_READ)
     def test_reads_return_written_tokens_in_logical_order(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         mgr = h.manager(num_blocks=6, num_layers=3)
@@ -85,6 +101,7 @@ class HandleContract(ContractTests):
             assert_same_bits(HANDLE_READ, h.host(pair[1]), v, h.dtype, f"kv_cache({layer})[1]")
         settle(mgr)
 
+    @covers(HANDLE_LAYER_RANGE)
     def test_layer_out_of_range_raises(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager(num_layers=2)
@@ -102,6 +119,7 @@ class HandleContract(ContractTests):
             expect_raises(HANDLE_LAYER_RANGE, TypeError, lambda: handle.key_cache(layer),
                           f"key_cache({layer!r})")
 
+    @covers(HANDLE_CLONE)
     def test_clone_handle_shares_the_cache(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         mgr = h.manager()
@@ -119,6 +137,7 @@ class HandleContract(ContractTests):
         check_equal(mgr.stats().used_blocks, 2, HANDLE_CLONE, "a clone must not copy blocks")
         settle(mgr)
 
+    @covers(HANDLE_IDS)
     def test_cache_ids_are_stable_and_distinct(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager()
@@ -134,6 +153,7 @@ class HandleContract(ContractTests):
         check(child.cache_id() != first, HANDLE_IDS, "a fork needs its own cache_id",
               seen=child.cache_id())
 
+    @covers(HANDLE_VALIDITY)
     def test_deallocated_handles_are_invalid_everywhere(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager()
@@ -165,6 +185,7 @@ class HandleContract(ContractTests):
               seen=(reborn.is_valid(), reborn.key_cache(0)))
         settle(mgr)
 
+    @covers(HANDLE_STATS)
     def test_handle_stats_match_the_table(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager()
@@ -186,6 +207,7 @@ class HandleContract(ContractTests):
             check_equal(CacheHandleStats.model_validate_json(stats.model_dump_json()), stats,
                         HANDLE_STATS, "handle stats after a JSON round trip")
 
+    @covers(DLPACK)
     def test_reads_export_dlpack_on_the_cache_device(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         if not h.backend.capabilities().dlpack:

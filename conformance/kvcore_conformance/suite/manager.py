@@ -8,13 +8,32 @@ from typing import Any
 import numpy as np
 
 from kvcore import AllocationRequest, KvCacheManager
-from kvcore.errors import (CapacityError, DtypeMismatchError, InvalidHandleError,
-                           DuplicateRequestError, LayerIndexError, OutOfBlocksError,
-                           ShapeMismatchError, UnknownRequestError, WriteOrderError)
+from kvcore.errors import (
+    CapacityError,
+    DtypeMismatchError,
+    DuplicateRequestError,
+    InvalidHandleError,
+    LayerIndexError,
+    OutOfBlocksError,
+    ShapeMismatchError,
+    UnknownRequestError,
+    WriteOrderError,
+)
 
-from .._clauses import (ALLOCATE, ALLOCATE_ATOMIC, DEALLOCATE, EXTEND, FORK_COW, WRITE_DTYPE,
-                        WRITE_ERRORS, WRITE_READ, check, check_equal, expect_raises)
-from ._base import ContractTests
+from .._clauses import (
+    ALLOCATE,
+    ALLOCATE_ATOMIC,
+    DEALLOCATE,
+    EXTEND,
+    FORK_COW,
+    WRITE_DTYPE,
+    WRITE_ERRORS,
+    WRITE_READ,
+    check,
+    check_equal,
+    expect_raises,
+)
+from ._base import ContractTests, covers
 from ._harness import Harness
 from .checks import settle
 
@@ -34,6 +53,7 @@ def snapshot(mgr: KvCacheManager) -> dict[str, Any]:
 class ManagerContract(ContractTests):
     """Allocation, writes and reads, extension, fork and deallocation."""
 
+    @covers(ALLOCATE)
     def test_allocate_reserves_blocks_and_can_allocate_agrees(
             self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
@@ -58,6 +78,7 @@ class ManagerContract(ContractTests):
               seen=False, expected=True)
         settle(mgr)
 
+    @covers(WRITE_READ)
     def test_write_read_round_trip_across_layers_and_blocks(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         mgr = h.manager(num_layers=3)
@@ -75,6 +96,7 @@ class ManagerContract(ContractTests):
             h.expect_kv(WRITE_READ, handle, layer, k, v, "prefill of 7 then 6 decode steps")
         settle(mgr)
 
+    @covers(WRITE_DTYPE)
     def test_write_of_another_dtype_raises(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         be = h.backend
@@ -100,6 +122,7 @@ class ManagerContract(ContractTests):
         check_equal(handle.num_written(0), 4, WRITE_DTYPE, "num_written after refused writes")
         h.expect_kv(WRITE_DTYPE, handle, 0, k, v, "after refused writes")
 
+    @covers(WRITE_ERRORS)
     def test_bad_writes_raise_typed_errors_and_change_nothing(
             self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
@@ -132,6 +155,7 @@ class ManagerContract(ContractTests):
         h.expect_kv(WRITE_ERRORS, handle, 0, k, v, "data after the refused writes")
         settle(mgr)
 
+    @covers(EXTEND)
     def test_extend_batch_and_write_slots_land_in_logical_order(
             self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
@@ -157,6 +181,7 @@ class ManagerContract(ContractTests):
                 h.expect_kv(EXTEND, hd, layer, k, v, "after extend_batch + write_slots")
         settle(mgr)
 
+    @covers(ALLOCATE_ATOMIC)
     def test_refused_extend_changes_nothing(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager(num_blocks=4)
@@ -171,6 +196,7 @@ class ManagerContract(ContractTests):
         check_equal(snapshot(mgr), before, ALLOCATE_ATOMIC, "cache after refused extends")
         settle(mgr)
 
+    @covers(FORK_COW)
     def test_fork_shares_until_written_then_copies(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         mgr = h.manager()
@@ -207,6 +233,7 @@ class ManagerContract(ContractTests):
               seen=mgr.stats().copy_on_write_copies, expected=">= 2")
         settle(mgr)
 
+    @covers(DEALLOCATE)
     def test_deallocate_frees_blocks_once_unreferenced(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         mgr = h.manager(enable_prefix_caching=False)

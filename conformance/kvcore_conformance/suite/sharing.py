@@ -8,16 +8,25 @@ from kvcore import Device, KvCacheManager
 from kvcore.errors import HandleSwappedError, OutOfBlocksError, UnsupportedError
 
 from .._backends import capability_skip
-from .._clauses import (ALLOCATE_ATOMIC, EVICTION, PAGE_TABLES, PREFIX_SHARING, STATS, SWAP,
-                        check, check_equal, expect_raises)
+from .._clauses import (
+    ALLOCATE_ATOMIC,
+    EVICTION,
+    PAGE_TABLES,
+    PREFIX_SHARING,
+    STATS,
+    SWAP,
+    check,
+    check_equal,
+    expect_raises,
+)
 from .._data import assert_same_bits
-from ._base import ContractTests
+from ._base import ContractTests, covers
 from ._harness import Harness
 from .checks import settle
 from .handles import scrambled_handle
 from .manager import snapshot
 
-__all__ = ["PrefixSharingContract", "SwapContract", "StatsContract"]
+__all__ = ["PrefixSharingContract", "StatsContract", "SwapContract"]
 
 
 def _prefilled(h: Harness, mgr: KvCacheManager, rid: str, prompt: tuple[int, ...],
@@ -30,6 +39,7 @@ def _prefilled(h: Harness, mgr: KvCacheManager, rid: str, prompt: tuple[int, ...
 class PrefixSharingContract(ContractTests):
     """Shared prompt prefixes and the eviction of cached blocks."""
 
+    @covers(PREFIX_SHARING)
     def test_repeated_prefix_shares_blocks_and_data(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         mgr = h.manager()
@@ -51,6 +61,7 @@ class PrefixSharingContract(ContractTests):
         check(stats.prefix_cache_hits >= 2, PREFIX_SHARING, "prefix_cache_hits",
               seen=stats.prefix_cache_hits, expected=">= 2")
 
+    @covers(EVICTION)
     def test_freed_prefix_stays_cached_until_evicted(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         mgr = h.manager(num_blocks=6)
@@ -87,6 +98,7 @@ class PrefixSharingContract(ContractTests):
 class SwapContract(ContractTests):
     """Swapping sequences out to the declared swap devices and back."""
 
+    @covers(SWAP)
     def test_swap_round_trip_is_bit_identical(self, kvcore_harness: Harness,
                                               kvcore_swap_device: Device) -> None:
         h = kvcore_harness
@@ -116,6 +128,7 @@ class SwapContract(ContractTests):
             h.expect_kv(SWAP, handle, layer, k, v, f"after swap_out / swap_in via {kvcore_swap_device}")
         settle(mgr)
 
+    @covers(SWAP)
     def test_swap_of_a_shared_sequence_leaves_its_fork_intact(
             self, kvcore_harness: Harness, kvcore_swap_device: Device) -> None:
         h = kvcore_harness
@@ -131,6 +144,7 @@ class SwapContract(ContractTests):
             h.expect_kv(SWAP, parent, layer, k, v, "parent swapped back in")
         settle(mgr)
 
+    @covers(ALLOCATE_ATOMIC)
     def test_swap_without_room_changes_nothing(self, kvcore_default_harness: Harness,
                                                kvcore_swap_device: Device) -> None:
         h = kvcore_default_harness
@@ -145,6 +159,7 @@ class SwapContract(ContractTests):
             h.expect_kv(SWAP, handle, layer, k, v, "after the refused swap_out")
         settle(mgr)
 
+    @covers(SWAP)
     def test_swap_to_an_undeclared_device_is_refused(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         declared = h.backend.capabilities().swap_device_types
@@ -157,6 +172,7 @@ class SwapContract(ContractTests):
             expect_raises(SWAP, UnsupportedError, lambda: KvCacheManager(cfg, backend=h.backend),
                           f"a swap pool on undeclared device type {device_type!r}")
 
+    @covers(SWAP)
     def test_swap_calls_without_a_swap_pool_are_refused(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager()
@@ -168,6 +184,7 @@ class SwapContract(ContractTests):
 class StatsContract(ContractTests):
     """Manager statistics and the page tables handed to attention kernels."""
 
+    @covers(STATS)
     def test_stats_agree_with_the_tables_through_a_workload(
             self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
@@ -191,6 +208,7 @@ class StatsContract(ContractTests):
               "(pressure, utilization)", seen=(stats.pressure, stats.utilization))
         check_equal(stats.allocations, 3, STATS, "allocations (two allocate + one fork)")
 
+    @covers(PAGE_TABLES)
     def test_page_tables_and_layer_pool_describe_the_tables(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         mgr = h.manager(num_blocks=8)

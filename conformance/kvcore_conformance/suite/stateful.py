@@ -22,15 +22,20 @@ from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from kvcore import AllocationRequest, Backend, Device, DType, PagedKvCacheHandle
 from kvcore.errors import OutOfBlocksError
 
 from .._backends import require_device_type
 from .._clauses import STATEFUL, check, check_equal
-from ._base import ContractTests
+from ._base import ContractTests, covers
 from ._harness import Harness
 from .checks import settle
 from .manager import snapshot
@@ -331,6 +336,7 @@ def make_machine(backend: Backend, dtype: DType, device: Device,
 class StatefulContract(ContractTests):
     """The stateful property test, per declared dtype and device."""
 
+    @covers(STATEFUL)
     def test_random_operations_match_a_dense_reference(
             self, kvcore_backend: Backend, kvcore_dtype: DType, kvcore_device: Device,
             kvcore_hypothesis_settings: Any) -> None:
@@ -339,6 +345,7 @@ class StatefulContract(ContractTests):
         machine = make_machine(kvcore_backend, kvcore_dtype, kvcore_device, swap)
         run_state_machine_as_test(machine, settings=kvcore_hypothesis_settings)
 
+    @covers(STATEFUL)
     def test_random_operations_without_swap(self, kvcore_backend: Backend,
                                             kvcore_default_dtype: DType,
                                             kvcore_default_device: Device,

@@ -10,9 +10,17 @@ import numpy as np
 from kvcore import BlockTable
 from kvcore.errors import CacheError, CapacityError
 
-from .._clauses import (TABLE_ARITHMETIC, TABLE_BLOCKS, TABLE_ERRORS, TABLE_MUT,
-                        TABLE_SNAPSHOT, check, check_equal, expect_raises)
-from ._base import ContractTests
+from .._clauses import (
+    TABLE_ARITHMETIC,
+    TABLE_BLOCKS,
+    TABLE_ERRORS,
+    TABLE_MUT,
+    TABLE_SNAPSHOT,
+    check,
+    check_equal,
+    expect_raises,
+)
+from ._base import ContractTests, covers
 from ._harness import Harness
 from .checks import settle
 
@@ -47,17 +55,19 @@ def check_arithmetic(table: BlockTable, tokens: int, block_size: int, what: str)
 class BlockTableContract(ContractTests):
     """Tables of live handles and the :class:`kvcore.BlockTable` API."""
 
+    @covers(TABLE_ARITHMETIC)
     def test_handle_tables_hold_ceil_tokens_over_block_size(
             self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager(num_blocks=64)
         bs = mgr.block_size
-        for n in range(0, 3 * bs + 2):
+        for n in range(3 * bs + 2):
             handle = h.allocate(mgr, f"r{n}", n)
             check_equal(handle.num_tokens(), n, TABLE_ARITHMETIC, "handle.num_tokens()")
             check_arithmetic(handle.block_table(), n, bs, f"block_table() of r{n}")
         settle(mgr)
 
+    @covers(TABLE_ARITHMETIC)
     def test_tables_grow_by_blocks_as_tokens_are_added(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager()
@@ -68,6 +78,7 @@ class BlockTableContract(ContractTests):
             check_arithmetic(handle.block_table(), step, bs, "after extend(1)")
         settle(mgr)
 
+    @covers(TABLE_BLOCKS)
     def test_blocks_are_distinct_and_inside_the_pool(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager(num_blocks=16)
@@ -83,6 +94,7 @@ class BlockTableContract(ContractTests):
                 seen[block] = handle.request_id
         settle(mgr)
 
+    @covers(TABLE_SNAPSHOT)
     def test_block_table_is_a_snapshot(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager()
@@ -97,6 +109,7 @@ class BlockTableContract(ContractTests):
                     "blocks in use after changing a snapshot")
         settle(mgr)
 
+    @covers(TABLE_MUT)
     def test_block_table_mut_grows_through_the_manager(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager()
@@ -116,6 +129,7 @@ class BlockTableContract(ContractTests):
         check_arithmetic(handle.block_table(), 4, mgr.block_size, "after growing")
         settle(mgr)
 
+    @covers(TABLE_ERRORS)
     def test_plain_tables_refuse_bad_input_and_round_trip(self) -> None:
         table = BlockTable(4, [7, 2], 5)
         check_arithmetic(table, 5, 4, "BlockTable(4, [7, 2], 5)")

@@ -10,7 +10,7 @@ import numpy as np
 from kvcore.errors import OutOfBlocksError
 
 from .._clauses import THREADS, ContractViolation, check_equal, fail
-from ._base import ContractTests
+from ._base import ContractTests, covers
 from ._harness import Harness
 from .checks import settle
 
@@ -49,6 +49,7 @@ def _run_threads(work: Callable[[int], None], n: int = THREADS_N) -> None:
 class ThreadSafetyContract(ContractTests):
     """Concurrent allocate / write / read / fork / deallocate keep every sequence's data."""
 
+    @covers(THREADS)
     def test_concurrent_sequences_keep_their_own_data(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager(num_blocks=256)
@@ -79,6 +80,7 @@ class ThreadSafetyContract(ContractTests):
         check_equal((stats.used_blocks, len(mgr)), (0, 0), THREADS,
                     "(used blocks, live caches) after every thread freed its caches")
 
+    @covers(THREADS)
     def test_batched_decode_while_other_threads_allocate(self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         mgr = h.manager(num_blocks=128)

@@ -6,9 +6,17 @@ they break.
 
 from __future__ import annotations
 
-from kvcore_conformance.suite import (BackendOpsContract, BlockTableContract, HandleContract,
-                                      ManagerContract, PrefixSharingContract, StatefulContract,
-                                      StatsContract, SwapContract, ThreadSafetyContract)
+from kvcore_conformance.suite import (
+    BackendOpsContract,
+    BlockTableContract,
+    HandleContract,
+    ManagerContract,
+    PrefixSharingContract,
+    StatefulContract,
+    StatsContract,
+    SwapContract,
+    ThreadSafetyContract,
+)
 
 
 class TestBackendOps(BackendOpsContract):

@@ -1,0 +1,128 @@
+"""kv_refbits: a third-party-style backend that keeps K/V as raw bit patterns.
+
+Written from the backend contract (``kvcore.Backend``'s docstrings and
+docs/writing-a-backend.md) only.  It stores every dtype as unsigned integers of the
+same width, which gives it ``bfloat16`` on plain numpy, and wraps them in
+:class:`BitsArray` so each array knows its kvcore dtype.  It does not speak DLPack and
+says so in its capabilities, so the suite skips the DLPack clauses for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvcore import Backend, BackendCapabilities, Device, DType, PagedKvCacheHandle
+from kvcore.errors import DeviceMismatchError
+
+_CPU = Device("cpu")
+_BITS = {DType.float16: np.uint16, DType.bfloat16: np.uint16, DType.float32: np.uint32}
+_FROM_NUMPY = {np.dtype(np.float16): DType.float16, np.dtype(np.float32): DType.float32}
+
+
+class BitsArray:
+    """Raw bits plus the kvcore dtype they encode."""
+
+    __slots__ = ("bits", "dtype")
+
+    def __init__(self, bits: np.ndarray, dtype: DType) -> None:
+        self.bits = bits
+        self.dtype = dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+
+class RefBitsHandle(PagedKvCacheHandle):
+    """The handle class of ``refbits`` (adds nothing; proves ``as_any`` works)."""
+
+    __slots__ = ()
+
+
+def _bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounding to nearest even (exact for bf16 values)."""
+    b = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = np.isnan(values)
+    return np.where(nan, np.uint16(0x7FC0), rounded.astype(np.uint16))
+
+
+class RefBitsBackend(Backend):
+    """Pools of raw bits in host memory: float16, bfloat16 and float32."""
+
+    name = "refbits"
+    array_library = "numpy"
+    handle_class = RefBitsHandle
+
+    def capabilities(self) -> BackendCapabilities:
+        return BackendCapabilities(device_types=("cpu",), dtypes=tuple(DType),
+                                   swap_device_types=("cpu",), dlpack=False)
+
+    def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int, dtype: DType, device: Device, *,
+                       pinned: bool = False) -> BitsArray:
+        self.check_device(device)
+        self.check_dtype(dtype)
+        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        return BitsArray(np.zeros(shape, _BITS[dtype]), dtype)
+
+    def index_array(self, indices: np.ndarray, device: Device) -> np.ndarray:
+        return np.array(indices, dtype=np.int64)
+
+    @staticmethod
+    def _rows(layer: BitsArray) -> np.ndarray:
+        two, blocks, bs, heads, dim = layer.bits.shape
+        return layer.bits.reshape(two, blocks * bs, heads, dim)
+
+    def scatter(self, layer: BitsArray, slots: np.ndarray, key: BitsArray,
+                value: BitsArray) -> None:
+        rows = self._rows(layer)
+        rows[0, slots] = key.bits
+        rows[1, slots] = value.bits
+
+    def gather(self, layer: BitsArray, kv: int, slots: np.ndarray) -> BitsArray:
+        return BitsArray(self._rows(layer)[kv].take(slots, axis=0), layer.dtype)
+
+    def copy_blocks(self, layer: BitsArray, src: np.ndarray, dst: np.ndarray) -> None:
+        layer.bits[:, dst] = layer.bits[:, src]
+
+    def transfer_blocks(self, src_layer: BitsArray, src: np.ndarray, dst_layer: BitsArray,
+                        dst: np.ndarray) -> None:
+        dst_layer.bits[:, dst] = src_layer.bits[:, src]
+
+    def describe(self, array: Any) -> tuple[tuple[int, ...], DType | None, Device]:
+        if isinstance(array, BitsArray):
+            return array.shape, array.dtype, _CPU
+        if isinstance(array, np.ndarray):
+            return tuple(array.shape), _FROM_NUMPY.get(array.dtype), _CPU
+        raise TypeError(f"expected a BitsArray or numpy array, got {type(array).__name__}")
+
+    def asarray(self, obj: Any, device: Device) -> Any:
+        if device.type != "cpu":
+            raise DeviceMismatchError(f"refbits keeps everything on the cpu, not {device}")
+        if isinstance(obj, BitsArray):
+            return obj
+        if isinstance(obj, np.ndarray):
+            dtype = _FROM_NUMPY.get(obj.dtype)
+            # Known float types become bits of the same dtype; anything else passes
+            # through untouched so the manager sees (and refuses) its real dtype.
+            return BitsArray(obj.view(_BITS[dtype]), dtype) if dtype else obj
+        raise TypeError(f"refbits takes BitsArray or numpy arrays, got {type(obj).__name__}")
+
+    def to_numpy(self, array: BitsArray) -> np.ndarray:
+        if array.dtype is DType.float16:
+            return array.bits.view(np.float16).copy()
+        if array.dtype is DType.float32:
+            return array.bits.view(np.float32).copy()
+        return (array.bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+    def from_numpy(self, array: np.ndarray, dtype: DType, device: Device) -> BitsArray:
+        self.check_device(device)
+        self.check_dtype(dtype)
+        if dtype is DType.bfloat16:
+            return BitsArray(_bf16_bits(np.asarray(array)), dtype)
+        values = np.ascontiguousarray(array, dtype=np.float16 if dtype is DType.float16
+                                      else np.float32)
+        return BitsArray(values.view(_BITS[dtype]).copy(), dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -116,18 +117,18 @@ def test_report_header_names_backend_distribution_api_and_capabilities(
         pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(*SUITE, "--kv-backend", "numpy", "--collect-only")
     result.stdout.fnmatch_lines([
-        "kvcore backend 'numpy' (kv_numpy._backend.NumpyBackend) from kvcore-numpy 0.1.0; "
-        "array library 'numpy'; API version 1 (kvcore * provides 1)",
-        "  declared capabilities: devices=cpu dtypes=float16,float32 swap_to=cpu dlpack=yes "
-        "pinned_memory=no unsupported: bfloat16 (numpy has no bfloat16 dtype)",
+        ("kvcore backend 'numpy' (kv_numpy._backend.NumpyBackend) from kvcore-numpy 0.1.0; "
+         "array library 'numpy'; API version 1 (kvcore * provides 1)"),
+        ("  declared capabilities: devices=cpu dtypes=float16,float32 swap_to=cpu dlpack=yes "
+         "pinned_memory=no unsupported: bfloat16 (numpy has no bfloat16 dtype)"),
         "  suite: kvcore-conformance * at *"])
 
 
 def test_unknown_backend_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(*SUITE, "--kv-backend", "no-such-backend")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*cannot test backend 'no-such-backend': no backend named "
-                                 "'no-such-backend'; installed backends: *"])
+    result.stderr.fnmatch_lines([("*cannot test backend 'no-such-backend': no backend named "
+                                  "'no-such-backend'; installed backends: *")])
 
 
 def test_expected_failures_mark_known_gaps_strictly(pytester: pytest.Pytester,
@@ -206,7 +207,8 @@ def test_cli_runs_each_backend_from_a_plugin_distribution(tmp_path: Path) -> Non
     env = _env(PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
     proc = subprocess.run([sys.executable, "-m", "kvcore", "conformance", "refbits", "broken-swap",
                            "--kv-hypothesis-profile", "kvcore-quick"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                          check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
     assert "kvcore backend 'refbits' (" in out and "from kvcore-refbits 0.1.0" in out
@@ -227,9 +229,12 @@ def test_run_refuses_unknown_backends_and_empty_runs(capsys: pytest.CaptureFixtu
 
 @pytest.mark.slow
 def test_suite_runs_from_an_installed_wheel(tmp_path: Path) -> None:
-    dist, site = tmp_path / "dist", tmp_path / "site"
+    dist, site, src = tmp_path / "dist", tmp_path / "site", tmp_path / "src"
+    # Build from a copy: the build leaves build/ and egg-info behind, not in the checkout.
+    shutil.copytree(ROOT / "conformance", src,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(dist), str(ROOT / "conformance")],
+                    "-q", "-w", str(dist), str(src)],
                    check=True, capture_output=True, timeout=300, cwd=tmp_path)
     wheel = next(dist.glob("kvcore_conformance-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
@@ -240,7 +245,8 @@ def test_suite_runs_from_an_installed_wheel(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "kvcore_conformance",
                            "--kv-backend", "numpy", "--kv-hypothesis-profile", "kvcore-quick",
                            "-p", "no:cacheprovider"],
-                          cwd=tmp_path, env=_env(PYTHONPATH=str(site)), capture_output=True,
+                          check=False, cwd=tmp_path, env=_env(PYTHONPATH=str(site)),
+                          capture_output=True,
                           text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

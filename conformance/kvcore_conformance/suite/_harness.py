@@ -28,7 +28,7 @@ from .._data import assert_same_bits, hashed_kv, random_kv
 __all__ = ["Harness"]
 
 #: The small model shape every manager test uses unless it says otherwise.
-SHAPE = dict(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, num_blocks=32)
+SHAPE = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "block_size": 4, "num_blocks": 32}
 
 
 class Harness:

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, Phase, settings
 
 __all__ = ["profile"]
 
-_COMMON = dict(deadline=None, database=None, print_blob=False,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.filter_too_much])
+_COMMON = {"deadline": None, "database": None, "print_blob": False,
+               "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.filter_too_much]}
 
 # A few seconds per backend, dtype and device on a 2-core CI machine.  No shrinking:
 # every step re-reads every sequence, so shrinking a long failing run can take minutes;

@@ -1,5 +1,9 @@
 """The bulk operations of :class:`kvcore.Backend`, called directly, one clause each."""
 
+# The lambdas handed to expect_raises / _refused are called at once, inside the
+# loop iteration that built them, so late binding of loop variables cannot bite.
+# ruff: noqa: B023
+
 from __future__ import annotations
 
 import numpy as np
@@ -106,7 +110,7 @@ class BackendOpsContract(ContractTests):
         if not missing_dtypes and not missing_devices:
             capability_skip("dtypes/device_types", f"backend {kvcore_backend.name!r} declares "
                             "every dtype and device type: there is nothing to refuse")
-        shape = dict(num_layers=1, num_kv_heads=1, head_dim=4, block_size=4, num_blocks=2)
+        shape = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 4, "block_size": 4, "num_blocks": 2}
         for dtype in missing_dtypes:
             cfg = CacheConfig(dtype=dtype, device=kvcore_backend.default_device(), **shape)
             exc = expect_raises(CAPS_REFUSE_UNDECLARED, UnsupportedError,
@@ -208,7 +212,7 @@ class BackendOpsContract(ContractTests):
     def test_gather_returns_a_copy(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         be = h.backend
-        layer, host = _filled_layer(h)
+        layer, _host = _filled_layer(h)
         # One contiguous run (where returning a view is tempting) and a scattered one.
         for order in (np.arange(4, 12), np.array([4, 5, 6, 7, 12])):
             order = order.astype(np.int64)

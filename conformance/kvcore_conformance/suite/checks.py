@@ -27,13 +27,13 @@ def check_stats(mgr: KvCacheManager) -> CacheManagerStats:
         held.update(handle.block_table().physical_blocks)
     cfg = mgr.config
     check_equal(
-        dict(used=stats.used_blocks, parts=stats.free_blocks + stats.cached_blocks
-             + stats.used_blocks, active=stats.active_caches, swapped=stats.swapped_caches,
-             used_bytes=stats.used_memory_bytes, bytes=stats.memory_bytes,
-             block_size=stats.block_size),
-        dict(used=len(held), parts=cfg.num_blocks, active=active, swapped=swapped,
-             used_bytes=len(held) * cfg.bytes_per_block, bytes=cfg.total_bytes,
-             block_size=cfg.block_size),
+        {"used": stats.used_blocks, "parts": stats.free_blocks + stats.cached_blocks
+             + stats.used_blocks, "active": stats.active_caches, "swapped": stats.swapped_caches,
+             "used_bytes": stats.used_memory_bytes, "bytes": stats.memory_bytes,
+             "block_size": stats.block_size},
+        {"used": len(held), "parts": cfg.num_blocks, "active": active, "swapped": swapped,
+             "used_bytes": len(held) * cfg.bytes_per_block, "bytes": cfg.total_bytes,
+             "block_size": cfg.block_size},
         STATS, "stats versus the blocks the live tables hold (used == distinct blocks held)")
     return stats
 

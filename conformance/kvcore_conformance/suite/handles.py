@@ -1,6 +1,10 @@
 """Every method of :class:`kvcore.KvCacheHandle` on the backend's handle class, and its
 errors, plus the DLPack export of what handles return."""
 
+# The lambdas handed to expect_raises / _refused are called at once, inside the
+# loop iteration that built them, so late binding of loop variables cannot bite.
+# ruff: noqa: B023
+
 from __future__ import annotations
 
 import numpy as np

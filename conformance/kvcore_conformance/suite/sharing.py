@@ -1,5 +1,9 @@
 """Prefix sharing, eviction, swapping, statistics and page-table exports on the backend."""
 
+# The lambdas handed to expect_raises / _refused are called at once, inside the
+# loop iteration that built them, so late binding of loop variables cannot bite.
+# ruff: noqa: B023
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,7 +71,7 @@ class PrefixSharingContract(ContractTests):
         mgr = h.manager(num_blocks=6)
         bs = mgr.block_size
         p1, p2 = tuple(range(10, 10 + 2 * bs)), tuple(range(50, 50 + 2 * bs))
-        a, adata = _prefilled(h, mgr, "a", p1)
+        a, _adata = _prefilled(h, mgr, "a", p1)
         b, bdata = _prefilled(h, mgr, "b", p2)
         mgr.deallocate(a)  # p1 freed first: least recently used
         mgr.deallocate(b)
@@ -189,7 +193,7 @@ class StatsContract(ContractTests):
             self, kvcore_default_harness: Harness) -> None:
         h = kvcore_default_harness
         cfg_swap = h.backend.capabilities().swap_device_types
-        extra = dict(swap_blocks=8, swap_device=cfg_swap[0]) if cfg_swap else {}
+        extra = {"swap_blocks": 8, "swap_device": cfg_swap[0]} if cfg_swap else {}
         mgr = h.manager(num_blocks=12, **extra)
         a = h.allocate(mgr, "a", prompt=tuple(range(9)))
         h.fill(mgr, a)

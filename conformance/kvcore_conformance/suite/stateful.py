@@ -15,6 +15,10 @@ predictable, so the model knows what a hit must read.  *Plain* ones carry arbitr
 data, may leave layers partly unwritten, and get overwritten in place.
 """
 
+# The lambdas handed to expect_raises / _refused are called at once, inside the
+# loop iteration that built them, so late binding of loop variables cannot bite.
+# ruff: noqa: B023
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -76,7 +80,7 @@ def make_machine(backend: Backend, dtype: DType, device: Device,
             self.h = Harness(backend, dtype, device, seed=7)
             extra: dict[str, Any] = {}
             if swap_device is not None:
-                extra = dict(swap_blocks=BLOCKS, swap_device=swap_device)
+                extra = {"swap_blocks": BLOCKS, "swap_device": swap_device}
             self.mgr = self.h.manager(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM,
                                       block_size=BS, num_blocks=BLOCKS, **extra)
             self.models: dict[str, SeqModel] = {}

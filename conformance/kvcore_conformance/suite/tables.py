@@ -30,14 +30,14 @@ __all__ = ["BlockTableContract"]
 def check_arithmetic(table: BlockTable, tokens: int, block_size: int, what: str) -> None:
     """Every derived quantity of ``table`` agrees with ``tokens`` and ``block_size``."""
     blocks = -(-tokens // block_size)
-    facts = dict(block_size=table.block_size, sequence_length=table.sequence_length,
-                 num_blocks=table.num_blocks, capacity=table.capacity,
-                 free_tokens=table.free_tokens, has_free_space=table.has_free_space,
-                 len=len(table), physical_blocks=len(table.physical_blocks))
-    want = dict(block_size=block_size, sequence_length=tokens, num_blocks=blocks,
-                capacity=blocks * block_size, free_tokens=blocks * block_size - tokens,
-                has_free_space=tokens < blocks * block_size, len=blocks,
-                physical_blocks=blocks)
+    facts = {"block_size": table.block_size, "sequence_length": table.sequence_length,
+                 "num_blocks": table.num_blocks, "capacity": table.capacity,
+                 "free_tokens": table.free_tokens, "has_free_space": table.has_free_space,
+                 "len": len(table), "physical_blocks": len(table.physical_blocks)}
+    want = {"block_size": block_size, "sequence_length": tokens, "num_blocks": blocks,
+                "capacity": blocks * block_size, "free_tokens": blocks * block_size - tokens,
+                "has_free_space": tokens < blocks * block_size, "len": blocks,
+                "physical_blocks": blocks}
     check_equal(facts, want, TABLE_ARITHMETIC, f"{what} ({tokens} tokens)")
     for length in (0, 1, block_size - 1, block_size, block_size + 1, 3 * block_size + 2):
         check_equal(table.blocks_needed_for_length(length), -(-length // block_size),

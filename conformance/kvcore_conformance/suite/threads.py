@@ -28,7 +28,7 @@ def _run_threads(work: Callable[[int], None], n: int = THREADS_N) -> None:
         try:
             barrier.wait()
             work(i)
-        except BaseException as exc:  # collected and re-raised in the main thread
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
             errors.append(exc)
 
     threads = [threading.Thread(target=body, args=(i,), name=f"kvcore-conformance-{i}")

@@ -17,16 +17,24 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
+
+import numpy as np
 
 from .errors import InvariantError, OutOfBlocksError
 
 __all__ = ["BlockPool"]
 
 
+def _pick(values: list, indices: list[int]) -> tuple:
+    """``tuple(values[i] for i in indices)``, in C."""
+    return itemgetter(*indices)(values) if len(indices) > 1 else (values[indices[0]],)
+
+
 class BlockPool:
     """Book-keeping for ``num_blocks`` physical blocks (no array data lives here)."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int = 1) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         n = num_blocks
@@ -37,9 +45,14 @@ class BlockPool:
         self._next = list(range(1, n + 1)) + [0]
         self._prev = [sentinel] + list(range(0, n))
         self._num_free = n
+        # The prefix index.  _hash_of is the truth: a block is cached under key k iff
+        # _hash_of[block] == k.  _by_hash may keep stale entries of evicted blocks
+        # (eviction is one list store, not a dict delete); lookups check _hash_of, and
+        # _purge drops the stale ones once the index holds 4x the pool (amortised O(1)).
         self._hash_of: list[int | None] = [None] * n
-        self._tokens_of: list[bytes | None] = [None] * n
+        self._tokens = np.zeros((n, block_size), dtype=np.int32)
         self._by_hash: dict[int, int] = {}
+        self._num_cached = 0
         self._num_cached_free = 0
         self.evictions = 0
 
@@ -75,12 +88,14 @@ class BlockPool:
         self._prev[sentinel] = block
 
     def allocate(self, count: int) -> list[int]:
-        """Take ``count`` blocks from the head of the queue, each with refcount 1."""
+        """Take ``count`` blocks from the head of the queue, each with refcount 1,
+        evicting the prefix-cache entry of any cached block taken."""
         if count > self._num_free:
             raise OutOfBlocksError(f"need {count} blocks, {self._num_free} free")
         taken = []
         nxt, prv, ref, hash_of = self._next, self._prev, self.ref, self._hash_of
         sentinel = self.num_blocks
+        evicted = 0
         # _unlink of the head, inlined: this loop runs once per block allocated.
         block = nxt[sentinel]
         for _ in range(count):
@@ -88,21 +103,17 @@ class BlockPool:
             nxt[sentinel] = after
             prv[after] = sentinel
             if hash_of[block] is not None:
-                self._evict(block)
+                hash_of[block] = None
+                evicted += 1
             ref[block] = 1
             taken.append(block)
             block = after
         self._num_free -= count
+        if evicted:
+            self._num_cached -= evicted
+            self._num_cached_free -= evicted
+            self.evictions += evicted
         return taken
-
-    def _evict(self, block: int) -> None:
-        h = self._hash_of[block]
-        if self._by_hash.get(h) == block:  # type: ignore[arg-type]
-            del self._by_hash[h]  # type: ignore[arg-type]
-        self._hash_of[block] = None
-        self._tokens_of[block] = None
-        self._num_cached_free -= 1
-        self.evictions += 1
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; blocks reaching zero join the queue's
@@ -134,42 +145,80 @@ class BlockPool:
 
     # --- the prefix cache ---------------------------------------------------------
 
-    def lookup(self, block_hash: int, tokens: bytes) -> int | None:
-        """The block cached under ``block_hash`` if it holds exactly ``tokens``."""
-        block = self._by_hash.get(block_hash)
-        if block is not None and self._tokens_of[block] == tokens:
-            return block
-        return None
+    def lookup_run(self, keys: list[int], rows: np.ndarray, complete: np.ndarray) -> list[int]:
+        """The cached blocks of the longest run of leading ``keys`` whose stored token
+        ids equal ``rows`` and whose K/V are ``complete``."""
+        # map/index/itemgetter keep the per-block work in C: this runs for every block
+        # of every prompt.
+        get = self._by_hash.get
+        if not keys or get(keys[0]) is None:  # the usual miss: a prompt seen first
+            return []
+        found = list(map(get, keys))
+        if None in found:
+            found = found[:found.index(None)]
+        if not found:
+            return found
+        held = _pick(self._hash_of, found)
+        if held != tuple(keys[:len(found)]):  # stale index entries of evicted blocks
+            found = found[:next(i for i, (a, b) in enumerate(zip(held, keys)) if a != b)]
+            if not found:
+                return found
+        # Confirm in bulk: a key collision must never hand out another prompt's K/V.
+        index = np.array(found, dtype=np.intp)
+        ok = complete[index] & (self._tokens[index] == rows[:len(found)]).all(axis=1)
+        if not ok.all():
+            found = found[:int(np.argmin(ok))]
+        return found
 
-    def acquire(self, block: int) -> None:
-        """Take a reference to a cached block, pulling it off the queue if free."""
-        if self.ref[block] == 0:
-            self._unlink(block)
-            self._num_free -= 1
-            self._num_cached_free -= 1
-        self.ref[block] += 1
+    def count_free(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` are unreferenced (cached but free)."""
+        return _pick(self.ref, blocks).count(0) if blocks else 0
 
-    def register(self, block: int, block_hash: int, tokens: bytes) -> None:
-        """Cache a full block under its chained hash (first writer wins)."""
-        if block_hash in self._by_hash or self._hash_of[block] is not None:
+    def acquire(self, blocks: list[int]) -> None:
+        """Take a reference to cached blocks, pulling free ones off the queue."""
+        ref, nxt, prv = self.ref, self._next, self._prev
+        reclaimed = 0
+        for block in blocks:
+            if ref[block] == 0:
+                after, before = nxt[block], prv[block]
+                nxt[before] = after
+                prv[after] = before
+                reclaimed += 1
+            ref[block] += 1
+        self._num_free -= reclaimed
+        self._num_cached_free -= reclaimed
+
+    def register_run(self, blocks: Sequence[int], keys: list[int], rows: np.ndarray,
+                     first: int) -> None:
+        """Cache ``blocks[i]`` under ``keys[i]`` with token ids ``rows[i]`` for every
+        ``i >= first``.  The blocks are in use and not cached; a key already cached
+        keeps its block (first writer wins)."""
+        if first >= len(keys):
             return
-        self._by_hash[block_hash] = block
-        self._hash_of[block] = block_hash
-        self._tokens_of[block] = tokens
+        by_hash, hash_of = self._by_hash, self._hash_of
+        # Reversed, so that of two equal keys in one prompt the first block is kept.
+        new = dict(zip(reversed(keys[first:]), reversed(blocks[first:len(keys)])))
+        clash = [k for k in new.keys() & by_hash.keys() if hash_of[by_hash[k]] == k]
+        for key in clash:
+            del new[key]
+        if len(by_hash) + len(new) > 4 * self.num_blocks:
+            self._purge()
+            by_hash = self._by_hash
+        by_hash.update(new)
+        for key, block in new.items():
+            hash_of[block] = key
+        self._num_cached += len(new)
+        if len(new) == len(keys) - first:
+            self._tokens[blocks[first:len(keys)]] = rows[first:]
+        else:
+            for i in range(first, len(keys)):
+                if hash_of[blocks[i]] == keys[i]:
+                    self._tokens[blocks[i]] = rows[i]
 
-    def register_run(self, blocks: Sequence[int], hashes: Sequence[int], tokens: bytes,
-                     first: int, stride: int) -> None:
-        """:meth:`register` of ``blocks[i]`` under ``hashes[i]`` for every ``i`` from
-        ``first``, block ``i`` holding ``tokens[i * stride:(i + 1) * stride]``: one call
-        per allocation instead of one per block (allocation with caching on)."""
-        by_hash, hash_of, tokens_of = self._by_hash, self._hash_of, self._tokens_of
-        for i in range(first, len(hashes)):
-            block_hash, block = hashes[i], blocks[i]
-            if block_hash in by_hash or hash_of[block] is not None:
-                continue  # first writer wins, exactly as register()
-            by_hash[block_hash] = block
-            hash_of[block] = block_hash
-            tokens_of[block] = tokens[i * stride:(i + 1) * stride]
+    def _purge(self) -> None:
+        """Drop the index entries of evicted blocks."""
+        hash_of = self._hash_of
+        self._by_hash = {k: b for k, b in self._by_hash.items() if hash_of[b] == k}
 
     def is_cached(self, block: int) -> bool:
         return self._hash_of[block] is not None
@@ -181,9 +230,13 @@ class BlockPool:
         block = self._next[sentinel]
         while block != sentinel:
             if self._hash_of[block] is not None:
-                self._evict(block)
+                self._hash_of[block] = None
                 count += 1
             block = self._next[block]
+        self._num_cached -= count
+        self._num_cached_free -= count
+        self.evictions += count
+        self._purge()
         return count
 
     # --- checking -----------------------------------------------------------------
@@ -218,7 +271,12 @@ class BlockPool:
                                      f"{want} tables hold it")
             if want == 0 and block not in seen:
                 raise InvariantError(f"block {block} is unreferenced but not in the free queue")
-        for h, block in self._by_hash.items():
-            if self._hash_of[block] != h:
-                raise InvariantError(f"hash index maps {h} to block {block}, which holds "
-                                     f"hash {self._hash_of[block]}")
+        cached = 0
+        for block, h in enumerate(self._hash_of):
+            if h is not None:
+                cached += 1
+                if self._by_hash.get(h) != block:
+                    raise InvariantError(f"block {block} is cached under {h}, but the index "
+                                         f"maps that key to {self._by_hash.get(h)}")
+        if cached != self._num_cached:
+            raise InvariantError(f"{cached} blocks are cached, counter says {self._num_cached}")

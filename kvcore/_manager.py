@@ -23,7 +23,7 @@ from ._block_table import BlockTable, _slots_of
 from ._introspection import IntrospectionMixin
 from ._paged_handle import PagedKvCacheHandle
 from ._swap import SwapMixin
-from ._prefix_cache import PrefixPlan, hash_full_blocks, plan_prefix, root_hash
+from ._prefix_cache import ChainHasher, PrefixPlan, plan_prefix, token_array
 from ._sequence import _managed_table, _Sequence
 from ._registry import get_backend
 from ._slot_mapping import SlotMapping
@@ -69,7 +69,8 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
         self._layers = [be.allocate_layer(c.num_blocks, c.block_size, c.num_kv_heads,
                                           c.head_dim, c.dtype, c.device)
                         for _ in range(c.num_layers)]
-        self._pool = BlockPool(c.num_blocks)
+        self._pool = BlockPool(c.num_blocks, c.block_size)
+        self._hasher = ChainHasher(c.block_size, c.hash_seed)
         self._swap_pool: BlockPool | None = None
         self._swap_layers: list[Any] = []
         if c.swap_blocks:
@@ -80,7 +81,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
                                                    c.head_dim, c.dtype, c.swap_device,
                                                    pinned=pinned)
                                  for _ in range(c.num_layers)]
-            self._swap_pool = BlockPool(c.swap_blocks)
+            self._swap_pool = BlockPool(c.swap_blocks, c.block_size)
         self._seqs: dict[str, _Sequence] = {}
         # Per-sequence rows: tokens written per layer, and a version bumped whenever
         # the sequence's existing slots move (copy-on-write, fork, swap, free).
@@ -211,13 +212,8 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
     # --- allocation ---------------------------------------------------------------------
 
     def _prefix_plan(self, request: AllocationRequest) -> PrefixPlan:
-        root = self._root_hash(request.extra_key)
-        caching = self._config.enable_prefix_caching
-        return plan_prefix(self._pool, request, self._config.block_size, root, caching,
-                           self._complete)
-
-    def _root_hash(self, extra_key: str | None) -> int:
-        return root_hash(self._config.hash_seed, extra_key)
+        return plan_prefix(self._pool, self._hasher, request,
+                           self._config.enable_prefix_caching, self._complete)
 
     def can_allocate(self, request: AllocationRequest) -> bool:
         """Whether :meth:`allocate` would succeed now (prefix hits counted).  Changes
@@ -228,7 +224,7 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             if request.request_id in self._seqs:
                 return False
             total, hits, _, _ = self._prefix_plan(request)
-            reclaimed = sum(1 for b in hits if self._pool.ref[b] == 0)
+            reclaimed = self._pool.count_free(hits)
             return total - len(hits) <= self._pool.num_free - reclaimed
 
     def allocate(self, request: AllocationRequest) -> PagedKvCacheHandle:
@@ -244,9 +240,9 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             rid = request.request_id
             if rid in self._seqs:
                 raise DuplicateRequestError(f"request id {rid!r} already has a live cache")
-            total, hits, hashes, buf = self._prefix_plan(request)
+            total, hits, keys, rows = self._prefix_plan(request)
             pool = self._pool
-            reclaimed = sum(1 for b in hits if pool.ref[b] == 0)
+            reclaimed = pool.count_free(hits)
             need = total - len(hits)
             if need > pool.num_free - reclaimed:
                 self._failures += 1
@@ -254,14 +250,12 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
                     f"request {rid!r} needs {need} new blocks ({request.num_tokens} tokens, "
                     f"{len(hits)} blocks from the prefix cache) but only "
                     f"{pool.num_free - reclaimed} are free")
-            for block in hits:
-                pool.acquire(block)
+            pool.acquire(hits)
             blocks = hits + self._take(need)
             bs = self._config.block_size
-            stride = 4 * bs
-            pool.register_run(blocks, hashes, buf, len(hits), stride)
-            if request.prompt_token_ids is not None and self._config.enable_prefix_caching:
-                self._queries += len(hashes)
+            if rows is not None:
+                pool.register_run(blocks, keys, rows, len(hits))
+                self._queries += len(keys)
                 self._hits += len(hits)
             self._allocations += 1
             row = self._take_row()
@@ -271,11 +265,11 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             seq.num_cached_tokens = len(hits) * bs
             seq.private_from = len(hits)
             self._written[row] = seq.num_cached_tokens
-            if buf:
+            if rows is not None:
                 seq.hashing = True
-                seq.parent_hash = hashes[-1] if hashes else self._root_hash(request.extra_key)
-                seq.num_hashed_blocks = len(hashes)
-                seq.pending_tokens = list(request.prompt_token_ids[len(hashes) * bs:])  # type: ignore[index]
+                seq.parent_hash = keys[-1] if keys else self._hasher.root(request.extra_key)
+                seq.num_hashed_blocks = len(keys)
+                seq.pending_tokens = list(request.prompt_token_ids[len(keys) * bs:])  # type: ignore[index]
             self._seqs[rid] = seq
             self._after_change()
             return self._handle(seq)
@@ -460,10 +454,16 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
             return
         pending = seq.pending_tokens
         pending.extend(int(t) for t in token_ids)
-        for block_hash, chunk in hash_full_blocks(seq.parent_hash, pending, self._config.block_size):
-            self._pool.register(seq.table._blocks[seq.num_hashed_blocks], block_hash, chunk)
-            seq.parent_hash = block_hash
-            seq.num_hashed_blocks += 1
+        bs = self._config.block_size
+        full = len(pending) // bs
+        if full:
+            rows = token_array(pending[:full * bs]).reshape(full, bs)
+            keys = self._hasher.keys(rows, seq.parent_hash).tolist()
+            first = seq.num_hashed_blocks
+            self._pool.register_run(seq.table._blocks[first:first + full], keys, rows, 0)
+            seq.parent_hash = keys[-1]
+            seq.num_hashed_blocks += full
+            del pending[:full * bs]
 
     def _mapping(self, seqs: list[_Sequence], starts: list[int], n: int) -> SlotMapping:
         bs = self._config.block_size

@@ -161,8 +161,9 @@ def test_extra_key_keeps_caches_of_different_models_apart(manager):
 
 
 def test_a_hash_collision_never_returns_someone_elses_blocks(manager, monkeypatch):
-    import kvcore._prefix_cache as prefix
-    monkeypatch.setattr(prefix, "hash", lambda _: 42, raising=False)  # every block collides
+    from kvcore._prefix_cache import ChainHasher
+    monkeypatch.setattr(ChainHasher, "keys",  # every block of every prompt collides
+                        lambda self, blocks, parent: np.full(len(blocks), 42, np.uint64))
     filled(manager, "a", prompt(8, seed=1))
     b = manager.allocate(req("b", tokens=prompt(8, seed=2)))
     assert b.num_cached_tokens() == 0
@@ -437,3 +438,18 @@ def test_a_decode_step_makes_the_same_backend_calls_whatever_the_batch_size(conf
     assert small == large
     assert small["scatter"] == config.num_layers
     assert small["copy_blocks"] == config.num_layers  # all copy-on-writes in one call per layer
+
+
+def test_the_prefix_index_stays_consistent_through_many_evictions(config):
+    # Enough unique prompts that evicted blocks' stale index entries outnumber the pool
+    # several times over and get purged, while shared prompts keep hitting.
+    mgr = KvCacheManager(config.model_copy(update={"num_blocks": 16}), "numpy")
+    shared = prompt(8, seed=7)
+    filled(mgr, "s", shared)
+    for i in range(200):
+        h = filled(mgr, f"u{i}", prompt(8, seed=1000 + i))
+        mgr.deallocate(h)
+        mgr.check_invariants()
+    assert mgr.allocate(req("again", tokens=shared)).num_cached_tokens() == 8
+    assert len(mgr._pool._by_hash) <= 4 * 16 + 2
+    mgr.check_invariants()

@@ -174,6 +174,10 @@ class BlockPool:
         """How many of ``blocks`` are unreferenced (cached but free)."""
         return _pick(self.ref, blocks).count(0) if blocks else 0
 
+    def count_free_after(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` one :meth:`free` would return to the queue."""
+        return _pick(self.ref, blocks).count(1) if blocks else 0
+
     def acquire(self, blocks: list[int]) -> None:
         """Take a reference to cached blocks, pulling free ones off the queue."""
         ref, nxt, prv = self.ref, self._next, self._prev

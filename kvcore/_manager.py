@@ -643,6 +643,65 @@ class KvCacheManager(SwapMixin, IntrospectionMixin):
 
     # --- fork, deallocate -----------------------------------------------------------------
 
+    def truncate(self, handle: PagedKvCacheHandle | str, num_tokens: int) -> None:
+        """Shorten a sequence to its first ``num_tokens`` tokens (speculative decoding
+        rolling back rejected draft tokens; transformers' ``Cache.crop``).
+
+        Blocks past the new end go back to the pool.  If the new last block is partly
+        used and shared with another sequence or held by the prefix cache, the sequence
+        gets its own copy first, so the tokens it writes next never change anyone
+        else's data.  All or nothing.
+        """
+        with self._lock:
+            seq = self._seq_of(handle, "truncate")
+            self._require_data(seq, "truncate")
+            length = seq.table._length
+            if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
+                raise TypeError(f"num_tokens must be an int, got {num_tokens!r}")
+            if not 0 <= num_tokens <= length:
+                raise CapacityError(f"cannot truncate request {seq.request_id!r} to "
+                                    f"{num_tokens} tokens: it holds {length}")
+            num_tokens = int(num_tokens)
+            if num_tokens == length:
+                return
+            pool, bs = self._pool, self._config.block_size
+            blocks = seq.table._blocks
+            keep = -(-num_tokens // bs)
+            dropped = blocks[keep:]
+            last = blocks[keep - 1] if keep and num_tokens % bs else None
+            copy = last is not None and (pool.ref[last] > 1 or pool.is_cached(last))
+            if copy and pool.num_free + pool.count_free_after(dropped) < 1:
+                self._failures += 1
+                raise OutOfBlocksError(f"truncating request {seq.request_id!r} needs one "
+                                       "block to copy its shared last block; none is free")
+            # From here on nothing can fail.
+            del blocks[keep:]
+            pool.free(dropped)
+            if copy:
+                fresh = self._take(1)
+                self._copy_blocks([last], fresh)  # type: ignore[list-item]
+                blocks[keep - 1] = fresh[0]
+                pool.free([last])  # type: ignore[list-item]
+                last = fresh[0]
+            if last is not None:
+                # Its tail will be written again: it is no longer complete for any layer.
+                self._filled[last] = False
+                self._complete[last] = False
+            seq.table._length = num_tokens
+            np.minimum(self._written[seq.row], num_tokens, out=self._written[seq.row])
+            seq.num_cached_tokens = min(seq.num_cached_tokens, num_tokens)
+            seq.private_from = min(seq.private_from, keep - 1 if copy else keep)
+            if seq.hashing:
+                hashed = seq.num_hashed_blocks * bs
+                if num_tokens < hashed:  # the chain cannot be rewound: stop caching it
+                    seq.hashing = False
+                    seq.pending_tokens = []
+                else:
+                    del seq.pending_tokens[num_tokens - hashed:]
+            seq.blocks_changed()
+            self._versions[seq.row] += 1
+            self._after_change()
+
     def fork(self, handle: PagedKvCacheHandle | str, new_request_id: str) -> PagedKvCacheHandle:
         """A copy-on-write child of ``handle`` under ``new_request_id`` (beam search,
         parallel sampling).  Costs O(blocks): no data is copied until one side writes

@@ -453,3 +453,77 @@ def test_the_prefix_index_stays_consistent_through_many_evictions(config):
     assert mgr.allocate(req("again", tokens=shared)).num_cached_tokens() == 8
     assert len(mgr._pool._by_hash) <= 4 * 16 + 2
     mgr.check_invariants()
+
+
+# --- truncate -------------------------------------------------------------------------------
+
+
+def test_truncate_frees_trailing_blocks_and_keeps_the_prefix(manager, config, rng):
+    h = manager.allocate(req("a", 10))
+    k, v = kv(rng, 10, config)
+    manager.write(h, 0, k, v)
+    manager.truncate(h, 5)
+    assert h.num_tokens() == 5 and h.block_table().num_blocks == 2
+    assert manager.stats().used_blocks == 2
+    np.testing.assert_array_equal(h.key_cache(0).native, k[:5])
+    k2, v2 = kv(rng, 3, config)
+    manager.extend(h, 3)
+    manager.write(h, 0, k2, v2)
+    np.testing.assert_array_equal(h.key_cache(0).native, np.concatenate([k[:5], k2]))
+    manager.truncate(h, 0)
+    assert h.num_tokens() == 0 and h.key_cache(0) is None and manager.stats().used_blocks == 0
+    manager.check_invariants()
+
+
+def test_truncate_into_a_shared_block_copies_it_before_rewriting(manager, config, rng):
+    parent = manager.allocate(req("p", 8))
+    k, v = kv(rng, 8, config)
+    manager.write(parent, 0, k, v)
+    child = manager.fork(parent, "c")
+    manager.truncate(child, 6)  # logical block 1 is shared with the parent
+    manager.extend(child, 2)
+    k2, v2 = kv(rng, 2, config)
+    manager.write(child, 0, k2, v2)
+    np.testing.assert_array_equal(parent.key_cache(0).native, k)
+    np.testing.assert_array_equal(child.key_cache(0).native, np.concatenate([k[:6], k2]))
+    manager.check_invariants()
+
+
+def test_truncate_never_alters_a_cached_prefix_block(manager, config, rng):
+    tokens = prompt(8)
+    a = manager.allocate(req("a", tokens=tokens))
+    k, v = kv(rng, 8, config)
+    for layer in range(config.num_layers):
+        manager.write(a, layer, k, v)
+    manager.truncate(a, 6)
+    manager.extend(a, 2)
+    for layer in range(config.num_layers):
+        manager.write(a, layer, *kv(rng, 2, config))
+    b = manager.allocate(req("b", tokens=tokens))
+    assert b.num_cached_tokens() == 8
+    np.testing.assert_array_equal(b.key_cache(0).native, k)
+    manager.check_invariants()
+
+
+def test_truncate_refusals_change_nothing(manager):
+    h = manager.allocate(req("a", 6))
+    before = snapshot(manager)
+    with pytest.raises(kvcore.errors.CapacityError, match="to 7 tokens: it holds 6"):
+        manager.truncate(h, 7)
+    with pytest.raises(kvcore.errors.CapacityError, match="-1"):
+        manager.truncate(h, -1)
+    with pytest.raises(TypeError, match="num_tokens must be an int"):
+        manager.truncate(h, 2.0)  # type: ignore[arg-type]
+    assert_same(before, snapshot(manager))
+    manager.deallocate(h)
+    with pytest.raises(kvcore.errors.InvalidHandleError):
+        manager.truncate(h, 1)
+
+
+def test_a_stale_slot_mapping_is_refused_after_truncate(manager, config, rng):
+    h = manager.allocate(req("a", 4))
+    manager.write(h, 0, *kv(rng, 4, config))
+    slots = manager.extend(h, 2)
+    manager.truncate(h, 4)
+    with pytest.raises(kvcore.errors.StaleSlotMappingError):
+        manager.write_slots(0, slots, *kv(rng, 2, config))

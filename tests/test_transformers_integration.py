@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvcore
-from kvcore.errors import DtypeMismatchError, ShapeMismatchError, UnsupportedError
+from kvcore.errors import CapacityError, DtypeMismatchError, ShapeMismatchError
 from kvcore.integrations.transformers import KvCoreCache, cache_config_for
 
 PREFIX = [5, 17, 33, 9, 41, 77, 12, 3, 90, 64, 8, 21]  # three blocks of 4
@@ -155,11 +155,48 @@ def test_misuse_is_refused_with_typed_errors(model):
         model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=2,
                        do_sample=False)
     assert cache.manager.stats().used_blocks == 0  # nothing half-allocated
-    with pytest.raises(UnsupportedError, match="cannot shrink"):
-        cache.crop(-1)
+    with pytest.raises(ValueError, match="pass a negative number"):
+        cache.crop(3)
     half = KvCoreCache.from_model(model, num_blocks=64, dtype="float16")
     with pytest.raises(DtypeMismatchError, match="float16"):
         _generate(model, PROMPTS, half, do_sample=False)
+
+
+def test_assisted_decoding_rolls_back_with_crop_and_equals_dynamic_cache(model):
+    # A draft model proposes tokens; the ones the main model rejects are cropped from
+    # the main model's cache (KvCacheManager.truncate) before the next step.
+    torch.manual_seed(1)
+    draft = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=None)).eval()
+    prompt = [PROMPTS[2]]
+    expect = _generate(model, prompt, None, do_sample=False, assistant_model=draft)
+    cache = _cache(model)  # the first pass holds prompt + draft: no set_prompts here
+    truncated = []
+    real_truncate = cache.manager.truncate
+    cache.manager.truncate = lambda h, n: (truncated.append(n), real_truncate(h, n))
+    got = _generate(model, prompt, cache, do_sample=False, assistant_model=draft)
+    assert truncated, "the draft model's tokens were never rejected: crop went untested"
+    assert torch.equal(got, expect)
+    assert torch.equal(got, _generate(model, prompt, None, do_sample=False))
+    cache.manager.check_invariants()
+    cache.release()
+
+
+def test_crop_shortens_every_row_and_refuses_more_than_a_row_holds(model):
+    cache = _cache(model, prompts=PROMPTS)
+    _generate(model, PROMPTS, cache, do_sample=False)
+    lengths = [h.num_tokens() for h in cache.handles]
+    before = cache.get_seq_length()
+    cache.crop(-2)
+    assert cache.get_seq_length() == before - 2
+    assert [h.num_tokens() for h in cache.handles] == [n - 2 for n in lengths]
+    with pytest.raises(CapacityError, match="holds only"):
+        cache.crop(-1000)
+    assert [h.num_tokens() for h in cache.handles] == [n - 2 for n in lengths]
+    cache.manager.check_invariants()
+    cache.release()
 
 
 def test_importing_the_integrations_package_imports_neither_torch_nor_transformers():

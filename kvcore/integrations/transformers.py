@@ -54,7 +54,7 @@ from .._manager import KvCacheManager
 from .._paged_handle import PagedKvCacheHandle
 from .._slot_mapping import SlotMapping
 from ..attention import PagedLayout, gather_kv
-from ..errors import (CacheError, LayerIndexError, ShapeMismatchError, UnsupportedError,
+from ..errors import (CacheError, CapacityError, LayerIndexError, ShapeMismatchError,
                       WriteOrderError)
 from ..models import AllocationRequest, CacheConfig
 
@@ -87,7 +87,7 @@ class _KvCoreLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, owner: KvCoreCache, layer_idx: int) -> None:
         super().__init__()
@@ -406,10 +406,28 @@ class KvCoreCache(Cache):
         self.reorder_cache(np.repeat(np.arange(len(self._handles)), int(repeats)))
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove == 0:
+        """Drop the last ``-tokens_to_remove`` tokens of every row (transformers passes
+        a negative count, as ``DynamicCache`` takes it): assisted and speculative
+        decoding roll rejected draft tokens back this way.  Uses
+        :meth:`KvCacheManager.truncate`, which copies a shared last block before the
+        row writes into it again."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens "
+                             "to remove, as transformers' DynamicCache takes it")
+        if tokens_to_remove == 0 or not self._handles:
             return
-        raise UnsupportedError(f"crop({tokens_to_remove}): kvcore sequences cannot shrink, so "
-                               "assisted / speculative decoding cannot roll this cache back")
+        self._check_between_steps("crop")
+        remove = -int(tokens_to_remove)
+        shortest = min(h.num_tokens() for h in self._handles)
+        if remove > shortest or remove > self._length:
+            raise CapacityError(f"crop({tokens_to_remove}): a row holds only {shortest} tokens")
+        for handle in self._handles:
+            self._manager.truncate(handle, handle.num_tokens() - remove)
+        self._length -= remove
+        self._layer_len = [n - remove for n in self._layer_len]
+        self._cached = np.minimum(self._cached,
+                                  [h.num_tokens() for h in self._handles]).astype(np.int64)
+        self._layout = None  # rebuilt with the next step's extend
 
     def reset(self) -> None:
         """Free every sequence and empty the cache (the prompts stay set)."""

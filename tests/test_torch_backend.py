@@ -467,3 +467,122 @@ def test_move_cuda_cpu_cuda_bit_identical(be: TorchBackend, dtype: DType) -> Non
                            be.index_array(ident, Device("cuda", 1)))
         be.synchronize(Device("cuda", 1))
         assert torch.equal(bits(other), bits(src))
+
+
+# --- fast paths: whole-block gather, wide scatter ----------------------------------------
+
+
+def _slot_patterns(bs: int, nb: int) -> dict[str, np.ndarray]:
+    """Slot sets the whole-block gather takes (or must refuse), pool of ``nb`` blocks."""
+    runs = lambda blocks, n: (np.asarray(blocks)[:, None] * bs
+                              + np.arange(bs)).reshape(-1)[:n].astype(np.int64)
+    return {
+        "in_order_full": runs([0, 1, 2, 3], 4 * bs),
+        "consecutive_partial_last": runs([2, 3, 4], 3 * bs - 1),
+        "out_of_order": runs([5, 1, 4, 0], 4 * bs),
+        "out_of_order_partial_last": runs([3, 0, 5], 2 * bs + 1),
+        "single_block": runs([4], bs),
+        "single_block_partial": runs([4], bs - 1),
+        "empty": np.zeros(0, np.int64),
+        "not_on_boundary": runs([1, 2, 3], 3 * bs) + 1,
+        "gap_inside_run": np.concatenate([runs([1], bs), runs([2], bs)[1:], [0]]),
+        "rows_shuffled": np.random.default_rng(5).permutation(runs([0, 1, 2], 3 * bs)),
+        "block_repeated": runs([2, 2, 3], 3 * bs),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_whole_block_gather_equals_row_gather(be: TorchBackend, dtype: DType,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from kv_torch import _backend as mod
+    monkeypatch.setattr(mod, "_WHOLE_BLOCKS_FROM", 0)  # take the fast path from 1 slot
+    bs, nb = 4, 6
+    rng = np.random.default_rng(7)
+    ref = values(rng, (2, nb, bs, 2, 8), dtype)
+    layer = be.from_numpy(ref, dtype, CPU)
+    flat = ref.reshape(2, nb * bs, 2, 8)
+    for name, slots in _slot_patterns(bs, nb).items():
+        index = be.index_array(slots, CPU)
+        for _ in range(2):  # the second read uses the plan remembered on the index
+            for kv in (0, 1):
+                got = be.gather(layer, kv, index)
+                assert got.dtype == TORCH[dtype] and tuple(got.shape) == (len(slots), 2, 8), name
+                assert got.is_contiguous(), name
+                np.testing.assert_array_equal(be.to_numpy(got), flat[kv, slots], err_msg=name)
+                assert torch.equal(got, layer.flatten(1, 2)[kv].index_select(0, index)), name
+                got.fill_(3)  # a new tensor, never a view of the pool
+        np.testing.assert_array_equal(be.to_numpy(layer), ref)
+
+
+def test_whole_block_plan_follows_in_place_changes_and_block_size(
+        be: TorchBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kv_torch import _backend as mod
+    monkeypatch.setattr(mod, "_WHOLE_BLOCKS_FROM", 0)
+    dtype = DType.float32
+    ref = values(np.random.default_rng(8), (2, 6, 4, 2, 4), dtype)
+    layer = be.from_numpy(ref, dtype, CPU)
+    flat = ref.reshape(2, 24, 2, 4)
+    slots = np.arange(8, 16, dtype=np.int64)  # blocks 2, 3
+    index = be.index_array(slots, CPU)
+    np.testing.assert_array_equal(be.to_numpy(be.gather(layer, 0, index)), flat[0, slots])
+    index[3] = 0  # no longer whole blocks: the remembered plan must not be used
+    slots[3] = 0
+    np.testing.assert_array_equal(be.to_numpy(be.gather(layer, 0, index)), flat[0, slots])
+    # The same index against a pool with another block size is planned afresh.
+    other = be.from_numpy(ref.reshape(2, 12, 2, 2, 4), dtype, CPU)
+    index2 = be.index_array(np.arange(4, 8, dtype=np.int64), CPU)
+    np.testing.assert_array_equal(be.to_numpy(be.gather(layer, 1, index2)), flat[1, 4:8])
+    np.testing.assert_array_equal(be.to_numpy(be.gather(other, 1, index2)), flat[1, 4:8])
+    # An index made in inference mode (no version counter) works too.
+    with torch.inference_mode():
+        index3 = be.index_array(np.arange(0, 12, dtype=np.int64), CPU)
+    np.testing.assert_array_equal(be.to_numpy(be.gather(layer, 1, index3)), flat[1, :12])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [1, 2, 3, 4, 8, 16])
+def test_scatter_every_head_dim_and_layout(be: TorchBackend, dtype: DType, head_dim: int) -> None:
+    """Rows go through the widest element that fits (complex128 .. int32) or natively;
+    strided, misaligned and grad-requiring K/V fall back or detach, same result."""
+    rng = np.random.default_rng(head_dim)
+    layer = be.allocate_layer(num_blocks=4, block_size=4, num_kv_heads=3, head_dim=head_dim,
+                              dtype=dtype, device=CPU)
+    ref = np.zeros((2, 16, 3, head_dim), np.float32)
+    slots = np.array([7, 0, 15, 3], np.int64)
+    index = be.index_array(slots, CPU)
+    k, v = values(rng, (4, 3, head_dim), dtype), values(rng, (4, 3, head_dim), dtype)
+    cases = {
+        "contiguous": (tensor(k, dtype), tensor(v, dtype)),
+        # last dim strided: no dtype view possible
+        "strided": (tensor(np.repeat(k, 2, axis=-1), dtype)[..., ::2],
+                    tensor(np.repeat(v, 2, axis=-1), dtype)[..., ::2]),
+        # data pointer one element off any wide alignment
+        "misaligned": (tensor(np.concatenate([k.reshape(-1)[:1], k.reshape(-1)]), dtype)[1:]
+                       .view(4, 3, head_dim),
+                       tensor(np.concatenate([v.reshape(-1)[:1], v.reshape(-1)]), dtype)[1:]
+                       .view(4, 3, head_dim)),
+        "requires_grad": (tensor(k, dtype).float().requires_grad_().to(TORCH[dtype]),
+                          tensor(v, dtype).float().requires_grad_().to(TORCH[dtype])),
+    }
+    for name, (kt, vt) in cases.items():
+        layer.zero_()
+        be.scatter(layer, index, kt, vt)
+        ref[:] = 0
+        ref[0, slots], ref[1, slots] = k, v
+        np.testing.assert_array_equal(be.to_numpy(layer).reshape(ref.shape), ref, err_msg=name)
+        assert not layer.requires_grad
+
+
+def test_scatter_moves_every_float16_bit_pattern_unchanged(be: TorchBackend) -> None:
+    """The wide (complex128) copy does no arithmetic: NaN payloads, -0 and subnormals
+    land bit-identical."""
+    layer = be.allocate_layer(num_blocks=64, block_size=16, num_kv_heads=8, head_dim=64,
+                              dtype=DType.float16, device=CPU)  # 65,536 rows of 512
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    key = patterns.view(torch.float16).repeat_interleave(8).view(1024, 8, 64)
+    value = patterns.flip(0).view(torch.float16).repeat_interleave(8).view(1024, 8, 64)
+    slots = be.index_array(np.random.default_rng(9).permutation(1024).astype(np.int64), CPU)
+    be.scatter(layer, slots, key, value)
+    flat = layer.flatten(1, 2)
+    assert torch.equal(bits(flat[0].index_select(0, slots)), bits(key))
+    assert torch.equal(bits(flat[1].index_select(0, slots)), bits(value))

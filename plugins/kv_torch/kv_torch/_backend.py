@@ -5,6 +5,23 @@ the pool viewed as ``[2, slots, heads, dim]``, gather is ``index_select``, block
 are ``index_select`` + ``index_copy_`` along the block axis: no Python loop over tokens
 or blocks anywhere.
 
+Two fast paths, both exact (they move the same bytes as the plain ops):
+
+* **Wide scatter.** ``index_copy_`` costs per *element* (~0.6 ns each for float16 on
+  the CPU, dispatch-bound at decode sizes), so K/V rows are reinterpreted as the widest
+  element whose size divides ``head_dim * itemsize`` (``complex128``: 16 bytes, down
+  to ``int32``) before the copy.  A copy never does arithmetic on its elements, so the
+  bits arrive unchanged; the view is taken only when the strides and the alignment of
+  every tensor allow it, otherwise the native dtype is used.
+* **Whole-block gather.** ``index_select`` copies one slice per index, with a fixed
+  cost per slice; a read in logical order is runs of whole blocks starting on block
+  boundaries, so it selects blocks (``block_size`` rows each) on the
+  ``[2, blocks, block_size, H, D]`` layout and returns the first ``n`` rows, or clones
+  one slice when the blocks are consecutive.  Whether an index is such a run is
+  decided once per index tensor (on the host copy :meth:`TorchBackend.index_array`
+  keeps, so a GPU index costs no device sync) and remembered on the tensor; the
+  manager reuses a sequence's read index for every layer and for K and V.
+
 Cross-device transfers (swap, ``move``):
 
 * host -> GPU: the picked blocks are gathered straight into a pinned staging buffer,
@@ -42,6 +59,15 @@ _TORCH_DTYPES = {DType.float16: torch.float16, DType.bfloat16: torch.bfloat16,
                  DType.float32: torch.float32}
 _FROM_TORCH = {v: k for k, v in _TORCH_DTYPES.items()}
 _CPU = Device("cpu")
+#: Reads of at least this many blocks try the whole-block gather (below it the check
+#: on a fresh index costs about what it saves).
+_WHOLE_BLOCKS_FROM = 2
+#: Element types to reinterpret K/V rows as for scatter, widest first (see the module
+#: docstring), by element size in bytes.
+_WIDE = ((16, torch.complex128), (8, torch.int64), (4, torch.int32))
+#: Attribute names on index tensors made by :meth:`TorchBackend.index_array`.
+_HOST_ATTR = "_kvcore_host"
+_PLAN_ATTR = "_kvcore_gather_plan"
 #: DLPack device types (``DLDeviceType``) by number, for error messages.
 _DLPACK_DEVICES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan",
                    8: "metal", 9: "vpi", 10: "rocm", 11: "rocm_host", 13: "cuda_managed",
@@ -85,6 +111,68 @@ def _kv_device(device: torch.device) -> Device | None:
 def _dlpack_device_name(dl_type: int, dl_id: int) -> str:
     name = _DLPACK_DEVICES.get(int(dl_type), f"DLPack device type {int(dl_type)}")
     return "cpu" if name == "cpu" else f"{name}:{int(dl_id)}"
+
+
+def _wide_dtype(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype | None:
+    """The widest element type all three tensors can be viewed as along their last dim
+    (``head_dim``) for a bit-exact copy, or ``None`` to copy in the native dtype."""
+    row = layer.shape[-1] * layer.element_size()
+    for size, dtype in _WIDE:
+        if row % size == 0:
+            # Aligned data (a misaligned wide element is undefined behaviour on the CPU
+            # and a fault on CUDA) and a unit last stride; view() checks the rest.
+            if (key.stride(-1) == 1 and value.stride(-1) == 1
+                    and (layer.data_ptr() | key.data_ptr() | value.data_ptr()) % size == 0):
+                return dtype
+            return None
+    return None
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter (inference tensors have none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _gather_plan(slots: torch.Tensor, block_size: int) -> tuple[int, Any, int] | None:
+    """How to gather ``slots`` by whole blocks, or ``None`` to gather rows.
+
+    The slots qualify when they are ``n`` consecutive rows of blocks ``b_0, b_1, ...``
+    from the start of ``b_0``: ``slots[i] == b_(i // bs) * bs + i % bs``.  The plan is
+    ``(n, blocks, first)``: ``blocks`` is the index of the blocks on the slots' device,
+    or ``None`` when they are ``first, first + 1, ...`` (a slice).  Decided on the host
+    once per index tensor (made by :meth:`TorchBackend.index_array`) and block size,
+    and remembered on the tensor; a CPU index modified in place since is re-checked
+    (its version counter moved).
+    """
+    n = slots.shape[0] if slots.dim() == 1 else -1
+    if n < _WHOLE_BLOCKS_FROM * block_size or n <= 0:
+        return None
+    version = _version(slots)
+    cached = getattr(slots, _PLAN_ATTR, None)
+    if cached is not None and cached[0] == block_size and cached[1] == version:
+        return cached[2]
+    kept = getattr(slots, _HOST_ATTR, None)
+    if kept is not None and kept[1] == version:
+        host = kept[0]
+    elif slots.device.type == "cpu" and slots.dtype == torch.int64:
+        host = slots.numpy()
+    else:
+        return None  # a device index without its host copy: rows, no sync
+    plan = None
+    firsts = host[::block_size]
+    if not (firsts % block_size).any():
+        runs = firsts[:, None] + np.arange(block_size, dtype=np.int64)
+        if np.array_equal(runs.reshape(-1)[:n], host):
+            ids = firsts // block_size
+            if ids.shape[0] == 1 or (np.diff(ids) == 1).all():
+                plan = (n, None, int(ids[0]))
+            else:
+                plan = (n, torch.from_numpy(ids).to(slots.device), 0)
+    try:
+        setattr(slots, _PLAN_ATTR, (block_size, version, plan))
+    except (AttributeError, RuntimeError):  # a tensor subclass refusing attributes
+        pass
+    return plan
 
 
 @dataclass
@@ -157,10 +245,14 @@ class TorchBackend(Backend):
 
     def index_array(self, indices: np.ndarray, device: Device) -> torch.Tensor:
         # Copied (np.array) so the index never aliases an array the caller may reuse.
-        host = torch.from_numpy(np.array(indices, dtype=np.int64, copy=True).reshape(-1))
-        if device.type == "cpu":
-            return host
-        return host.to(_torch_device(device))
+        host = np.array(indices, dtype=np.int64, copy=True).reshape(-1)
+        index = torch.from_numpy(host)
+        if device.type != "cpu":
+            index = index.to(_torch_device(device))
+            # The host copy, for the whole-block check in gather (no device sync), with
+            # the version it matches (an index changed in place since is not trusted).
+            setattr(index, _HOST_ATTR, (host, _version(index)))
+        return index
 
     @staticmethod
     def _flat(layer: torch.Tensor) -> torch.Tensor:
@@ -172,14 +264,34 @@ class TorchBackend(Backend):
                 value: torch.Tensor) -> None:
         if self._pending:
             self._finish_pending()
-        flat = self._flat(layer)
         # detach: a K/V that requires grad must not drag the pool into the autograd graph.
-        flat[0].index_copy_(0, slots, key.detach())
-        flat[1].index_copy_(0, slots, value.detach())
+        key, value = key.detach(), value.detach()
+        wide = _wide_dtype(layer, key, value)
+        if wide is not None:
+            try:
+                pool_k, pool_v = layer.view(wide).flatten(1, 2).unbind(0)
+                key, value = key.view(wide), value.view(wide)
+            except RuntimeError:  # strides a dtype view cannot express: copy natively
+                pass
+            else:
+                pool_k.index_copy_(0, slots, key)
+                pool_v.index_copy_(0, slots, value)
+                return
+        pool_k, pool_v = self._flat(layer).unbind(0)
+        pool_k.index_copy_(0, slots, key)
+        pool_v.index_copy_(0, slots, value)
 
     def gather(self, layer: torch.Tensor, kv: int, slots: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
+        plan = _gather_plan(slots, layer.shape[2])
+        if plan is not None:
+            n, blocks, first = plan
+            if blocks is None:  # consecutive blocks: one slice, one copy
+                whole = layer[kv, first:first + -(-n // layer.shape[2])].clone()
+            else:
+                whole = layer[kv].index_select(0, blocks)
+            return whole.flatten(0, 1)[:n]
         return self._flat(layer)[kv].index_select(0, slots)
 
     def copy_blocks(self, layer: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -252,6 +252,20 @@ def make_machine(backend: Backend, dtype: DType, device: Device,
             # Overwriting shared blocks copies them first, which may need free blocks.
             self._refused(lambda: self._write(rid, layer, start, k, v))
 
+        @rule(data=st.data(), keep=st.integers(0, 12))
+        def truncate(self, data: st.DataObject, keep: int) -> None:
+            rid = self._pick(data)
+            if rid is None:
+                return
+            model = self.models[rid]
+            n = min(keep, len(model.tokens))
+            # A shared or prefix-cached last block is copied first: may need a free block.
+            if self._refused(lambda: self.mgr.truncate(rid, n)):
+                return
+            del model.tokens[n:]
+            model.keys = [k[:n] for k in model.keys]
+            model.values = [v[:n] for v in model.values]
+
         @rule(data=st.data())
         def fork(self, data: st.DataObject) -> None:
             rid = self._pick(data)

@@ -3,21 +3,18 @@ continued prefix hashing, and truncate."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._backend import Backend
-from ._block_pool import BlockPool
-from ._block_table import _slots_of
-from ._prefix_cache import ChainHasher, token_array
+from ._block_table import _check_count, _slots_of
+from ._manager_state import ManagerState
+from ._prefix_cache import token_array
 from ._sequence import _Sequence
 from ._slot_mapping import SlotMapping
 from .errors import CapacityError, OutOfBlocksError
-from .models import CacheConfig
 
 if TYPE_CHECKING:
     from ._paged_handle import PagedKvCacheHandle
@@ -26,35 +23,14 @@ __all__ = ["ExtendMixin"]
 
 
 def _check_positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
+    """:func:`_check_count` (a TypeError for anything but an int), refusing 0 too."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+    return _check_count(name, value)
 
 
-class ExtendMixin:
+class ExtendMixin(ManagerState):
     """``extend``, ``extend_batch`` and ``truncate`` of :class:`~kvcore.KvCacheManager`."""
-
-    # Provided by KvCacheManager (declared here for type checkers).
-    _config: CacheConfig
-    _backend: Backend
-    _lock: threading.RLock
-    _pool: BlockPool
-    _hasher: ChainHasher
-    _written: np.ndarray
-    _versions: np.ndarray
-    _filled: np.ndarray
-    _complete: np.ndarray
-    _failures: int
-    _decode: Any
-
-    if TYPE_CHECKING:  # implemented by KvCacheManager
-        def _seq_of(self, handle: PagedKvCacheHandle | str, op: str) -> _Sequence: ...
-        def _require_data(self, seq: _Sequence, op: str) -> None: ...
-        def _after_change(self) -> None: ...
-        def _take(self, count: int) -> list[int]: ...
-        def _copy_blocks(self, src: list[int], dst: list[int]) -> None: ...
 
     def extend(self, handle: PagedKvCacheHandle | str, num_tokens: int, *,
                token_ids: Sequence[int] | None = None) -> SlotMapping:

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ._backend import Backend
-from ._block_pool import BlockPool
 from ._block_table import BlockTable
 from ._invariants import check_manager
+from ._manager_state import ManagerState
 from ._sequence import _Sequence
 from ._slot_mapping import FlashInferPageTable, VllmBlockTable
 from ._tensor_ref import TensorRef
-from .models import (CacheConfig, CacheGcStats, CacheHandleStats, CacheManagerStats,
-                     MemoryPressure)
+from .models import CacheGcStats, CacheHandleStats, CacheManagerStats, MemoryPressure
 
 if TYPE_CHECKING:
     from ._paged_handle import PagedKvCacheHandle
@@ -26,34 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["IntrospectionMixin"]
 
 
-class IntrospectionMixin:
+class IntrospectionMixin(ManagerState):
     """Statistics and exports of :class:`~kvcore.KvCacheManager`."""
-
-    # Provided by KvCacheManager (declared here for type checkers).
-    _config: CacheConfig
-    _backend: Backend
-    _lock: threading.RLock
-    _pool: BlockPool
-    _swap_pool: BlockPool | None
-    _layers: list[Any]
-    _swap_layers: list[Any]
-    _seqs: dict[str, _Sequence]
-    _written: np.ndarray
-    _versions: np.ndarray
-
-    _on_pressure: Callable[[MemoryPressure, CacheManagerStats], None] | None
-    _pressure: MemoryPressure
-    _queries: int
-    _hits: int
-    _allocations: int
-    _failures: int
-    _cow: int
-
-    if TYPE_CHECKING:  # implemented by KvCacheManager
-        def _seq_of(self, handle: PagedKvCacheHandle | str, op: str) -> _Sequence: ...  # type: ignore[empty-body]
-        def _require_live(self, seq: _Sequence, op: str) -> None: ...
-        def _require_data(self, seq: _Sequence, op: str) -> None: ...
-        def _check_layer(self, layer: Any) -> int: ...  # type: ignore[empty-body]
 
     def _handle_stats(self, seq: _Sequence) -> CacheHandleStats:
         with self._lock:

@@ -3,22 +3,19 @@ through a SlotMapping), copy-on-write before a write, and reads in logical order
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._backend import Backend
-from ._block_pool import BlockPool
 from ._block_table import _slots_of
+from ._manager_state import ManagerState
 from ._sequence import _Sequence
 from ._slot_mapping import SlotMapping
 from ._tensor_ref import TensorRef
 from .errors import (CapacityError, DeviceMismatchError, DtypeMismatchError,
                      OutOfBlocksError, ShapeMismatchError, StaleSlotMappingError,
                      WriteOrderError)
-from .models import CacheConfig
 
 if TYPE_CHECKING:
     from ._paged_handle import PagedKvCacheHandle
@@ -26,29 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["KvIOMixin"]
 
 
-class KvIOMixin:
+class KvIOMixin(ManagerState):
     """``write``, ``write_slots`` and the handles' reads of :class:`~kvcore.KvCacheManager`."""
-
-    # Provided by KvCacheManager (declared here for type checkers).
-    _config: CacheConfig
-    _backend: Backend
-    _lock: threading.RLock
-    _pool: BlockPool
-    _layers: list[Any]
-    _written: np.ndarray
-    _versions: np.ndarray
-    _filled: np.ndarray
-    _complete: np.ndarray
-    _failures: int
-    _decode: Any
-
-    if TYPE_CHECKING:  # implemented by KvCacheManager
-        def _seq_of(self, handle: PagedKvCacheHandle | str, op: str) -> _Sequence: ...
-        def _require_live(self, seq: _Sequence, op: str) -> None: ...
-        def _require_data(self, seq: _Sequence, op: str) -> None: ...
-        def _check_layer(self, layer: Any) -> int: ...
-        def _take(self, count: int) -> list[int]: ...
-        def _copy_blocks(self, src: list[int], dst: list[int]) -> None: ...
 
     def _mark_filled(self, layer: int, slots: np.ndarray) -> None:
         """Record blocks that a write to ``layer`` completed.  Writes always extend a

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._backend import Backend
 from ._block_pool import BlockPool
+from ._manager_state import ManagerState
 from ._sequence import _Sequence
 from .errors import CacheError, OutOfBlocksError, UnsupportedError
-from .models import CacheConfig
 
 if TYPE_CHECKING:
     from ._paged_handle import PagedKvCacheHandle
@@ -19,28 +17,8 @@ if TYPE_CHECKING:
 __all__ = ["SwapMixin"]
 
 
-class SwapMixin:
+class SwapMixin(ManagerState):
     """``swap_out`` / ``swap_in`` of :class:`~kvcore.KvCacheManager`."""
-
-    # Provided by KvCacheManager (declared here for type checkers).
-    _config: CacheConfig
-    _backend: Backend
-    _lock: threading.RLock
-    _pool: BlockPool
-    _swap_pool: BlockPool | None
-    _layers: list[Any]
-    _swap_layers: list[Any]
-    _seqs: dict[str, _Sequence]
-    _written: np.ndarray
-    _versions: np.ndarray
-
-    _failures: int
-
-    if TYPE_CHECKING:  # implemented by KvCacheManager
-        def _seq_of(self, handle: PagedKvCacheHandle | str, op: str) -> _Sequence: ...  # type: ignore[empty-body]
-        def _require_data(self, seq: _Sequence, op: str) -> None: ...
-        def _after_change(self) -> None: ...
-        def _take(self, count: int) -> list[int]: ...  # type: ignore[empty-body]
 
     def _require_swap(self) -> BlockPool:
         if self._swap_pool is None:

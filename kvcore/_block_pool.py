@@ -74,19 +74,6 @@ class BlockPool:
 
     # --- the queue ----------------------------------------------------------------
 
-    def _unlink(self, block: int) -> None:
-        nxt, prv = self._next[block], self._prev[block]
-        self._next[prv] = nxt
-        self._prev[nxt] = prv
-
-    def _append(self, block: int) -> None:
-        sentinel = self.num_blocks
-        tail = self._prev[sentinel]
-        self._next[tail] = block
-        self._prev[block] = tail
-        self._next[block] = sentinel
-        self._prev[sentinel] = block
-
     def allocate(self, count: int) -> list[int]:
         """Take ``count`` blocks from the head of the queue, each with refcount 1,
         evicting the prefix-cache entry of any cached block taken."""
@@ -96,7 +83,7 @@ class BlockPool:
         nxt, prv, ref, hash_of = self._next, self._prev, self.ref, self._hash_of
         sentinel = self.num_blocks
         evicted = 0
-        # _unlink of the head, inlined: this loop runs once per block allocated.
+        # Unlink the head; inlined because this loop runs once per block allocated.
         block = nxt[sentinel]
         for _ in range(count):
             after = nxt[block]
@@ -125,7 +112,7 @@ class BlockPool:
             count = ref[block] - 1
             ref[block] = count
             if count == 0:
-                # _append to the tail, inlined: this loop runs once per block freed.
+                # Append to the tail; inlined because this loop runs once per block freed.
                 tail = prv[sentinel]
                 nxt[tail] = block
                 prv[block] = tail

@@ -30,10 +30,13 @@ class KvIOMixin(ManagerState):
         """Record blocks that a write to ``layer`` completed.  Writes always extend a
         written prefix, so writing a block's last slot means the whole block is there."""
         bs = self._config.block_size
-        done = slots[slots % bs == bs - 1] // bs
-        if done.size:
-            self._filled[done, layer] = True
-            self._complete[done] = self._filled[done].all(axis=1)
+        self._mark_blocks_filled(layer, slots[slots % bs == bs - 1] // bs)
+
+    def _mark_blocks_filled(self, layer: int, blocks: np.ndarray) -> None:
+        """Blocks whose every token ``layer`` now holds."""
+        if blocks.size:
+            self._filled[blocks, layer] = True
+            self._complete[blocks] = self._filled[blocks].all(axis=1)
 
     def _native_kv(self, key: Any, value: Any, tokens: int | None) -> tuple[Any, Any, int]:
         """K and V as backend arrays of the cache's dtype and ``[n, heads, dim]`` shape."""
@@ -137,10 +140,7 @@ class KvIOMixin(ManagerState):
                 # Its sequences are exactly ``ends`` long (any later extend would have
                 # replaced the mapping), so nothing is written beyond: max() is ends.
                 self._written[slots.rows, layer] = slots.ends
-                done = decode[2]
-                if done.size:
-                    self._filled[done, layer] = True
-                    self._complete[done] = self._filled[done].all(axis=1)
+                self._mark_blocks_filled(layer, decode[2])
                 return
             rows = slots.rows
             if not np.array_equal(self._versions[rows], slots.versions):

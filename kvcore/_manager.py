@@ -20,14 +20,13 @@ import numpy as np
 
 from ._backend import Backend
 from ._block_pool import BlockPool
-from ._block_table import BlockTable
 from ._extension import ExtendMixin
 from ._introspection import IntrospectionMixin
 from ._kv_io import KvIOMixin
 from ._paged_handle import PagedKvCacheHandle
 from ._prefix_cache import ChainHasher, PrefixPlan, plan_prefix
 from ._registry import get_backend
-from ._sequence import _managed_table, _Sequence
+from ._sequence import _Sequence
 from ._slot_mapping import SlotMapping
 from ._swap import SwapMixin
 from .errors import (DuplicateRequestError, HandleSwappedError, InvalidHandleError,
@@ -197,6 +196,12 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
         return plan_prefix(self._pool, self._hasher, request,
                            self._config.enable_prefix_caching, self._complete)
 
+    def _room(self, plan: PrefixPlan) -> tuple[int, int]:
+        """New blocks ``plan`` needs, and blocks free for them (a free cached block the
+        plan hits is taken back, not allocated, so it does not count as free)."""
+        return (plan.total_blocks - len(plan.hits),
+                self._pool.num_free - self._pool.count_free(plan.hits))
+
     def can_allocate(self, request: AllocationRequest) -> bool:
         """Whether :meth:`allocate` would succeed now (prefix hits counted).  Changes
         nothing, not even the statistics."""
@@ -205,9 +210,8 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
         with self._lock:
             if request.request_id in self._seqs:
                 return False
-            total, hits, _, _ = self._prefix_plan(request)
-            reclaimed = self._pool.count_free(hits)
-            return total - len(hits) <= self._pool.num_free - reclaimed
+            need, free = self._room(self._prefix_plan(request))
+            return need <= free
 
     def allocate(self, request: AllocationRequest) -> PagedKvCacheHandle:
         """Reserve a cache for ``request.num_tokens`` tokens and return its handle.
@@ -222,16 +226,15 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
             rid = request.request_id
             if rid in self._seqs:
                 raise DuplicateRequestError(f"request id {rid!r} already has a live cache")
-            total, hits, keys, rows = self._prefix_plan(request)
-            pool = self._pool
-            reclaimed = pool.count_free(hits)
-            need = total - len(hits)
-            if need > pool.num_free - reclaimed:
+            plan = self._prefix_plan(request)
+            _, hits, keys, rows = plan
+            need, free = self._room(plan)
+            if need > free:
                 self._failures += 1
                 raise OutOfBlocksError(
                     f"request {rid!r} needs {need} new blocks ({request.num_tokens} tokens, "
-                    f"{len(hits)} blocks from the prefix cache) but only "
-                    f"{pool.num_free - reclaimed} are free")
+                    f"{len(hits)} blocks from the prefix cache) but only {free} are free")
+            pool = self._pool
             pool.acquire(hits)
             blocks = hits + self._take(need)
             bs = self._config.block_size
@@ -241,9 +244,7 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
                 self._hits += len(hits)
             self._allocations += 1
             row = self._take_row()
-            seq = _Sequence(rid, BlockTable(bs), row)
-            seq.table = _managed_table(bs, blocks, request.num_tokens or 0,
-                                       self._grower(seq))
+            seq = _Sequence(rid, row, bs, blocks, request.num_tokens or 0, self._grow)
             seq.num_cached_tokens = len(hits) * bs
             seq.private_from = len(hits)
             self._written[row] = seq.num_cached_tokens
@@ -256,8 +257,9 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
             self._after_change()
             return self._handle(seq)
 
-    def _grower(self, seq: _Sequence) -> Callable[[int], Any]:
-        return lambda n: self.extend(self._handle(seq), n)
+    def _grow(self, seq: _Sequence, num_tokens: int) -> None:
+        """What a managed block table's ``extend_sequence`` does."""
+        self.extend(self._handle(seq), num_tokens)
 
     def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
         be, device = self._backend, self._config.device
@@ -286,9 +288,8 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
             blocks = list(parent.table._blocks)
             self._pool.incref(blocks)
             row = self._take_row()
-            child = _Sequence(new_request_id, BlockTable(self._config.block_size), row)
-            child.table = _managed_table(self._config.block_size, blocks,
-                                         parent.table._length, self._grower(child))
+            child = _Sequence(new_request_id, row, self._config.block_size, blocks,
+                              parent.table._length, self._grow)
             self._written[row] = self._written[parent.row]
             child.num_cached_tokens = parent.num_cached_tokens
             child.hashing, child.parent_hash = parent.hashing, parent.parent_hash

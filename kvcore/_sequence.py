@@ -25,10 +25,12 @@ class _Sequence:
                  "num_hashed_blocks", "pending_tokens", "last_access", "block_arr",
                  "read_key", "read_index")
 
-    def __init__(self, request_id: str, table: BlockTable, row: int) -> None:
+    def __init__(self, request_id: str, row: int, block_size: int, blocks: list[int],
+                 length: int, grow: Callable[[_Sequence, int], Any]) -> None:
         self.request_id = request_id
         self.cache_id = f"{request_id}#{next(_ids)}"
-        self.table = table
+        #: ``grow(seq, n)`` is the manager's extend: the live table routes growth there.
+        self.table = _managed_table(block_size, blocks, length, lambda n: grow(self, n))
         self.row = row
         self.valid = True
         self.swap_blocks: list[int] | None = None

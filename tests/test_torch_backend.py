@@ -402,6 +402,7 @@ def test_compiled_read_path_has_no_graph_break() -> None:
     assert time.perf_counter() - began < 60
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin")
 def test_compiled_caller_reading_through_the_handle_works() -> None:
     """Reading with ``key_tensor`` inside a compiled function is correct; it breaks the
     graph (the manager takes a lock and works on host-side tables), which is why the

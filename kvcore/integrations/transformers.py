@@ -324,8 +324,11 @@ class KvCoreCache(Cache):
     def _reallocate_with_prefix(self, row: int, prompt: tuple[int, ...]) -> None:
         old = self._handles[row]
         try:
+            # The prompt is computed already: share every block that matches, the last
+            # prompt token's included (storage, not a prefill to skip).
             new = self._manager.allocate(AllocationRequest(
-                request_id=self._new_id(), prompt_token_ids=prompt, extra_key=self._extra_key))
+                request_id=self._new_id(), prompt_token_ids=prompt, extra_key=self._extra_key,
+                allow_full_hit=True))
         except CacheError:  # no room for the temporary copy: keep the row as it is
             return
         cached = new.num_cached_tokens()

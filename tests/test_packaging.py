@@ -155,8 +155,8 @@ def test_the_long_description_is_the_readme_with_absolute_links(built: Built):
     for target in re.findall(r"\]\(([^)\s]+)", readme):
         if target.startswith("#"):
             continue
-        assert target.startswith("https://"), \
-            f"{built.source.name}/README.md links to {target!r}: relative links break on an index page"
+        assert target.startswith("https://"), (f"{built.source.name}/README.md links to "
+                                               f"{target!r}: relative links break on an index page")
         if target.startswith(BLOB):  # a link into this repository: the file must exist
             path = posixpath.normpath(target[len(BLOB):].split("#")[0])
             assert (ROOT / path).exists(), f"README link {target} names a missing file"

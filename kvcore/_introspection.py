@@ -129,5 +129,5 @@ class IntrospectionMixin(ManagerState):
         c = self._config
         return TensorRef(self._layers[layer],
                          (2, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim),
-                         c.dtype, c.device)
+                         c.dtype, c.device, self._backend)
 

@@ -94,7 +94,7 @@ class KvIOMixin(ManagerState):
                 self._make_private(seq, lo, hi, overwrite=start < written)
             slots = _slots_of(seq.blocks(), bs, np.arange(start, start + n, dtype=np.int64))
             index = self._backend.index_array(slots, self._config.device)
-            self._backend.scatter(self._layers[layer], index, k, v)
+            self._layers[layer] = self._backend.scatter(self._layers[layer], index, (k, v))
             self._written[seq.row, layer] = max(written, start + n)
             self._mark_filled(layer, slots)
             seq.last_access = time.time()
@@ -135,8 +135,8 @@ class KvIOMixin(ManagerState):
             if decode is not None and decode[0] is slots and decode[1][layer]:
                 # The last decode step's mapping, nothing moved since and this layer is
                 # written up to its starts: the version and order checks hold already.
-                self._backend.scatter(self._layers[layer],
-                                      slots.native(self._backend, self._config.device), k, v)
+                self._layers[layer] = self._backend.scatter(
+                    self._layers[layer], slots.native(self._backend, self._config.device), (k, v))
                 # Its sequences are exactly ``ends`` long (any later extend would have
                 # replaced the mapping), so nothing is written beyond: max() is ends.
                 self._written[slots.rows, layer] = slots.ends
@@ -157,7 +157,7 @@ class KvIOMixin(ManagerState):
                     f"layer {layer} would leave positions {written[i]}..{slots.starts[i] - 1} "
                     "unwritten")
             index = slots.native(self._backend, self._config.device)
-            self._backend.scatter(self._layers[layer], index, k, v)
+            self._layers[layer] = self._backend.scatter(self._layers[layer], index, (k, v))
             self._written[rows, layer] = np.maximum(written, slots.ends)
             self._mark_filled(layer, slots.slots)
 
@@ -187,7 +187,8 @@ class KvIOMixin(ManagerState):
             c = self._config
             array = self._backend.gather(self._layers[layer], kv, self._read_index(seq, n))
             seq.last_access = time.time()
-            return TensorRef(array, (n, c.num_kv_heads, c.head_dim), c.dtype, c.device)
+            return TensorRef(array, (n, c.num_kv_heads, c.head_dim), c.dtype, c.device,
+                             self._backend)
 
     def _read_pair(self, seq: _Sequence, layer: int) -> tuple[TensorRef, TensorRef] | None:
         with self._lock:

@@ -265,8 +265,7 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
         be, device = self._backend, self._config.device
         src_i = be.index_array(np.asarray(src, dtype=np.int64), device)
         dst_i = be.index_array(np.asarray(dst, dtype=np.int64), device)
-        for layer in self._layers:
-            be.copy_blocks(layer, src_i, dst_i)
+        self._layers = be.copy_blocks_layers(self._layers, src_i, dst_i)
         self._filled[dst] = self._filled[src]
         self._complete[dst] = self._complete[src]
         self._cow += len(src)

@@ -42,7 +42,8 @@ from . import _hookspecs
 from ._backend import KVCORE_API_VERSION, Backend
 from ._hookspecs import BackendSpec
 from .errors import (ApiVersionError, BackendError, BackendUnavailableError,
-                     DuplicateBackendError, PluginLoadError, UnknownBackendError)
+                     DuplicateBackendError, PluginLoadError, UnknownBackendError,
+                     UnsupportedError)
 
 __all__ = ["BackendRecord", "ENTRY_POINT_GROUP", "Registry", "get_backend",
            "list_backends", "register_backend", "unregister_backend", "refresh_backends"]
@@ -203,7 +204,8 @@ class Registry:
         """Make a backend selectable without an entry point (tests, notebooks)."""
         if isinstance(backend, type) and issubclass(backend, Backend):
             cls = backend
-            spec = BackendSpec(name=cls.name, load=lambda: cls, api_version=cls.api_version,
+            spec = BackendSpec(name=cls.name, load=lambda: cls,
+                               api_version=getattr(cls, "api_version", None),  # type: ignore[arg-type]
                                description=(cls.__doc__ or "").strip().split("\n")[0])
         elif isinstance(backend, BackendSpec):
             spec = backend
@@ -258,9 +260,14 @@ class Registry:
 
     @staticmethod
     def _static_problem(spec: BackendSpec) -> str | None:
+        if spec.api_version is None:
+            return (f"backend {spec.name!r} declares no api_version; set the class "
+                    f"attribute api_version = {KVCORE_API_VERSION} once it implements "
+                    "that contract")
         if spec.api_version != KVCORE_API_VERSION:
             return (f"backend {spec.name!r} was built for kvcore API version "
-                    f"{spec.api_version}, this kvcore provides {KVCORE_API_VERSION}")
+                    f"{spec.api_version}, this kvcore provides {KVCORE_API_VERSION}"
+                    f"{_migration_note(spec.api_version)}")
         for module in spec.requires:
             try:
                 found = importlib.util.find_spec(module) is not None
@@ -310,7 +317,8 @@ class Registry:
             entry = self._check_unique(name)
             problem = self._static_problem(entry.spec)
             if problem is not None:
-                cls = ApiVersionError if "API version" in problem else BackendUnavailableError
+                version_ok = entry.spec.api_version == KVCORE_API_VERSION
+                cls = BackendUnavailableError if version_ok else ApiVersionError
                 raise cls(f"backend {name!r} is unavailable: {problem}")
             return self._load_usable(name, entry)
 
@@ -351,6 +359,28 @@ class Registry:
                   f"{DEFAULT_RULE}); installed backends: {installed}{why}. "
                   f"To get one: {extras}")
 
+    def backend_for_array(self, array: Any) -> Backend:
+        """The backend whose array library ``array`` belongs to (for generic code such
+        as :mod:`kvcore.attention` given a bare native array).  Prefers a backend
+        already in use, then one named after the library, then one requiring it."""
+        root = type(array).__module__.split(".", 1)[0]
+        with self._lock:
+            for backend in self._instances.values():
+                if backend.array_library == root:
+                    return backend
+            entries = self._all_entries()
+            names = sorted(entries, key=lambda n: (n != root, n))
+            for name in names:
+                spec = entries[name][0].spec
+                if name == root or root in spec.requires:
+                    try:
+                        return self.get_backend(name)
+                    except BackendUnavailableError:
+                        continue
+        raise UnsupportedError(f"no available kvcore backend serves {type(array).__module__}."
+                               f"{type(array).__name__} arrays; install or register one whose "
+                               "array library is " + repr(root))
+
     def _unknown(self, name: str) -> Exception:
         for failure in self._failures:
             if failure.name == name:
@@ -379,9 +409,15 @@ class Registry:
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
             raise BackendUnavailableError(f"backend {name!r}: {spec.load!r} is {cls!r}, "
                                           "not a kvcore.Backend subclass")
-        if cls.api_version != KVCORE_API_VERSION:
+        declared = getattr(cls, "api_version", None)
+        if declared is None:
+            raise ApiVersionError(f"backend {name!r}: {cls.__qualname__} declares no "
+                                  f"api_version; set the class attribute api_version = "
+                                  f"{KVCORE_API_VERSION} once it implements that contract")
+        if declared != KVCORE_API_VERSION:
             raise ApiVersionError(f"backend {name!r} was built for kvcore API version "
-                                  f"{cls.api_version}, this kvcore provides {KVCORE_API_VERSION}")
+                                  f"{declared}, this kvcore provides {KVCORE_API_VERSION}"
+                                  f"{_migration_note(declared)}")
         try:
             cls.probe()
             instance = cls()
@@ -392,6 +428,17 @@ class Registry:
                                           f"raised {_describe_exc(exc)}") from exc
         self._instances[name] = instance
         return instance
+
+
+#: Where the backend guide explains moving a backend to the current API version.
+MIGRATION_GUIDE = ("docs/writing-a-backend.md, section \"Migrating from API version 1\" "
+                   "(https://github.com/kvcore/kvcore/blob/main/docs/writing-a-backend.md)")
+
+
+def _migration_note(version: Any) -> str:
+    if isinstance(version, int) and version < KVCORE_API_VERSION:
+        return f"; to update the backend see {MIGRATION_GUIDE}"
+    return ""
 
 
 def _resolve(load: Any) -> Any:
@@ -432,6 +479,11 @@ def get_backend(name: str | None = None) -> Backend:
     code or in ``$KVCORE_BACKEND`` never falls back to a different backend.
     """
     return _REGISTRY.get_backend(name)
+
+
+def backend_for_array(array: Any) -> Backend:
+    """The available backend that owns arrays of ``array``'s library."""
+    return _REGISTRY.backend_for_array(array)
 
 
 def register_backend(backend: BackendSpec | type[Backend], *, replace_existing: bool = False) -> None:

@@ -37,8 +37,8 @@ class SwapMixin(ManagerState):
                 raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {len(blocks)} "
                                        f"swap blocks, {swap.num_free} are free")
             dst = swap.allocate(len(blocks))
-            self._transfer(self._layers, blocks, self._config.device,
-                           self._swap_layers, dst, self._config.swap_device)
+            self._swap_layers = self._transfer(self._layers, blocks, self._config.device,
+                                               self._swap_layers, dst, self._config.swap_device)
             self._pool.free(blocks)
             seq.swap_blocks = dst
             seq.table._blocks = list(dst)
@@ -57,8 +57,8 @@ class SwapMixin(ManagerState):
                 raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {len(src)} blocks, "
                                        f"{self._pool.num_free} are free")
             dst = self._take(len(src))
-            self._transfer(self._swap_layers, src, self._config.swap_device,
-                           self._layers, dst, self._config.device)
+            self._layers = self._transfer(self._swap_layers, src, self._config.swap_device,
+                                          self._layers, dst, self._config.device)
             swap.free(src)
             seq.swap_blocks = None
             seq.table._blocks = list(dst)
@@ -73,13 +73,14 @@ class SwapMixin(ManagerState):
         self._after_change()
 
     def _transfer(self, src_layers: list[Any], src: list[int], src_device: Any,
-                  dst_layers: list[Any], dst: list[int], dst_device: Any) -> None:
+                  dst_layers: list[Any], dst: list[int], dst_device: Any) -> list[Any]:
+        """Copy blocks between pools; returns the destination pools now holding them."""
         if not src:
-            return
+            return dst_layers
         be = self._backend
         src_i = be.index_array(np.asarray(src, dtype=np.int64), src_device)
         dst_i = be.index_array(np.asarray(dst, dtype=np.int64), dst_device)
-        for s_layer, d_layer in zip(src_layers, dst_layers):
-            be.transfer_blocks(s_layer, src_i, d_layer, dst_i)
+        moved = be.transfer_blocks_layers(src_layers, src_i, dst_layers, dst_i)
         be.synchronize(dst_device)
+        return list(moved)
 

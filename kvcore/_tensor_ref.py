@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._device import Device, DType
+
+if TYPE_CHECKING:
+    from ._backend import Backend
 
 __all__ = ["TensorRef"]
 
@@ -18,13 +21,20 @@ class TensorRef:
     the device allows.
     """
 
-    __slots__ = ("_native", "_shape", "_dtype", "_device")
+    __slots__ = ("_native", "_shape", "_dtype", "_device", "_backend")
 
-    def __init__(self, native: Any, shape: tuple[int, ...], dtype: DType, device: Device):
+    def __init__(self, native: Any, shape: tuple[int, ...], dtype: DType, device: Device,
+                 backend: Backend | None = None):
         self._native = native
         self._shape = tuple(int(s) for s in shape)
         self._dtype = DType.parse(dtype)
         self._device = Device.parse(device)
+        self._backend = backend
+
+    @property
+    def backend(self) -> Backend | None:
+        """The backend that made the array (``None`` when built by hand)."""
+        return self._backend
 
     @property
     def native(self) -> Any:

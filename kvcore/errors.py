@@ -22,6 +22,7 @@ __all__ = [
     "ApiVersionError",
     "CacheError",
     "OutOfBlocksError",
+    "PoolAllocationError",
     "InvalidHandleError",
     "HandleSwappedError",
     "UnknownRequestError",
@@ -143,3 +144,8 @@ class StaleSlotMappingError(CacheError):
 
 class InvariantError(CacheError, AssertionError):
     """:meth:`KvCacheManager.check_invariants` found the pool inconsistent (a bug)."""
+
+
+class PoolAllocationError(CacheError, MemoryError):
+    """A backend could not allocate a pool of the requested size (the message names
+    the bytes asked for); nothing was created."""

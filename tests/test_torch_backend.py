@@ -111,7 +111,7 @@ def test_scatter_and_gather_match_numpy(be: TorchBackend, dtype: DType) -> None:
     ref = np.zeros((2, 24, 2, 3), np.float32)  # the flat [2, slots, H, D] view
     slots = np.array([5, 0, 23, 9, 10, 11, 17], np.int64)
     k, v = values(rng, (7, 2, 3), dtype), values(rng, (7, 2, 3), dtype)
-    be.scatter(layer, be.index_array(slots, CPU), tensor(k, dtype), tensor(v, dtype))
+    layer = be.scatter(layer, be.index_array(slots, CPU), (tensor(k, dtype), tensor(v, dtype)))
     ref[0, slots], ref[1, slots] = k, v
     np.testing.assert_array_equal(be.to_numpy(layer).reshape(2, 24, 2, 3), ref)
     order = np.array([23, 5, 9, 0, 11], np.int64)
@@ -566,7 +566,7 @@ def test_scatter_every_head_dim_and_layout(be: TorchBackend, dtype: DType, head_
     }
     for name, (kt, vt) in cases.items():
         layer.zero_()
-        be.scatter(layer, index, kt, vt)
+        layer = be.scatter(layer, index, (kt, vt))
         ref[:] = 0
         ref[0, slots], ref[1, slots] = k, v
         np.testing.assert_array_equal(be.to_numpy(layer).reshape(ref.shape), ref, err_msg=name)
@@ -582,7 +582,7 @@ def test_scatter_moves_every_float16_bit_pattern_unchanged(be: TorchBackend) -> 
     key = patterns.view(torch.float16).repeat_interleave(8).view(1024, 8, 64)
     value = patterns.flip(0).view(torch.float16).repeat_interleave(8).view(1024, 8, 64)
     slots = be.index_array(np.random.default_rng(9).permutation(1024).astype(np.int64), CPU)
-    be.scatter(layer, slots, key, value)
+    layer = be.scatter(layer, slots, (key, value))
     flat = layer.flatten(1, 2)
     assert torch.equal(bits(flat[0].index_select(0, slots)), bits(key))
     assert torch.equal(bits(flat[1].index_select(0, slots)), bits(value))

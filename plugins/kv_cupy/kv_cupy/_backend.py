@@ -17,6 +17,7 @@ with the scatter that follows; :meth:`CupyBackend.synchronize` waits for that st
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import cupy
@@ -24,8 +25,11 @@ import cupyx
 import numpy as np
 
 from kvcore import Backend, BackendCapabilities, Device, DType
-from kvcore.errors import BackendUnavailableError, DeviceMismatchError, UnsupportedError
+from kvcore._array_ops import ArrayOps
+from kvcore.errors import (BackendUnavailableError, DeviceMismatchError, PoolAllocationError,
+                           UnsupportedError)
 
+from ._array_ops import CupyOps
 from ._handle import CupyKvCacheHandle
 
 __all__ = ["CupyBackend"]
@@ -55,6 +59,7 @@ class CupyBackend(Backend):
 
     name = "cupy"
     array_library = "cupy"
+    api_version = 2
     handle_class = CupyKvCacheHandle
 
     @classmethod
@@ -108,67 +113,78 @@ class CupyBackend(Backend):
 
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: DType, device: Device, *,
-                       pinned: bool = False) -> Any:
+                       pinned: bool = False, planes: int = 2) -> Any:
         """A zeroed ``cupy.ndarray`` on ``cuda:N``, or for a ``cpu`` swap pool a numpy
         array (in pinned memory when ``pinned``)."""
         self._check_any_device(device)
         self.check_dtype(dtype)
-        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (planes, num_blocks, block_size, num_kv_heads, head_dim)
         np_dtype = _NP_DTYPES[dtype]
-        if device.type == "cpu":
-            return cupyx.zeros_pinned(shape, np_dtype) if pinned else np.zeros(shape, np_dtype)
-        with cupy.cuda.Device(device.index):
-            return cupy.zeros(shape, np_dtype)
+        try:
+            if device.type == "cpu":
+                return (cupyx.zeros_pinned(shape, np_dtype) if pinned
+                        else np.zeros(shape, np_dtype))
+            with cupy.cuda.Device(device.index):
+                return cupy.zeros(shape, np_dtype)
+        except (MemoryError, ValueError, cupy.cuda.memory.OutOfMemoryError,
+                cupy.cuda.runtime.CUDARuntimeError) as exc:
+            nbytes = int(np.prod(shape, dtype=object)) * np_dtype.itemsize
+            raise PoolAllocationError(f"cupy could not allocate a pool of {nbytes} bytes on "
+                                      f"{device} (shape {list(shape)}, {dtype.value}): "
+                                      f"{exc}") from exc
 
     def index_array(self, indices: np.ndarray, device: Device) -> Any:
-        host = np.array(indices, dtype=np.int64, copy=True).reshape(-1)
+        host = np.array(indices, dtype=np.int64, copy=True)
         if device.type == "cpu":
             return host
         with cupy.cuda.Device(device.index):
             return cupy.asarray(host)
 
     @staticmethod
-    def _flat(layer: Any) -> Any:
-        # [2, blocks, block_size, H, D] -> [2, blocks * block_size, H, D], a view.
-        two, blocks, bs, heads, dim = layer.shape
-        return layer.reshape(two, blocks * bs, heads, dim)
+    def _flat(pool: Any) -> Any:
+        # [P, blocks, block_size, H, D] -> [P, blocks * block_size, H, D], a view.
+        planes, blocks, bs, heads, dim = pool.shape
+        return pool.reshape(planes, blocks * bs, heads, dim)
 
-    def scatter(self, layer: Any, slots: Any, key: Any, value: Any) -> None:
-        with _on(layer):
-            flat = self._flat(layer)
-            flat[0, slots] = key
-            flat[1, slots] = value
+    def scatter(self, pool: Any, slots: Any, rows: Sequence[Any]) -> Any:
+        with _on(pool):
+            flat = self._flat(pool)
+            for plane, values in enumerate(rows):
+                flat[plane, slots] = values
+        return pool
 
-    def gather(self, layer: Any, kv: int, slots: Any) -> Any:
-        with _on(layer):
-            return self._flat(layer)[kv].take(slots, axis=0)
+    def gather(self, pool: Any, plane: int, slots: Any) -> Any:
+        with _on(pool):
+            return self._flat(pool)[plane].take(slots, axis=0)
 
-    def copy_blocks(self, layer: Any, src: Any, dst: Any) -> None:
-        with _on(layer):
+    def copy_blocks(self, pool: Any, src: Any, dst: Any) -> Any:
+        with _on(pool):
             # The right-hand side is a new array, so overlapping src/dst copy correctly.
-            layer[:, dst] = layer[:, src]
+            pool[:, dst] = pool[:, src]
+        return pool
 
-    def transfer_blocks(self, src_layer: Any, src: Any, dst_layer: Any, dst: Any) -> None:
-        s_dev, d_dev = _where(src_layer), _where(dst_layer)
-        with _on(src_layer):
-            picked = src_layer[:, src]
+    def transfer_blocks(self, src_pool: Any, src: Any, dst_pool: Any, dst: Any) -> Any:
+        s_dev, d_dev = _where(src_pool), _where(dst_pool)
+        with _on(src_pool):
+            picked = src_pool[:, src]
         if s_dev == d_dev:
-            with _on(dst_layer):
-                dst_layer[:, dst] = picked
-            return
+            with _on(dst_pool):
+                dst_pool[:, dst] = picked
+            return dst_pool
         if d_dev.type == "cpu":
-            dst_layer[:, dst] = cupy.asnumpy(picked)  # blocking: complete on return
-            return
-        with _on(dst_layer):
+            dst_pool[:, dst] = cupy.asnumpy(picked)  # blocking: complete on return
+            return dst_pool
+        with _on(dst_pool):
             if s_dev.type == "cuda":
                 # The gather ran on the source GPU's stream; finish it before another
                 # device reads its result.
-                src_layer.device.synchronize()
+                src_pool.device.synchronize()
                 moved = cupy.empty(picked.shape, picked.dtype)
                 moved.data.copy_from_device(picked.data, picked.nbytes)
             else:
                 moved = cupy.asarray(picked)
-            dst_layer[:, dst] = moved
+            dst_pool[:, dst] = moved
+        return dst_pool
 
     def synchronize(self, device: Device) -> None:
         if device.is_cuda:
@@ -219,3 +235,10 @@ class CupyBackend(Backend):
             return host
         with cupy.cuda.Device(device.index):
             return cupy.asarray(host)
+
+    def array_ops(self) -> ArrayOps:
+        return _OPS
+
+
+_OPS = CupyOps(cupy)
+

@@ -15,7 +15,7 @@ def kvcore_backends() -> list[kvcore.BackendSpec]:
     return [kvcore.BackendSpec(
         name="cupy",
         load="kv_cupy._backend:CupyBackend",
-        api_version=1,
+        api_version=2,
         requires=("cupy",),
         description="CuPy arrays in CUDA device memory (cuda:N; float16, float32)",
         install_hint=INSTALL_HINT,

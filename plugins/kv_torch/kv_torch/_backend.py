@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,11 @@ import numpy as np
 import torch
 
 from kvcore import Backend, BackendCapabilities, Device, DType
-from kvcore.errors import DeviceMismatchError, UnsupportedError
+from kvcore._array_ops import ArrayOps
+from kvcore.errors import (DeviceMismatchError, DtypeMismatchError, PoolAllocationError,
+                           UnsupportedError)
 
+from ._array_ops import TorchOps
 from ._handle import TorchKvCacheHandle
 
 __all__ = ["TorchBackend"]
@@ -68,10 +72,6 @@ _WIDE = ((16, torch.complex128), (8, torch.int64), (4, torch.int32))
 #: Attribute names on index tensors made by :meth:`TorchBackend.index_array`.
 _HOST_ATTR = "_kvcore_host"
 _PLAN_ATTR = "_kvcore_gather_plan"
-#: DLPack device types (``DLDeviceType``) by number, for error messages.
-_DLPACK_DEVICES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan",
-                   8: "metal", 9: "vpi", 10: "rocm", 11: "rocm_host", 13: "cuda_managed",
-                   14: "oneapi", 15: "webgpu", 16: "hexagon", 17: "maia"}
 
 
 @functools.cache
@@ -97,34 +97,38 @@ def _torch_device(device: Device) -> torch.device:
     return torch.device("cpu") if device.type == "cpu" else torch.device("cuda", device.index)
 
 
-def _kv_device(device: torch.device) -> Device | None:
-    """The kvcore :class:`Device` of a torch device, or ``None`` for types kvcore lacks
-    (``mps``, ``meta``, ...)."""
+def _kv_device(device: torch.device) -> Device:
+    """The kvcore :class:`Device` of a torch device (``cuda`` without an index is the
+    current CUDA device)."""
     if device.type == "cpu":
         return _CPU
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return Device("cuda", index)
-    return None
+    if device.type == "cuda" and device.index is None:
+        return Device("cuda", torch.cuda.current_device())
+    return Device(device.type, device.index or 0)
 
 
 def _dlpack_device_name(dl_type: int, dl_id: int) -> str:
-    name = _DLPACK_DEVICES.get(int(dl_type), f"DLPack device type {int(dl_type)}")
-    return "cpu" if name == "cpu" else f"{name}:{int(dl_id)}"
+    try:
+        return str(Device.from_dlpack(dl_type, dl_id))
+    except ValueError:
+        return f"DLPack device type {int(dl_type)}:{int(dl_id)}"
 
 
-def _wide_dtype(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype | None:
-    """The widest element type all three tensors can be viewed as along their last dim
-    (``head_dim``) for a bit-exact copy, or ``None`` to copy in the native dtype."""
-    row = layer.shape[-1] * layer.element_size()
+def _wide_dtype(pool: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """The widest element type the pool and every row tensor can be viewed as along
+    their last dim (``head_dim``) for a bit-exact copy, or ``None`` to copy in the
+    native dtype."""
+    row = pool.shape[-1] * pool.element_size()
     for size, dtype in _WIDE:
         if row % size == 0:
             # Aligned data (a misaligned wide element is undefined behaviour on the CPU
             # and a fault on CUDA) and a unit last stride; view() checks the rest.
-            if (key.stride(-1) == 1 and value.stride(-1) == 1
-                    and (layer.data_ptr() | key.data_ptr() | value.data_ptr()) % size == 0):
-                return dtype
-            return None
+            ptrs = pool.data_ptr()
+            for r in rows:
+                if r.stride(-1) != 1:
+                    return None
+                ptrs |= r.data_ptr()
+            return dtype if ptrs % size == 0 else None
     return None
 
 
@@ -190,6 +194,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     array_library = "torch"
+    api_version = 2
     handle_class = TorchKvCacheHandle
 
     def __init__(self) -> None:
@@ -230,22 +235,28 @@ class TorchBackend(Backend):
 
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: DType, device: Device, *,
-                       pinned: bool = False) -> torch.Tensor:
+                       pinned: bool = False, planes: int = 2) -> torch.Tensor:
         """A zeroed pool layer.  ``pinned`` host memory is used only when CUDA is usable
         (pinning needs the CUDA driver); without CUDA there is no GPU pool to serve."""
         self.check_device(device)
         self.check_dtype(dtype)
         pin = pinned and device.type == "cpu" and cuda_problem() is None
-        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (planes, num_blocks, block_size, num_kv_heads, head_dim)
         # A manager built inside ``torch.inference_mode()`` must still be writable
         # outside it: inference tensors refuse in-place updates in normal mode.
-        with torch.inference_mode(False):
-            return torch.zeros(shape, dtype=_TORCH_DTYPES[dtype], device=_torch_device(device),
-                               pin_memory=pin)
+        try:
+            with torch.inference_mode(False):
+                return torch.zeros(shape, dtype=_TORCH_DTYPES[dtype],
+                                   device=_torch_device(device), pin_memory=pin)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            raise PoolAllocationError(f"torch could not allocate a pool of {nbytes} bytes on "
+                                      f"{device} (shape {list(shape)}, {dtype.value}): "
+                                      f"{exc}") from exc
 
     def index_array(self, indices: np.ndarray, device: Device) -> torch.Tensor:
         # Copied (np.array) so the index never aliases an array the caller may reuse.
-        host = np.array(indices, dtype=np.int64, copy=True).reshape(-1)
+        host = np.array(indices, dtype=np.int64, copy=True)
         index = torch.from_numpy(host)
         if device.type != "cpu":
             index = index.to(_torch_device(device))
@@ -255,68 +266,74 @@ class TorchBackend(Backend):
         return index
 
     @staticmethod
-    def _flat(layer: torch.Tensor) -> torch.Tensor:
-        # [2, blocks, block_size, H, D] -> [2, blocks * block_size, H, D]: a view, since
+    def _flat(pool: torch.Tensor) -> torch.Tensor:
+        # [P, blocks, block_size, H, D] -> [P, blocks * block_size, H, D]: a view, since
         # pools are contiguous, so a slot is a plain row index.
-        return layer.flatten(1, 2)
+        return pool.flatten(1, 2)
 
-    def scatter(self, layer: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
-                value: torch.Tensor) -> None:
+    def scatter(self, pool: torch.Tensor, slots: torch.Tensor,
+                rows: Sequence[torch.Tensor]) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
         # detach: a K/V that requires grad must not drag the pool into the autograd graph.
-        key, value = key.detach(), value.detach()
-        wide = _wide_dtype(layer, key, value)
+        rows = [r.detach() for r in rows]
+        wide = _wide_dtype(pool, rows)
         if wide is not None:
             try:
-                pool_k, pool_v = layer.view(wide).flatten(1, 2).unbind(0)
-                key, value = key.view(wide), value.view(wide)
+                planes = pool.view(wide).flatten(1, 2).unbind(0)
+                wide_rows = [r.view(wide) for r in rows]
             except RuntimeError:  # strides a dtype view cannot express: copy natively
                 pass
             else:
-                pool_k.index_copy_(0, slots, key)
-                pool_v.index_copy_(0, slots, value)
-                return
-        pool_k, pool_v = self._flat(layer).unbind(0)
-        pool_k.index_copy_(0, slots, key)
-        pool_v.index_copy_(0, slots, value)
+                for plane, values in zip(planes, wide_rows):
+                    plane.index_copy_(0, slots, values)
+                return pool
+        for plane, values in zip(self._flat(pool).unbind(0), rows):
+            plane.index_copy_(0, slots, values)
+        return pool
 
-    def gather(self, layer: torch.Tensor, kv: int, slots: torch.Tensor) -> torch.Tensor:
+    def gather(self, pool: torch.Tensor, plane: int, slots: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
-        plan = _gather_plan(slots, layer.shape[2])
-        if plan is not None:
-            n, blocks, first = plan
+        if slots.dim() != 1:  # a rectangle of slots: one indexed read, then its shape
+            flat = self._flat(pool)[plane].index_select(0, slots.reshape(-1))
+            return flat.reshape(*slots.shape, *pool.shape[3:])
+        gather_plan = _gather_plan(slots, pool.shape[2])
+        if gather_plan is not None:
+            n, blocks, first = gather_plan
             if blocks is None:  # consecutive blocks: one slice, one copy
-                whole = layer[kv, first:first + -(-n // layer.shape[2])].clone()
+                whole = pool[plane, first:first + -(-n // pool.shape[2])].clone()
             else:
-                whole = layer[kv].index_select(0, blocks)
+                whole = pool[plane].index_select(0, blocks)
             return whole.flatten(0, 1)[:n]
-        return self._flat(layer)[kv].index_select(0, slots)
+        return self._flat(pool)[plane].index_select(0, slots)
 
-    def copy_blocks(self, layer: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def copy_blocks(self, pool: torch.Tensor, src: torch.Tensor,
+                    dst: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
         # index_select makes a new tensor first, so overlapping src/dst copy correctly.
-        layer.index_copy_(1, dst, layer.index_select(1, src))
+        pool.index_copy_(1, dst, pool.index_select(1, src))
+        return pool
 
-    def transfer_blocks(self, src_layer: torch.Tensor, src: torch.Tensor,
-                        dst_layer: torch.Tensor, dst: torch.Tensor) -> None:
+    def transfer_blocks(self, src_pool: torch.Tensor, src: torch.Tensor,
+                        dst_pool: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
-        s_dev, d_dev = src_layer.device, dst_layer.device
+        s_dev, d_dev = src_pool.device, dst_pool.device
         if s_dev == d_dev:
-            dst_layer.index_copy_(1, dst, src_layer.index_select(1, src))
+            dst_pool.index_copy_(1, dst, src_pool.index_select(1, src))
         elif d_dev.type == "cpu":
-            self._device_to_host(src_layer, src, dst_layer, dst)
+            self._device_to_host(src_pool, src, dst_pool, dst)
         elif s_dev.type == "cpu":
-            staging = torch.empty((2, src.numel(), *src_layer.shape[2:]),
-                                  dtype=src_layer.dtype, pin_memory=True)
-            torch.index_select(src_layer, 1, src, out=staging)
-            dst_layer.index_copy_(1, dst, staging.to(d_dev, non_blocking=True))
+            staging = torch.empty((src_pool.shape[0], src.numel(), *src_pool.shape[2:]),
+                                  dtype=src_pool.dtype, pin_memory=True)
+            torch.index_select(src_pool, 1, src, out=staging)
+            dst_pool.index_copy_(1, dst, staging.to(d_dev, non_blocking=True))
         else:
-            moved = src_layer.index_select(1, src).to(d_dev, non_blocking=True)
-            dst_layer.index_copy_(1, dst, moved)
+            moved = src_pool.index_select(1, src).to(d_dev, non_blocking=True)
+            dst_pool.index_copy_(1, dst, moved)
+        return dst_pool
 
     def _device_to_host(self, src_layer: torch.Tensor, src: torch.Tensor,
                         dst_layer: torch.Tensor, dst: torch.Tensor) -> None:
@@ -349,11 +366,7 @@ class TorchBackend(Backend):
     def describe(self, array: Any) -> tuple[tuple[int, ...], DType | None, Device]:
         if not isinstance(array, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(array).__name__}")
-        device = _kv_device(array.device)
-        if device is None:
-            raise UnsupportedError(f"tensor is on device {str(array.device)!r}; kvcore "
-                                   "knows 'cpu' and 'cuda:N'")
-        return tuple(array.shape), _FROM_TORCH.get(array.dtype), device
+        return tuple(array.shape), _FROM_TORCH.get(array.dtype), _kv_device(array.device)
 
     def asarray(self, obj: Any, device: Device) -> torch.Tensor:
         """``obj`` as a tensor on ``device`` without copying.
@@ -388,8 +401,13 @@ class TorchBackend(Backend):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # "not writable": we only read
                     return torch.as_tensor(obj)
+            dtype = str(getattr(obj, "dtype", ""))
+            if "Unsupported dtype" in str(exc) or "dtype" in str(exc).lower():
+                raise DtypeMismatchError(f"torch could not import the {type(obj).__name__} "
+                                         f"of dtype {dtype or '?'} through DLPack: "
+                                         f"{exc}") from exc
             raise TypeError(f"torch could not import the {type(obj).__name__} through "
-                            f"DLPack: {exc}") from exc
+                            f"DLPack: {type(exc).__name__}: {exc}") from exc
 
     def to_numpy(self, array: torch.Tensor) -> np.ndarray:
         """A host copy; ``bfloat16`` is widened to ``float32`` (numpy has no bf16)."""
@@ -408,3 +426,9 @@ class TorchBackend(Backend):
         # np.array copies: the result must not alias the caller's array.
         host = torch.from_numpy(np.array(array, copy=True, order="C"))
         return host.to(device=_torch_device(device), dtype=_TORCH_DTYPES[dtype])
+
+    def array_ops(self) -> ArrayOps:
+        return _OPS
+
+
+_OPS = TorchOps(torch)

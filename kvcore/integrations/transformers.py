@@ -31,8 +31,13 @@ How the batch maps onto kvcore:
   :meth:`~kvcore.KvCacheManager.deallocate`: a beam that survives twice is forked, and
   copy-on-write gives each child its own copy of the shared last block when it writes.
 
-Not supported: ``crop`` with tokens to remove (assisted / speculative decoding), since
-the manager cannot shrink a sequence; sliding-window and linear-attention layers.
+* ``crop(-n)`` (assisted and speculative decoding roll back rejected draft tokens)
+  maps to :meth:`~kvcore.KvCacheManager.truncate`, which copies a shared or
+  prefix-cached last block before the row writes into it again; assisted decoding
+  (``generate(..., assistant_model=...)``) gives ``DynamicCache``'s exact tokens on a
+  cache without :meth:`KvCoreCache.set_prompts`.
+
+Not supported: sliding-window and linear-attention layers.
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ try:
     import torch
     from transformers.cache_utils import Cache, CacheLayerMixin
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("kvcore.integrations.transformers needs torch and transformers "
-                      "(pip install torch transformers)") from exc
+    raise ImportError("kvcore.integrations.transformers needs torch and transformers: "
+                      'pip install "kvcore[transformers]"') from exc
 
 from .._manager import KvCacheManager
 from .._paged_handle import PagedKvCacheHandle

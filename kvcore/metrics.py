@@ -70,6 +70,11 @@ _KNOWN: dict[str, tuple[Literal["counter", "gauge", "state"], str, str]] = {
                           "Prompt blocks served from the prefix cache"),
     "prefix_cache_hit_rate": ("gauge", "prefix_cache_hit_ratio",
                               "Hit blocks / queried blocks since the manager started"),
+    "prefix_cache_query_tokens": ("counter", "prefix_cache_query_tokens",
+                                  "Prompt tokens of requests allocated with token ids "
+                                  "(vLLM's prefix-cache queries)"),
+    "prefix_cache_hit_tokens": ("counter", "prefix_cache_hit_tokens",
+                                "Prompt tokens served from the prefix cache (vLLM's hits)"),
     "evictions": ("counter", "evicted_blocks", "Prefix-cached blocks evicted for reuse"),
     "allocations": ("counter", "sequence_allocations", "Sequences allocated (forks included)"),
     "allocation_failures": ("counter", "allocation_failures",

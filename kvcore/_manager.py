@@ -143,9 +143,9 @@ class KvCacheManager:
 
     def _h_require_live(self, seq: SequenceRecord, op: str) -> None:
         if not seq.valid:
-            why = "its manager was closed" if self._closed else "was deallocated"
-            raise InvalidHandleError(f"{op}: the cache of request {seq.request_id!r} {why}; "
-                                     "this handle is no longer valid")
+            why = "its manager was closed" if self._closed else "it was deallocated"
+            raise InvalidHandleError(f"{op}: the cache of request {seq.request_id!r} is gone "
+                                     f"({why}); this handle is no longer valid")
 
     def _require_resident(self, seq: SequenceRecord, op: str) -> None:
         self._h_require_live(seq, op)

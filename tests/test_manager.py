@@ -324,7 +324,7 @@ def test_deallocated_handles_are_invalid_and_refuse_every_data_access(manager, c
                  lambda: manager.write(h, 0, x, x), lambda: manager.extend(h, 1),
                  lambda: manager.fork(h, "b"), lambda: clone.key_cache(0),
                  lambda: h.num_written(0)):
-        with pytest.raises(InvalidHandleError, match="'a' is gone \(it was deallocated\)"):
+        with pytest.raises(InvalidHandleError, match=r"'a' is gone \(it was deallocated\)"):
             call()
     assert manager.stats().used_blocks == 0
     manager.check_invariants()

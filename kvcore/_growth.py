@@ -124,14 +124,35 @@ def _check_token_ids(token_ids: object, count: int, n: int) -> np.ndarray:
     return out
 
 
-def extend_rows(co: Coordinator, rows: np.ndarray, n: int,
-                token_ids: object | None) -> tuple[np.ndarray, np.ndarray]:
+def extend_rows(co: Coordinator, rows: np.ndarray, n: int, token_ids: object | None, *,
+                steady: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Grow each of ``rows`` (distinct, live, resident) by ``n`` tokens.  Returns the
-    slots of the new tokens (sequences in order) and their starting positions.
-    All or nothing."""
+    slots of the new tokens (sequences in order) and their starting positions.  All
+    or nothing.  ``steady`` says nothing was shared since these rows were last
+    checked (same batch, same epoch), so no last block needs copy-on-write."""
     t, bs, pool = co.tables, co.block_size, co.pool
     ids = None if token_ids is None else _check_token_ids(token_ids, rows.size, n)
     lengths = t.length[rows]
+    if n == 1 and steady:
+        # The decode step: a row needs a new block exactly when its last one is full.
+        offset = lengths % bs
+        full = offset == 0
+        if full.any():
+            growing = rows[full]
+            if growing.size > pool.num_free:
+                co.counters.failures += 1
+                raise OutOfBlocksError(f"extending {rows.size} sequence(s) by 1 tokens needs "
+                                       f"{growing.size} blocks but only {pool.num_free} are "
+                                       "free")
+            column = lengths[full] // bs
+            t.ensure_width(int(column.max()) + 1)
+            t.blocks[growing, column] = co.take(growing.size, growing)
+            t.num_blocks[growing] += 1
+        slots = t.blocks[rows, lengths // bs] * bs + offset
+        t.length[rows] = lengths + 1
+        t.last_access[rows] = time.time()
+        _continue_chains(co, rows, lengths, lengths + 1, 1, ids)
+        return slots, lengths
     nb = t.num_blocks[rows]
     new_len = lengths + n
     grow = -(-new_len // bs) - nb
@@ -180,7 +201,8 @@ def _continue_chains(co: Coordinator, rows: np.ndarray, lengths: np.ndarray,
     t, bs = co.tables, co.block_size
     if ids is None:
         # Tokens without ids: the chain cannot continue past them.
-        t.hashing[rows] = False
+        if t.hashing[rows].any():
+            t.hashing[rows] = False
         return
     known = t.known[rows] == lengths
     if not known.all():  # ids after a gap are of no use to the chain

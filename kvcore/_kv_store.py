@@ -42,6 +42,9 @@ class KvStore:
         self.filled = np.zeros((c.num_blocks, c.num_layers), dtype=bool)
         self.complete = np.zeros(c.num_blocks, dtype=bool)
         self.closed = False
+        # For fast_kv: the backend's own array type, and the row shape expected.
+        self._native_type = type(self.pools[0])
+        self._shapes: dict[int, tuple[int, int, int]] = {}
 
     # --- indices ------------------------------------------------------------------
 
@@ -82,6 +85,24 @@ class KvStore:
             tokens = shape[0]
         return out[0], out[1], int(tokens)  # type: ignore[arg-type]
 
+    def fast_kv(self, key: Any, value: Any, tokens: int) -> bool:
+        """Whether ``key`` and ``value`` are the backend's own arrays with exactly the
+        cache's dtype, device and ``[tokens, heads, dim]`` shape: the common case,
+        checked without converting anything.  ``False`` means "use :meth:`native_kv`"
+        (which converts, or names what is wrong)."""
+        native = self._native_type
+        if type(key) is not native or type(value) is not native:
+            return False
+        shape = self._shapes.get(tokens)
+        if shape is None:
+            c = self.config
+            shape = self._shapes[tokens] = (tokens, c.num_kv_heads, c.head_dim)
+        describe, c = self.backend.describe, self.config
+        k_shape, k_dtype, k_device = describe(key)
+        v_shape, v_dtype, v_device = describe(value)
+        return (tuple(k_shape) == shape and tuple(v_shape) == shape and k_dtype is c.dtype
+                and v_dtype is c.dtype and k_device == c.device and v_device == c.device)
+
     # --- data ---------------------------------------------------------------------
 
     def scatter(self, layer: int, index: Any, key: Any, value: Any) -> None:
@@ -105,12 +126,15 @@ class KvStore:
             self.filled[blocks] = False
             self.complete[blocks] = False
 
-    def mark_filled(self, layer: int, blocks: np.ndarray) -> np.ndarray:
-        """``layer`` now holds every token of ``blocks``; returns the blocks that just
-        became complete (every layer)."""
+    def mark_filled(self, layer: int | np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """``layer`` (one, or an array of layers) now holds every token of ``blocks``;
+        returns the blocks that just became complete (every layer)."""
         if not blocks.size:
             return blocks
-        self.filled[blocks, layer] = True
+        if isinstance(layer, np.ndarray):
+            self.filled[np.ix_(blocks, layer)] = True
+        else:
+            self.filled[blocks, layer] = True
         now = self.filled[blocks].all(axis=1)
         new = blocks[now & ~self.complete[blocks]]
         self.complete[blocks] = now

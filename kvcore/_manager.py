@@ -13,6 +13,7 @@ exactly as it was.
 
 from __future__ import annotations
 
+import operator
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from ._registry import get_backend, list_backends
 from ._sequence_table import SequenceRecord
 from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
 from ._tensor_ref import TensorRef
-from ._writes import FastPath, prepare_fast_path, read_layer, write_mapping, write_range
+from ._writes import FastPath, prepare_fast_path, read_layer, settle, write_mapping, write_range
 from .errors import (CacheError, CapacityError, DuplicateRequestError, HandleSwappedError,
                      InvalidHandleError, LayerIndexError, ManagerClosedError, NotCopyableError,
                      OutOfBlocksError, PendingPrefixError, StaleSlotMappingError,
@@ -78,9 +79,13 @@ class KvCacheManager:
         self._token = object()  # the identity every SlotMapping of this manager carries
         self._seqs: dict[str, SequenceRecord] = {}
         self._fast: FastPath | None = None
+        # The last batch extend_batch checked: (epoch, handles, rows, request ids).
+        self._last_batch: tuple[int, tuple[Any, ...], np.ndarray, tuple[str, ...]] | None = None
+        self._num_layers = config.num_layers
         self._lock = threading.RLock()
         self._on_pressure = on_pressure
         self._pressure = MemoryPressure.low
+        self._used = 0
         self._closed = False
 
     # --- properties ---------------------------------------------------------------
@@ -115,6 +120,7 @@ class KvCacheManager:
                 seq.valid = False
             self._seqs.clear()
             self._fast = None
+            self._last_batch = None
             self._co.close()
 
     def __enter__(self) -> KvCacheManager:
@@ -138,8 +144,17 @@ class KvCacheManager:
     # --- lookups ------------------------------------------------------------------
 
     def _check_open(self, op: str) -> None:
+        """Refuse calls on a closed manager, and bring the books up to date first (every
+        locked public method starts here)."""
         if self._closed:
             raise ManagerClosedError(f"{op}: the manager was closed; its pools are released")
+        self._settle()
+
+    def _settle(self) -> None:
+        """Apply the books of fast-path writes (see :class:`~kvcore._writes.FastPath`)."""
+        fast = self._fast
+        if fast is not None and fast.pending:
+            settle(self._co, fast)
 
     def _h_require_live(self, seq: SequenceRecord, op: str) -> None:
         if not seq.valid:
@@ -172,7 +187,7 @@ class KvCacheManager:
     def _batch(self, handles: Any, op: str) -> list[SequenceRecord]:
         """The live, resident, distinct sequences of ``handles`` (a list or tuple of
         handles or request ids).  The common case, this manager's own handles, costs
-        a few attribute reads per handle."""
+        a few attribute reads per handle and a few array operations per batch."""
         if isinstance(handles, (str, bytes)) or not isinstance(handles, Sequence):
             raise TypeError(f"{op}: expected a list of handles or request ids, got "
                             f"{type(handles).__name__}")
@@ -185,11 +200,11 @@ class KvCacheManager:
                 append(h._seq)
             else:
                 append(self._seq_of(h, op))
-        swapped = self._co.tables.swapped
-        for seq in seqs:
-            if swapped[seq.row]:
-                self._require_resident(seq, op)
-        if len(set(map(id, seqs))) != len(seqs):
+        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+        swapped = self._co.tables.swapped[rows]
+        if swapped.any():
+            self._require_resident(seqs[int(np.argmax(swapped))], op)
+        if np.unique(rows).size != rows.size:
             raise ValueError(f"{op}: a sequence appears more than once in the batch")
         return seqs
 
@@ -347,17 +362,32 @@ class KvCacheManager:
         whole step is a fixed number of array operations and, when blocks are
         shared, one backend copy per layer, however many sequences it spans.
         """
-        n = _positive("num_tokens", num_tokens)
+        n = num_tokens if type(num_tokens) is int and num_tokens > 0 else \
+            _positive("num_tokens", num_tokens)
         with self._lock:
-            seqs = self._batch(handles, "extend")
+            self._check_open("extend")
             co = self._co
-            rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-            slots, starts = extend_rows(co, rows, n, token_ids)
+            last = self._last_batch
+            # A decode loop passes the same handles step after step: while nothing
+            # moved (same epoch), they are still live, resident and distinct, and no
+            # block they hold became shared, so the checks of the last step hold.
+            steady = (last is not None and last[0] == co.epoch
+                      and isinstance(handles, (list, tuple)) and len(last[1]) == len(handles)
+                      and all(map(operator.is_, handles, last[1])))
+            if steady:
+                rows, request_ids = last[2], last[3]  # type: ignore[index]
+            else:
+                seqs = self._batch(handles, "extend")
+                rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+                request_ids = tuple([s.request_id for s in seqs])
+            slots, starts = extend_rows(co, rows, n, token_ids, steady=steady)
             mapping = SlotMapping(slots=slots, rows=rows, starts=starts, ends=starts + n,
-                                  versions=co.tables.version[rows].copy(),
-                                  request_ids=tuple([s.request_id for s in seqs]),
+                                  versions=co.tables.version[rows], request_ids=request_ids,
                                   owner=self._token)
-            self._fast = prepare_fast_path(co, mapping) if rows.size else None
+            if not steady or last[0] != co.epoch:  # type: ignore[index]
+                self._last_batch = (co.epoch, tuple(handles), rows, request_ids)
+            self._fast = prepare_fast_path(co, mapping, self._fast, checked=steady) \
+                if rows.size else None
             self._after_change()
             return mapping
 
@@ -412,21 +442,33 @@ class KvCacheManager:
         ``reshape_and_cache``).  ``key``/``value`` are ``[slots.num_tokens, heads, dim]``.
         A mapping made by another manager, or stale, is refused with
         :class:`~kvcore.errors.StaleSlotMappingError` before anything is written."""
-        if not isinstance(slots, SlotMapping):
-            raise TypeError(f"slots must be a SlotMapping from extend/extend_batch, got "
-                            f"{type(slots).__name__}")
         with self._lock:
+            fast = self._fast
+            co = self._co
+            # The decode step's own mapping, first write of this layer, nothing moved
+            # since the step was checked, arrays exactly as the cache holds them.
+            if (fast is not None and slots is fast.mapping and fast.epoch == co.epoch
+                    and type(layer) is int and 0 <= layer < self._num_layers
+                    and fast.first[layer] and co.store.fast_kv(key, value, fast.tokens)):
+                co.store.scatter(layer, fast.index, key, value)
+                fast.first[layer] = False
+                fast.pending.append(layer)
+                return
+            if not isinstance(slots, SlotMapping):
+                raise TypeError(f"slots must be a SlotMapping from extend/extend_batch, got "
+                                f"{type(slots).__name__}")
             self._check_open("write_slots")
             if slots.owner is not self._token:
                 raise StaleSlotMappingError(f"the slot mapping of request(s) "
                                             f"{list(slots.request_ids)} was made by a "
                                             "different manager; this manager refuses it")
             layer = self._check_layer(layer)
-            k, v, _ = self._co.store.native_kv(key, value, slots.num_tokens)
-            write_mapping(self._co, slots, layer, k, v, self._fast)
+            k, v, _ = co.store.native_kv(key, value, slots.num_tokens)
+            write_mapping(co, slots, layer, k, v, self._fast)
 
     def _h_read(self, seq: SequenceRecord, layer: int, plane: int) -> TensorRef | None:
         with self._lock:
+            self._settle()
             self._require_resident(seq, "key_cache" if plane == 0 else "value_cache")
             return read_layer(self._co, seq, self._check_layer(layer), plane)
 
@@ -438,6 +480,7 @@ class KvCacheManager:
 
     def _h_num_written(self, seq: SequenceRecord, layer: int) -> int:
         with self._lock:
+            self._settle()
             self._h_require_live(seq, "num_written")
             return int(self._co.tables.written[seq.row, self._check_layer(layer)])
 
@@ -577,6 +620,10 @@ class KvCacheManager:
             return self._level()
 
     def _after_change(self) -> None:
+        used = self._co.pool.num_used
+        if used == self._used:  # the level depends on the blocks in use only
+            return
+        self._used = used
         level = self._level()
         if level is self._pressure:
             return

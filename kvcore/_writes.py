@@ -17,7 +17,6 @@ the mapping of the last decode step they run once per step, not once per layer
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,22 +27,62 @@ from ._slot_mapping import SlotMapping
 from ._tensor_ref import TensorRef
 from .errors import OutOfBlocksError, PendingPrefixError, StaleSlotMappingError, WriteOrderError
 
-__all__ = ["FastPath", "prepare_fast_path", "read_layer", "write_mapping", "write_range"]
+__all__ = ["FastPath", "prepare_fast_path", "read_layer", "settle", "write_mapping",
+           "write_range"]
 
 
-@dataclass(eq=False)
 class FastPath:
-    """The last decode step's mapping with its checks done once: valid while the
+    """The last decode step's mapping with its checks done once.  Valid while the
     coordinator's epoch is unchanged.  ``first[layer]`` says the layer is written
-    exactly up to the mapping's starts (so every slot is a first write) and not yet
-    written through the fast path."""
+    exactly up to the mapping's starts (so every slot is a first write into a block
+    the sequence may write in place) and has not been written through the fast path
+    yet.  What a fast write changes in the books (written counts, filled blocks) is
+    recorded in ``pending`` and applied by :func:`settle` before anything reads it,
+    so a write costs the scatter and a few attribute checks."""
 
-    mapping: SlotMapping
-    epoch: int
-    first: np.ndarray
-    #: Blocks whose last slot the step writes (complete for a layer once written).
-    done: np.ndarray
-    rows: frozenset[int]
+    __slots__ = ("mapping", "epoch", "first", "index", "rows", "tokens", "pending", "settled",
+                 "touched", "_row_set")
+
+    def __init__(self, mapping: SlotMapping, epoch: int, first: list[bool], index: Any) -> None:
+        self.mapping = mapping
+        self.epoch = epoch
+        self.first = first
+        self.index = index
+        self.rows = mapping.rows
+        self.tokens = mapping.num_tokens
+        #: Layers written through the fast path whose books are not updated yet, and
+        #: how many layers' books were updated so far.
+        self.pending: list[int] = []
+        self.settled = 0
+        #: Whether another write touched the mapping's sequences (their written counts
+        #: then say nothing about the next step).
+        self.touched = False
+        self._row_set: frozenset[int] | None = None
+
+    def wrote_every_layer(self, num_layers: int) -> bool:
+        """Every layer was written through the fast path and nothing else wrote these
+        sequences: each is now written exactly up to the mapping's ends."""
+        return self.settled == num_layers and not self.pending and not self.touched
+
+    def covers(self, row: int) -> bool:
+        if self._row_set is None:
+            self._row_set = frozenset(self.rows.tolist())
+        return row in self._row_set
+
+
+def settle(co: Coordinator, fast: FastPath) -> None:
+    """Apply the books of the fast writes so far: written counts, filled blocks."""
+    layers = np.asarray(fast.pending, dtype=np.int64)
+    fast.settled += layers.size
+    fast.pending = []
+    mapping = fast.mapping
+    co.tables.written[np.ix_(mapping.rows, layers)] = mapping.ends[:, None]
+    bs = co.block_size
+    done = mapping.slots[mapping.slots % bs == bs - 1] // bs
+    if done.size:
+        new = co.store.mark_filled(layers, done)
+        if new.size:
+            co.index.on_complete(new)
 
 
 def _complete_blocks(co: Coordinator, layer: int, slots: np.ndarray) -> None:
@@ -84,8 +123,9 @@ def write_range(co: Coordinator, row: int, request_id: str, layer: int, key: Any
     t.written[row, layer] = max(written, start + n)
     t.last_access[row] = time.time()
     _complete_blocks(co, layer, slots)
-    if fast is not None and row in fast.rows:
+    if fast is not None and fast.covers(row):
         fast.first[layer] = False  # this layer's written counts moved under the mapping
+        fast.touched = True
 
 
 def _stale(mapping: SlotMapping, rows_at_fault: np.ndarray, why: str) -> StaleSlotMappingError:
@@ -125,43 +165,45 @@ def check_mapping(co: Coordinator, mapping: SlotMapping, layer: int) -> np.ndarr
 
 def write_mapping(co: Coordinator, mapping: SlotMapping, layer: int, key: Any, value: Any,
                   fast: FastPath | None) -> None:
-    """Write every token of ``mapping`` into ``layer`` (arrays validated by the caller)."""
+    """Write every token of ``mapping`` into ``layer`` after every check (arrays
+    validated by the caller, fast writes settled)."""
     t = co.tables
-    index = mapping.native(co.backend, co.config.device)
-    if (fast is not None and fast.mapping is mapping and fast.epoch == co.epoch
-            and fast.first[layer]):
-        # Checked once for the whole step: nothing moved since, and this layer is
-        # written exactly up to the starts, so every slot is a writable first write.
-        co.store.scatter(layer, index, key, value)
-        t.written[mapping.rows, layer] = mapping.ends
-        fast.first[layer] = False
-        new = co.store.mark_filled(layer, fast.done)
-        if new.size:
-            co.index.on_complete(new)
-        return
     written = check_mapping(co, mapping, layer)
-    co.store.scatter(layer, index, key, value)
+    co.store.scatter(layer, mapping.native(co.backend, co.config.device), key, value)
     t.written[mapping.rows, layer] = np.maximum(written, mapping.ends)
     _complete_blocks(co, layer, mapping.slots)
-    if fast is not None and fast.mapping is not mapping and fast.rows & set(mapping.rows.tolist()):
+    if fast is not None and (fast.mapping is mapping or
+                             any(fast.covers(r) for r in mapping.rows.tolist())):
         fast.first[layer] = False
+        fast.touched = True
 
 
-def prepare_fast_path(co: Coordinator, mapping: SlotMapping) -> FastPath | None:
-    """The once-per-step checks of a decode step's mapping (``None`` if some layer is
-    not written exactly up to the starts, or a block is not writable)."""
-    t, bs = co.tables, co.block_size
+def prepare_fast_path(co: Coordinator, mapping: SlotMapping, previous: FastPath | None, *,
+                      checked: bool = False) -> FastPath | None:
+    """The once-per-step checks of a decode step's mapping; ``None`` if no layer is
+    written exactly up to the starts, or a slot is not writable in place.
+    ``checked`` says the extension itself proved every slot writable (nothing was
+    shared since the batch was last checked: only its own fresh or private blocks).
+    ``previous`` is the last step's fast path, settled: when it covered the same
+    sequences and wrote every layer, every layer is written up to the new starts."""
+    t = co.tables
     rows = mapping.rows
-    first = (t.written[rows] == mapping.starts[:, None]).all(axis=0)
-    if not first.any():
-        return None
-    counts = mapping.ends - mapping.starts
-    ok = co.writable(np.repeat(rows, counts), mapping.slots // bs,
-                     np.ones(mapping.slots.size, dtype=bool))
-    if not ok.all():
-        return None
-    done = mapping.slots[mapping.slots % bs == bs - 1] // bs
-    return FastPath(mapping, co.epoch, first, done, frozenset(rows.tolist()))
+    layers = co.config.num_layers
+    if checked and previous is not None and previous.rows is rows and \
+            previous.wrote_every_layer(layers):
+        first = [True] * layers
+    else:
+        first_arr = (t.written[rows] == mapping.starts[:, None]).all(axis=0)
+        if not first_arr.any():
+            return None
+        first = first_arr.tolist()
+    if not checked:
+        counts = mapping.ends - mapping.starts
+        ok = co.writable(np.repeat(rows, counts), mapping.slots // co.block_size,
+                         np.ones(mapping.slots.size, dtype=bool))
+        if not ok.all():
+            return None
+    return FastPath(mapping, co.epoch, first, mapping.native(co.backend, co.config.device))
 
 
 def read_layer(co: Coordinator, seq: SequenceRecord, layer: int,

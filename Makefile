@@ -20,7 +20,7 @@ $(STAMP): $(INSTALL_DEPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_PIN)"
 	$(PIP) install -e ".[transformers,plot]" -e plugins/kv_numpy -e plugins/kv_torch \
-		-e "plugins/kv_cupy[cuda12]" -e conformance -r requirements-dev.txt
+		-e "plugins/kv_cupy[cuda12-sysctk]" -e conformance -r requirements-dev.txt
 	touch $(STAMP)
 
 test: $(STAMP)

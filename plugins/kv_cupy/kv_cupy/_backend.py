@@ -195,7 +195,10 @@ class CupyBackend(Backend):
                 return (_cuda.allocate_pinned(shape, np_dtype) if pinned
                         else np.zeros(shape, np_dtype))
             with cupy.cuda.Device(device.index):
-                return cupy.zeros(shape, np_dtype)
+                pool = cupy.zeros(shape, np_dtype)
+                # The zero fill is queued: a first use on another stream waits for it.
+                self._order.end(pool, cupy.cuda.get_current_stream())
+                return pool
         except (MemoryError, ValueError, cupy.cuda.memory.OutOfMemoryError,
                 cupy.cuda.runtime.CUDARuntimeError) as exc:
             nbytes = int(np.prod(shape, dtype=object)) * np_dtype.itemsize

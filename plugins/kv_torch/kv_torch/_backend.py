@@ -253,13 +253,16 @@ class TorchBackend(Backend):
             with torch.inference_mode(False):
                 if pin:  # exactly the asked bytes, not torch's power-of-two block
                     return _cuda.allocate_pinned(shape, _TORCH_DTYPES[dtype])
-                return torch.zeros(shape, dtype=_TORCH_DTYPES[dtype],
+                pool = torch.zeros(shape, dtype=_TORCH_DTYPES[dtype],
                                    device=_torch_device(device))
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
             raise PoolAllocationError(f"torch could not allocate a pool of {nbytes} bytes on "
                                       f"{device} (shape {list(shape)}, {dtype.value}): "
                                       f"{exc}") from exc
+        if pool.is_cuda:  # the zero fill is queued: a first use on another stream waits
+            self._order.end(pool, torch.cuda.current_stream(pool.device))
+        return pool
 
     def release_layer(self, pool: torch.Tensor) -> None:
         """Unlock the pages of a pinned swap pool now (other pools: garbage collection)."""

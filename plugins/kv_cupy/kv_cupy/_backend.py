@@ -29,6 +29,7 @@ Guarantees (``docs/backends.md`` says what of this is verified on which hardware
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -116,6 +117,7 @@ class CupyBackend(Backend):
         #: Transfers still in flight (see the module docstring), finished before any
         #: operation touches data.
         self._pending: list[Pending] = []
+        self._pending_lock = threading.Lock()
         self._order = _cuda.StreamOrder()
         self._staging_ops = _cuda.CupyStagingOps()
         #: Bytes one chunk of a swap moves (see :mod:`kvcore._staging`).
@@ -314,14 +316,17 @@ class CupyBackend(Backend):
                     f"{self.transfer_chunk_bytes} bytes: {exc}; the destination blocks "
                     "hold partial data") from exc
             raise
-        self._pending.extend(transfer.close())
+        jobs = transfer.close()
+        with self._pending_lock:
+            self._pending.extend(jobs)
         return list(dst_pools)
 
     def _finish_pending(self) -> None:
         """Wait for in-flight transfers and land device -> host copies in their pools."""
-        pending, self._pending = self._pending, []
-        for job in pending:
-            job.finish(self._staging_ops)
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+            for job in pending:
+                job.finish(self._staging_ops)
 
     def synchronize(self, device: Device) -> None:
         """Wait until every operation this backend queued for ``device`` has run and

@@ -405,7 +405,8 @@ class TorchBackend(Backend):
                     order.end(s_pool, s_stream)
         except BaseException as exc:
             transfer.abort()
-            if isinstance(exc, torch.OutOfMemoryError):
+            if isinstance(exc, torch.OutOfMemoryError) or (
+                    isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
                 raise PoolAllocationError(
                     f"torch ran out of memory moving {int(src.numel())} blocks per layer "
                     f"from {s_dev} to {d_dev} in chunks of {self.transfer_chunk_bytes} "

@@ -12,7 +12,7 @@ TORCH_PIN ?= torch==2.13.0
 INSTALL_DEPS := pyproject.toml plugins/kv_numpy/pyproject.toml plugins/kv_torch/pyproject.toml \
 	plugins/kv_cupy/pyproject.toml conformance/pyproject.toml requirements-dev.txt Makefile
 
-.PHONY: setup test demo bench backends conformance clean
+.PHONY: setup test demo bench backends conformance gpu-check clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): $(INSTALL_DEPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_PIN)"
 	$(PIP) install -e ".[transformers,plot,metrics]" -e plugins/kv_numpy -e plugins/kv_torch \
-		-e "plugins/kv_cupy[cuda12]" -e conformance -r requirements-dev.txt
+		-e "plugins/kv_cupy[cuda12-sysctk]" -e conformance -r requirements-dev.txt
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -37,6 +37,12 @@ backends: $(STAMP)
 
 conformance: $(STAMP)
 	$(VENV)/bin/kvcore conformance numpy torch
+
+# On a machine with an NVIDIA GPU: its own venv (.venv-gpu) with torch's CUDA build and
+# CuPy, `pytest -m gpu` with KVCORE_REQUIRE_GPU=1, the conformance suite on cuda, and a
+# bandwidth bench, then a summary (scripts/gpu_check.py --help; docs/backends.md).
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info */*.egg-info plugins/*/*.egg-info .pytest_cache .hypothesis

@@ -537,7 +537,11 @@ class KvCacheManager:
                 co.counters.failures += 1
                 raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {blocks.size} "
                                        f"swap blocks, {swap.pool.num_free} are free")
-            dst = swap.swap_out(co.store, blocks)
+            try:
+                dst = swap.swap_out(co.store, blocks)  # gives its blocks back on failure
+            except BaseException:
+                co.counters.failures += 1
+                raise
             co.release(blocks)
             t.blocks[row, :blocks.size] = dst
             t.swapped[row] = True
@@ -561,8 +565,9 @@ class KvCacheManager:
             dst = co.take(src.size, row)
             try:
                 swap.swap_in(co.store, src, dst)
-            except BaseException:
+            except BaseException:  # all or nothing: the sequence stays swapped out
                 co.release(dst)
+                co.counters.failures += 1
                 raise
             t.blocks[row, :src.size] = dst
             t.swapped[row] = False

@@ -93,3 +93,34 @@ def test_a_device_no_backend_serves_is_refused_naming_the_backends_and_their_typ
     text = str(info.value)
     assert "cannot place a pool on device 'mps:0'" in text
     assert "numpy (cpu)" in text and "torch (cpu" in text
+
+
+class FailingTransfer(NumpyBackend):
+    """A swap whose transfer runs out of memory half way (a GPU under pressure)."""
+
+    name = "failing-transfer"
+
+    def transfer_blocks_layers(self, src_pools, src, dst_pools, dst):
+        raise PoolAllocationError("simulated: no room for the transfer's temporaries")
+
+
+@pytest.mark.parametrize("direction", ["out", "in"])
+def test_a_swap_whose_transfer_fails_changes_nothing_and_is_counted(direction):
+    be = FailingTransfer() if direction == "out" else NumpyBackend()
+    mgr = KvCacheManager(CFG, be)
+    h = mgr.allocate(AllocationRequest(request_id="a", num_tokens=6))
+    rows = np.arange(12, dtype=np.float32).reshape(6, 1, 2)
+    for layer in range(CFG.num_layers):
+        h.write(layer, rows, -rows)
+    if direction == "in":
+        mgr.swap_out(h)
+        mgr._co.backend = mgr._co.swap.backend = FailingTransfer()
+    before = (mgr.stats().model_dump(exclude={"allocation_failures"}), h.block_table())
+    failures = mgr.stats().allocation_failures
+    with pytest.raises(PoolAllocationError, match="simulated"):
+        (mgr.swap_out if direction == "out" else mgr.swap_in)(h)
+    assert (mgr.stats().model_dump(exclude={"allocation_failures"}), h.block_table()) == before
+    assert mgr.stats().allocation_failures == failures + 1
+    mgr.check_invariants()
+    if direction == "out":
+        np.testing.assert_array_equal(h.key_cache(2).native, rows)

@@ -25,7 +25,7 @@ from . import _introspection as intro
 from ._backend import Backend
 from ._block_table import BlockTable
 from ._coordinator import Coordinator
-from ._growth import commit_allocation, extend_rows, plan_allocation, room_for, truncate_row
+from ._growth import commit_allocation, extend_rows, plan_allocation, truncate_row
 from ._paged_handle import PagedKvCacheHandle
 from ._registry import get_backend, list_backends
 from ._sequence_table import SequenceRecord
@@ -253,8 +253,7 @@ class KvCacheManager:
             self._check_open("can_allocate")
             if request.request_id in self._seqs:
                 return False
-            plan = plan_allocation(self._co, request)
-            return plan.new_blocks <= room_for(self._co, plan)
+            return plan_allocation(self._co, request).fits(self._co)
 
     def allocate(self, request: AllocationRequest) -> PagedKvCacheHandle:
         """Reserve a cache for ``request.num_tokens`` tokens and return its handle.
@@ -273,16 +272,17 @@ class KvCacheManager:
             if rid in self._seqs:
                 raise DuplicateRequestError(f"request id {rid!r} already has a live cache")
             plan = plan_allocation(co, request)
-            free = room_for(co, plan)
-            if plan.new_blocks > free:
-                co.counters.failures += 1
-                raise OutOfBlocksError(
-                    f"request {rid!r} needs {plan.new_blocks} new blocks ({request.num_tokens} "
-                    f"tokens, {plan.hits.size} blocks from the prefix cache) but only {free} "
-                    "are free")
+            for g, (need, free) in zip(co.groups, plan.room_needed(co)):
+                if need > free:
+                    co.counters.failures += 1
+                    where = f" in layer group {g.layout.index}" if len(co.groups) > 1 else ""
+                    raise OutOfBlocksError(
+                        f"request {rid!r} needs {need} new blocks{where} "
+                        f"({request.num_tokens} tokens, {plan.hits} blocks from the prefix "
+                        f"cache) but only {free} are free")
             row = co.tables.take_row()
             commit_allocation(co, plan, row, request.num_tokens or 0)
-            seq = SequenceRecord(rid, row, co.tables, self._grow)
+            seq = SequenceRecord(rid, row, co.tables, self._grow, co.primary.layout.index)
             self._seqs[rid] = seq
             self._after_change()
             return self._handle(seq)
@@ -309,11 +309,12 @@ class KvCacheManager:
             t = co.tables
             row = t.take_row()
             t.copy_row(parent.row, row)
-            co.pool.acquire(t.row_blocks(row))
+            for g in co.groups:
+                g.pool.acquire(g.table.held(row))
             t.version[parent.row] += 1  # its reserved slots now point at shared blocks
             co.counters.allocations += 1
             co.epoch += 1
-            child = SequenceRecord(new_request_id, row, t, self._grow)
+            child = SequenceRecord(new_request_id, row, t, self._grow, co.primary.layout.index)
             self._seqs[new_request_id] = child
             self._after_change()
             return self._handle(child)
@@ -330,11 +331,12 @@ class KvCacheManager:
             seq = self._seq_of(handle, "deallocate")
             co = self._co
             t = co.tables
-            blocks = t.row_blocks(seq.row).copy()
-            if t.swapped[seq.row]:
-                co.swap.pool.free(blocks)  # type: ignore[union-attr]
-            else:
-                co.release(blocks)
+            for g in co.groups:
+                blocks = g.table.held(seq.row).copy()
+                if t.swapped[seq.row]:
+                    co.swap.free(g.layout.index, blocks)  # type: ignore[union-attr]
+                else:
+                    g.release(blocks)
             del self._seqs[seq.request_id]
             seq.valid = False
             t.release_row(seq.row)
@@ -380,10 +382,11 @@ class KvCacheManager:
                 seqs = self._batch(handles, "extend")
                 rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
                 request_ids = tuple([s.request_id for s in seqs])
-            slots, starts = extend_rows(co, rows, n, token_ids, steady=steady)
-            mapping = SlotMapping(slots=slots, rows=rows, starts=starts, ends=starts + n,
+            group_slots, starts = extend_rows(co, rows, n, token_ids, steady=steady)
+            first = next((s for s in group_slots if s is not None), _NO_SLOTS)
+            mapping = SlotMapping(slots=first, rows=rows, starts=starts, ends=starts + n,
                                   versions=co.tables.version[rows], request_ids=request_ids,
-                                  owner=self._token)
+                                  owner=self._token, group_slots=tuple(group_slots))
             if not steady or last[0] != co.epoch:  # type: ignore[index]
                 self._last_batch = (co.epoch, tuple(handles), rows, request_ids)
             self._fast = prepare_fast_path(co, mapping, self._fast, checked=steady) \
@@ -416,25 +419,33 @@ class KvCacheManager:
 
         They land at positions ``[start, start + n)``; by default the last ``n``
         positions (what the last ``extend`` reserved).  ``key`` and ``value`` are
-        ``[n, num_kv_heads, head_dim]`` arrays of the cache's dtype and device, in the
-        backend's library or any library speaking DLPack.  Blocks shared with other
-        sequences, or served by the prefix cache, are copied first.
+        ``[n, heads, dim]`` arrays of the cache's dtype and device, in the backend's
+        library or any library speaking DLPack (a latent layer takes its vectors as
+        ``key`` and ``value=None``; a cross-attention layer takes the encoder's tokens,
+        at positions below the encoder length reserved at allocation).  Blocks shared
+        with other sequences, or served by the prefix cache, are copied first.
         """
         with self._lock:
             seq = self._seq_of(handle, "write")
             self._require_resident(seq, "write")
             layer = self._check_layer(layer)
             co = self._co
-            k, v, n = co.store.native_kv(key, value, None)
-            length = int(co.tables.length[seq.row])
+            g = co.groups[co.layer_group[layer]]
+            planes, n = g.store.native_kv(key, value, None)
+            t = co.tables
+            length = int(t.length[seq.row] if g.token_based else t.encoder[seq.row])
             if start is None:
                 start = length - n
             if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
                 raise TypeError(f"start must be an int, got {start!r}")
             if start < 0 or start + n > length:
+                what = "sequence" if g.token_based else "encoder part (cross-attention)"
                 raise CapacityError(f"writing {n} tokens at position {start} overruns the "
-                                    f"sequence of {length} tokens; extend it first")
-            write_range(co, seq.row, seq.request_id, layer, k, v, n, int(start), self._fast)
+                                    f"{what} of {length} tokens; extend it first"
+                                    if g.token_based else
+                                    f"writing {n} tokens at position {start} overruns the "
+                                    f"{what} of {length} tokens reserved at allocation")
+            write_range(co, seq.row, seq.request_id, layer, planes, n, int(start), self._fast)
 
     def write_slots(self, layer: int, slots: SlotMapping, key: Any, value: Any) -> None:
         """Write K/V for every token of a :class:`SlotMapping` into ``layer``: one
@@ -449,11 +460,14 @@ class KvCacheManager:
             # since the step was checked, arrays exactly as the cache holds them.
             if (fast is not None and slots is fast.mapping and fast.epoch == co.epoch
                     and type(layer) is int and 0 <= layer < self._num_layers
-                    and fast.first[layer] and co.store.fast_kv(key, value, fast.tokens)):
-                co.store.scatter(layer, fast.index, key, value)
-                fast.first[layer] = False
-                fast.pending.append(layer)
-                return
+                    and fast.first[layer]):
+                g = co.groups[co.layer_group[layer]]
+                if g.store.fast_kv(key, value, fast.tokens):
+                    g.store.scatter(co.layer_local[layer], fast.indices[g.layout.index],
+                                    (key, value))
+                    fast.first[layer] = False
+                    fast.pending.append(layer)
+                    return
             if not isinstance(slots, SlotMapping):
                 raise TypeError(f"slots must be a SlotMapping from extend/extend_batch, got "
                                 f"{type(slots).__name__}")
@@ -463,8 +477,9 @@ class KvCacheManager:
                                             f"{list(slots.request_ids)} was made by a "
                                             "different manager; this manager refuses it")
             layer = self._check_layer(layer)
-            k, v, _ = co.store.native_kv(key, value, slots.num_tokens)
-            write_mapping(co, slots, layer, k, v, self._fast)
+            g = co.groups[co.layer_group[layer]]
+            planes, _ = g.store.native_kv(key, value, slots.num_tokens)
+            write_mapping(co, slots, layer, planes, self._fast)
 
     def _h_read(self, seq: SequenceRecord, layer: int, plane: int) -> TensorRef | None:
         with self._lock:
@@ -504,7 +519,8 @@ class KvCacheManager:
         with self._lock:
             self._h_require_live(seq, "block_table")
             t = self._co.tables
-            return BlockTable(self.block_size, t.row_blocks(seq.row).tolist(),
+            return BlockTable.snapshot(self.block_size,
+                                       self._co.primary.table.row_blocks(seq.row).tolist(),
                               int(t.length[seq.row]))
 
     def _h_live_table(self, seq: SequenceRecord) -> BlockTable:
@@ -520,7 +536,8 @@ class KvCacheManager:
 
     def swap_out(self, handle: Handle) -> None:
         """Move a sequence's blocks to the swap pool (on ``config.swap_device``) and
-        release them here.  Its handles stay valid; data access waits for ``swap_in``."""
+        release them here.  Its handles stay valid; data access waits for ``swap_in``.
+        All or nothing, over every layer group."""
         with self._lock:
             co = self._co
             swap = self._require_swap()
@@ -528,27 +545,39 @@ class KvCacheManager:
             self._require_resident(seq, "swap_out")
             t = co.tables
             row = seq.row
-            if t.joined[row] and not co.store.complete[t.blocks[row, :t.joined[row]]].all():
+            if t.joined[row] and not self._joined_complete(row):
                 raise PendingPrefixError(f"swap_out: request {seq.request_id!r} shares a prefix "
                                          "whose prefill is still being written; swap it out "
                                          "after that prefill")
-            blocks = t.row_blocks(row).copy()
-            if blocks.size > swap.pool.num_free:
-                co.counters.failures += 1
-                raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {blocks.size} "
-                                       f"swap blocks, {swap.pool.num_free} are free")
+            held = [g.table.held(row).copy() for g in co.groups]
+            for g, blocks in zip(co.groups, held):
+                if blocks.size > swap.room(g.layout.index):
+                    co.counters.failures += 1
+                    raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {blocks.size} "
+                                           f"swap blocks, {swap.room(g.layout.index)} are free")
+            moved: list[np.ndarray] = []
             try:
-                dst = swap.swap_out(co.store, blocks)  # gives its blocks back on failure
+                for g, blocks in zip(co.groups, held):  # each gives its blocks back on failure
+                    moved.append(swap.swap_out(g.store, g.layout.index, blocks))
             except BaseException:
+                for g, dst in zip(co.groups, moved):
+                    swap.free(g.layout.index, dst)
                 co.counters.failures += 1
                 raise
-            co.release(blocks)
-            t.blocks[row, :blocks.size] = dst
+            for g, blocks, dst in zip(co.groups, held, moved):
+                g.release(blocks)
+                g.table.blocks[row, int(g.table.released[row]):int(g.table.num_blocks[row])] = dst
             t.swapped[row] = True
             self._moved(row)
 
+    def _joined_complete(self, row: int) -> bool:
+        joined = int(self._co.tables.joined[row])
+        return all(g.store.complete[g.table.held(row)[:max(0, joined - int(g.table.released[row]))]]
+                   .all() for g in self._co.token_groups)
+
     def swap_in(self, handle: Handle) -> None:
-        """Bring a swapped-out sequence back into the main pool, bit-identical."""
+        """Bring a swapped-out sequence back into the main pool, bit-identical.  All or
+        nothing, over every layer group."""
         with self._lock:
             co = self._co
             swap = self._require_swap()
@@ -557,26 +586,34 @@ class KvCacheManager:
             row = seq.row
             if not t.swapped[row]:
                 raise CacheError(f"swap_in: request {seq.request_id!r} is not swapped out")
-            src = t.row_blocks(row).copy()
-            if src.size > co.pool.num_free:
-                co.counters.failures += 1
-                raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {src.size} "
-                                       f"blocks, {co.pool.num_free} are free")
-            dst = co.take(src.size, row)
+            held = [g.table.held(row).copy() for g in co.groups]
+            for g, src in zip(co.groups, held):
+                if src.size > g.pool.num_free:
+                    co.counters.failures += 1
+                    raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {src.size} "
+                                           f"blocks, {g.pool.num_free} are free")
+            taken: list[np.ndarray] = []
             try:
-                swap.swap_in(co.store, src, dst)
+                for g, src in zip(co.groups, held):
+                    taken.append(g.take(src.size, row))
+                    swap.swap_in(g.store, g.layout.index, src, taken[-1])
             except BaseException:  # all or nothing: the sequence stays swapped out
-                co.release(dst)
+                for g, dst in zip(co.groups, taken):
+                    g.release(dst)
                 co.counters.failures += 1
                 raise
-            t.blocks[row, :src.size] = dst
+            bs = self.block_size
+            for g, src, dst in zip(co.groups, held, taken):
+                swap.free(g.layout.index, src)
+                first = int(g.table.released[row])
+                g.table.blocks[row, first:int(g.table.num_blocks[row])] = dst
+                # The copies are written wherever the sequence was written.
+                ends = (np.arange(first, first + dst.size) + 1) * bs
+                written = t.written[row, list(g.layout.layers)]
+                g.store.filled[dst] = ends[:, None] <= written[None, :]
+                g.store.complete[dst] = g.store.filled[dst].all(axis=1)
             t.swapped[row] = False
             t.joined[row] = 0
-            # The copies are written wherever the sequence was written.
-            bs = self.block_size
-            ends = (np.arange(src.size) + 1) * bs
-            co.store.filled[dst] = ends[:, None] <= t.written[row][None, :]
-            co.store.complete[dst] = co.store.filled[dst].all(axis=1)
             self._moved(row)
 
     def _require_swap(self) -> Any:
@@ -625,7 +662,7 @@ class KvCacheManager:
             return self._level()
 
     def _after_change(self) -> None:
-        used = self._co.pool.num_used
+        used = sum(g.pool.num_used for g in self._co.groups)
         if used == self._used:  # the level depends on the blocks in use only
             return
         self._used = used
@@ -661,31 +698,65 @@ class KvCacheManager:
             self._require_resident(seq, op)
         return np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
 
-    def flashinfer_page_table(self, handles: Sequence[Handle]) -> FlashInferPageTable:
-        """The batch's pages as FlashInfer's ``indptr`` / ``indices`` / ``last_page_len``."""
-        with self._lock:
-            rows = self._rows_of(handles, "page table")
-            t = self._co.tables
-            return FlashInferPageTable.from_arrays(t.blocks[rows], t.num_blocks[rows],
-                                                   t.length[rows], self.block_size)
+    def _group_of(self, group: Any) -> Any:
+        co = self._co
+        if group is None:
+            return co.primary
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) \
+                or not 0 <= group < len(co.groups):
+            raise ValueError(f"group must be a layer group index 0..{len(co.groups) - 1}, "
+                             f"got {group!r}")
+        return co.groups[int(group)]
 
-    def vllm_block_table(self, handles: Sequence[Handle], *,
-                         pad_value: int = 0) -> VllmBlockTable:
-        """The batch's pages as vLLM's padded ``block_tables`` plus ``seq_lens``."""
+    def flashinfer_page_table(self, handles: Sequence[Handle], *,
+                              group: int | None = None) -> FlashInferPageTable:
+        """The batch's pages as FlashInfer's ``indptr`` / ``indices`` / ``last_page_len``,
+        in layer group ``group`` (default: the first full-attention group).  Pages a
+        sliding window gave back are ``-1``."""
         with self._lock:
             rows = self._rows_of(handles, "page table")
-            t = self._co.tables
-            return VllmBlockTable.from_arrays(t.blocks[rows], t.num_blocks[rows],
-                                              t.length[rows], self.block_size, pad_value)
+            g = self._group_of(group)
+            return FlashInferPageTable.from_arrays(g.table.blocks[rows], g.table.num_blocks[rows],
+                                                   self._co.tables.length[rows], self.block_size)
+
+    def vllm_block_table(self, handles: Sequence[Handle], *, pad_value: int = 0,
+                         group: int | None = None) -> VllmBlockTable:
+        """The batch's pages as vLLM's padded ``block_tables`` plus ``seq_lens``, in layer
+        group ``group`` (default: the first full-attention group).  Pages a sliding
+        window gave back are ``pad_value``, like the padding."""
+        with self._lock:
+            rows = self._rows_of(handles, "page table")
+            g = self._group_of(group)
+            table = VllmBlockTable.from_arrays(g.table.blocks[rows], g.table.num_blocks[rows],
+                                               self._co.tables.length[rows], self.block_size,
+                                               pad_value)
+            table.block_tables[table.block_tables < 0] = pad_value
+            return table
 
     def layer_pool(self, layer: int) -> TensorRef:
         """The current pool of ``layer``: ``[2, num_blocks, block_size, heads, dim]`` (K
-        at index 0, V at 1), for attention kernels.  With a mutable backend it is shared
-        with the cache; with an immutable one (``mutable_pools=False``) it is the pool
-        as of now, and a later call gives the pool after later writes."""
+        at index 0, V at 1; one plane for a latent layer), for attention kernels.
+        With a mutable backend it is shared with the cache; with an immutable one
+        (``mutable_pools=False``) it is the pool as of now, and a later call gives the
+        pool after later writes.  A layer whose K and V widths differ keeps two pools:
+        use :meth:`layer_pools`."""
         with self._lock:
             self._check_open("layer_pool")
-            return self._co.store.layer_pool(self._check_layer(layer))
+            layer = self._check_layer(layer)
+            co = self._co
+            return co.groups[co.layer_group[layer]].store.layer_pool(co.layer_local[layer])
+
+    def layer_pools(self, layer: int) -> tuple[TensorRef, ...]:
+        """Every pool of ``layer`` (one, or K's and V's when their widths differ)."""
+        with self._lock:
+            self._check_open("layer_pools")
+            layer = self._check_layer(layer)
+            co = self._co
+            return co.groups[co.layer_group[layer]].store.layer_pools(co.layer_local[layer])
+
+    def layer_group(self, layer: int) -> int:
+        """The index of the layer group ``layer`` belongs to (``config.groups``)."""
+        return self._co.layer_group[self._check_layer(layer)]
 
     def __repr__(self) -> str:
         c = self._config
@@ -693,6 +764,9 @@ class KvCacheManager:
         return (f"KvCacheManager(backend={self._backend.name!r}, layers={c.num_layers}, "
                 f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={c.dtype.value}, "
                 f"blocks={c.num_blocks}x{c.block_size}, device={c.device}, {state})")
+
+
+_NO_SLOTS = np.zeros(0, dtype=np.int64)
 
 
 def _positive(name: str, value: Any) -> int:

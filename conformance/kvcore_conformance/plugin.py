@@ -14,6 +14,12 @@ Options:
     How hard the property-based tests try (default ``kvcore-ci``: reproducible,
     database-less, a few seconds; ``kvcore-quick`` a third of that; ``kvcore-thorough``
     random seeds, ten times the examples, failing runs shrunk to a minimal one).
+``--kv-json PATH``
+    Also write the clause-by-clause results as JSON to PATH (for CI).
+
+With ``--kv-backend`` the run ends with a table, per backend, of every contract
+clause: passed, FAILED, incomplete (its test stopped on another clause), skipped
+(with the reason) or not run, and the first broken clause.
 
 Fixtures (override any of them in your ``conftest.py`` or test class):
 
@@ -54,6 +60,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     dest="kvcore_hypothesis_profile",
                     help="hypothesis effort of the property-based conformance tests "
                          "(default: %(default)s)")
+    group.addoption("--kv-json", default=None, metavar="PATH", dest="kvcore_json",
+                    help="write the conformance results, clause by clause, as JSON to PATH")
 
 
 def selected_backends(config: pytest.Config) -> list[str]:
@@ -77,6 +85,10 @@ def pytest_configure(config: pytest.Config) -> None:
             resolve(name)
         except BackendProblem as exc:
             raise pytest.UsageError(str(exc)) from None
+    from ._report import ClauseReport
+    config.pluginmanager.register(
+        ClauseReport(names, config.getoption("kvcore_json", default=None)),
+        "kvcore-conformance-report")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:

@@ -82,18 +82,18 @@ class ClauseResult:
 
     def note(self) -> str:
         if self.failed:
-            first = self.failed[0]
-            return f"{_short_id(first.nodeid)}: {first.message}"
+            return self.failed[0].message
         if self.incomplete:
             first = self.incomplete[0]
-            return f"{_short_id(first.nodeid)} stopped at [{first.violated}]"
+            return f"stopped at [{first.violated}] in {_short_id(first.nodeid).split('[')[0]}"
         if self.xfailed:
             return f"expected failure: {self.xfailed[0].reason}"
         reasons = self.skip_reasons()
         if reasons and not self.passed:
             return reasons[0] + (f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else "")
-        if reasons:
-            return "some skipped: " + ", ".join(sorted({_tag(r) for r in reasons}))
+        telling = sorted({_tag(r) for r in reasons} - _PARAMETER_TAGS)
+        if telling:  # per-dtype / per-device skips are summed up under the table
+            return "some skipped: " + ", ".join(telling)
         if not self.collected:
             return "no test of this clause was collected (deselected?)"
         if self.result == "not run":
@@ -124,9 +124,15 @@ def _tag(reason: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The detail line of a violation (the line after the clause text)."""
+    """The detail line of a violation (the line after the clause text); for data that
+    differs, what differs comes first and where second (the table shows the start)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+    line = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+    for marker in (": data differs from the dense reference. ", ": bits differ. "):
+        where, found, what = line.partition(marker)
+        if found:
+            return f"{what} (in {where})"
+    return line
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
@@ -247,7 +253,7 @@ class ClauseReport:
             row = (f"{c.id:<{idw}}  {c.result:<10}  {c.passed:>4}  "
                    f"{len(c.failed) + len(c.incomplete):>4}  {len(c.skipped):>4}  ")
             note = c.note()
-            room = max(30, width - len(row))
+            room = max(80, width - len(row))
             lines.append(row + (note if len(note) <= room else note[:room - 3] + "..."))
         counts = {r: sum(1 for c in results if c.result == r) for r in _RESULT_ORDER}
         lines.append(f"{len(results)} clauses: " + ", ".join(

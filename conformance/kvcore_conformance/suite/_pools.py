@@ -158,6 +158,8 @@ class PoolModel:
         """``scatter(pool, slots, rows)`` with host ``rows`` (one per plane); ``index``
         is a ready index to pass instead of ``index_array(slots)``."""
         slots = np.array(slots, dtype=np.int64)
+        if np.unique(slots).size != slots.size:  # the contract's precondition, not a check
+            raise ValueError(f"conformance suite error: scatter slots repeat: {slots.tolist()}")
         if clause is SCATTER and self.written[slots].any():
             clause = SCATTER_OVERWRITE
         clause = self._clause(clause, SCATTER)

@@ -403,8 +403,8 @@ class BackendArraysContract(ContractTests):
             seen = str(getattr(native, "dtype", ""))
             check(not seen or name in seen, ASARRAY, f"asarray changed a numpy {name} array's "
                   "dtype", seen=seen, expected=name)
-            check(be.describe(native)[1] is None, ASARRAY, f"asarray of a numpy {name} array "
-                  "must not become a kvcore dtype", seen=be.describe(native)[1], expected=None)
+            check(be.describe(native)[1] is None, DESCRIBE, f"describe(asarray(numpy {name} "
+                  "array)): not a kvcore dtype", seen=be.describe(native)[1], expected=None)
 
     @covers(ASARRAY_DLPACK)
     def test_asarray_imports_dlpack_producers_without_a_copy(self, kvcore_harness: Harness) -> None:

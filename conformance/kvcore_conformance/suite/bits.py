@@ -61,7 +61,7 @@ class BitPatternContract(ContractTests):
     def test_special_values_survive_scatter_and_gather(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         pool = PoolModel(h, NB, BS)
-        slots = np.concatenate([np.arange(4 * BS - 1, 3 * BS - 1, -1), [13], np.arange(BS)])
+        slots = np.concatenate([np.arange(4 * BS - 1, 3 * BS - 1, -1), [4 * BS + 1], np.arange(BS)])
         pool.scatter(slots, [h.special(len(slots)), h.special(len(slots), shift=3)],
                      clause=BITS_SCATTER_GATHER, what="special values:")
         for plane in (0, 1):

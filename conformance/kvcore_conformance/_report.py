@@ -146,7 +146,10 @@ class ClauseReport:
     and writes the JSON document (``--kv-json PATH``)."""
 
     def __init__(self, backends: list[str], json_path: str | None = None) -> None:
-        self.backends = backends
+        self.backends = list(backends)
+        #: No --kv-backend: the backends are named as the runs' kvcore_backend fixtures
+        #: show them (every test then counts for each: one backend per run in practice).
+        self.observe = not backends
         self.json_path = json_path
         self.tests: dict[str, _Test] = {}
         self.order: list[str] = []  # node ids in the order their outcome was known
@@ -166,6 +169,11 @@ class ClauseReport:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
         report = yield
+        if self.observe and call.when == "setup":
+            backend = getattr(item, "funcargs", {}).get("kvcore_backend")
+            name = getattr(backend, "name", None)
+            if isinstance(name, str) and name not in self.backends:
+                self.backends.append(name)
         test = self.tests.get(item.nodeid)
         if test is not None and call.excinfo is not None and report.failed:
             exc = call.excinfo.value

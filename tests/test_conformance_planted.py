@@ -15,6 +15,10 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+# Imported here once: pytester's inline runs drop every module imported during a run,
+# and re-importing hypothesis and the suite twice per planted bug costs seconds each.
+import kvcore_conformance.suite
+import kvcore_conformance.tests.test_conformance  # noqa: F401
 import pytest
 
 from tests.conformance_backends.broken import BROKEN, register_all, unregister_all

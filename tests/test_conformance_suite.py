@@ -14,6 +14,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# Imported here once: pytester's inline runs drop every module imported during a run.
+import kvcore_conformance.suite  # noqa: F401
 import pytest
 
 import kvcore

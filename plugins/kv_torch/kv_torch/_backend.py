@@ -507,6 +507,12 @@ class TorchBackend(Backend):
     def from_numpy(self, array: np.ndarray, dtype: DType, device: Device) -> torch.Tensor:
         self.check_device(device)
         self.check_dtype(dtype)
+        if dtype is DType.bfloat16:
+            # torch's float32 -> bfloat16 conversion turns every NaN into 0xFFFF; convert
+            # the bits here so a NaN keeps its sign and payload (bit-exact K/V).
+            bits = _bfloat16_bits(np.asarray(array, dtype=np.float32))
+            host = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+            return host.to(device=_torch_device(device))
         # np.array copies: the result must not alias the caller's array.
         host = torch.from_numpy(np.array(array, copy=True, order="C"))
         return host.to(device=_torch_device(device), dtype=_TORCH_DTYPES[dtype])
@@ -516,3 +522,16 @@ class TorchBackend(Backend):
 
 
 _OPS = TorchOps(torch)
+
+
+def _bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """The bfloat16 bits (uint16) of float32 ``values``: rounded to nearest even like
+    torch's conversion, but a NaN keeps its sign and the top of its payload (made quiet
+    only when truncation would leave no payload, which would read as infinity)."""
+    b = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    top = (b >> np.uint32(16)).astype(np.uint16)
+    with np.errstate(over="ignore"):
+        rounded = ((b + np.uint32(0x7FFF) + (top & np.uint16(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    kept = np.where((top & np.uint16(0x7F)) == 0, top | np.uint16(0x40), top)
+    return np.where(nan, kept, rounded).astype(np.uint16)

@@ -13,9 +13,10 @@ exactly as it was.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from ._block_table import BlockTable
 from ._coordinator import Coordinator
 from ._growth import commit_allocation, extend_rows, plan_allocation, room_for, truncate_row
 from ._paged_handle import PagedKvCacheHandle
+from ._persist import collect, load_into, read_file, write_file
 from ._registry import get_backend, list_backends
 from ._sequence_table import SequenceRecord
 from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
@@ -472,6 +474,43 @@ class KvCacheManager:
         with self._lock:
             self._h_require_live(seq, "stats")
             return intro.handle_stats(self._co, seq.row)
+
+    # --- save and load (kvcore._persist) ---------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], handles: Sequence[Handle], *,
+             metadata: Mapping[str, str] | None = None) -> None:
+        """Write the K/V (every layer) and token ids of ``handles`` to ``path`` as a
+        safetensors file whose header fingerprints the layout; never a pickle.
+
+        Every layer must hold every token of each sequence.  ``metadata`` adds your
+        own string entries to the header (keys starting ``kvcore.`` are reserved).
+        The file is replaced atomically.  Load it with :meth:`load`, inspect it with
+        :func:`kvcore.inspect_cache_file`.
+        """
+        with self._lock:
+            seqs = self._batch(handles, "save")
+            payload = collect(self, [self._handle(s) for s in seqs], metadata)
+        write_file(path, payload)  # outside the lock: the data is read already
+
+    def load(self, path: str | os.PathLike[str], *, request_ids: Sequence[str] | None = None,
+             extra_key: str | None = None) -> list[PagedKvCacheHandle]:
+        """Load the sequences :meth:`save` wrote; one handle each, in file order.
+
+        The file's layers, KV heads, head size and dtype must be this manager's
+        (:class:`~kvcore.errors.LayoutMismatchError` names both layouts; the block size
+        may differ).  Sequences get their saved request ids unless ``request_ids``
+        names new ones.  Those with token ids are allocated with them (salted with
+        ``extra_key``), so their full blocks join the prefix cache, and blocks it
+        already holds for the same tokens are shared instead of written.
+
+        All or nothing: a file that is not a readable kvcore cache
+        (:class:`~kvcore.errors.CacheFileError`), a duplicate request id, or a load
+        that does not fit (:class:`~kvcore.errors.OutOfBlocksError`) changes nothing.
+        """
+        saved = read_file(path)  # read and checked whole before the manager is touched
+        with self._lock:
+            self._check_open("load")
+            return load_into(self, saved, request_ids, extra_key)
 
     # --- swap ---------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from ._block_table import BlockTable
 from ._coordinator import Coordinator
 from ._growth import commit_allocation, extend_rows, plan_allocation, room_for, truncate_row
 from ._paged_handle import PagedKvCacheHandle
-from ._persist import collect, load_into, read_file, write_file
+from . import _persist
 from ._registry import get_backend, list_backends
 from ._sequence_table import SequenceRecord
 from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
@@ -487,10 +487,7 @@ class KvCacheManager:
         The file is replaced atomically.  Load it with :meth:`load`, inspect it with
         :func:`kvcore.inspect_cache_file`.
         """
-        with self._lock:
-            seqs = self._batch(handles, "save")
-            payload = collect(self, [self._handle(s) for s in seqs], metadata)
-        write_file(path, payload)  # outside the lock: the data is read already
+        _persist.save(self, path, handles, metadata)
 
     def load(self, path: str | os.PathLike[str], *, request_ids: Sequence[str] | None = None,
              extra_key: str | None = None) -> list[PagedKvCacheHandle]:
@@ -507,10 +504,7 @@ class KvCacheManager:
         (:class:`~kvcore.errors.CacheFileError`), a duplicate request id, or a load
         that does not fit (:class:`~kvcore.errors.OutOfBlocksError`) changes nothing.
         """
-        saved = read_file(path)  # read and checked whole before the manager is touched
-        with self._lock:
-            self._check_open("load")
-            return load_into(self, saved, request_ids, extra_key)
+        return _persist.load(self, path, request_ids, extra_key)
 
     # --- swap ---------------------------------------------------------------------------
 

@@ -60,7 +60,8 @@ if TYPE_CHECKING:
     from ._manager import KvCacheManager
     from ._paged_handle import PagedKvCacheHandle
 
-__all__ = ["CacheFileInfo", "CacheLayout", "SavedSequence", "inspect_cache_file"]
+__all__ = ["CacheFileInfo", "CacheLayout", "SavedSequence", "inspect_cache_file", "load",
+           "load_saved", "read_file", "save"]
 
 FORMAT = "kvcore.kv-cache"
 FORMAT_VERSION = 1
@@ -183,6 +184,17 @@ def inspect_cache_file(path: str | os.PathLike[str]) -> CacheFileInfo:
 
 
 # --- saving --------------------------------------------------------------------------
+
+
+def save(manager: KvCacheManager, path: str | os.PathLike[str], handles: Sequence[Any],
+         metadata: Mapping[str, str] | None, *, reserved_ok: bool = False) -> None:
+    """:meth:`KvCacheManager.save` (``reserved_ok``: kvcore's own integrations may add
+    ``kvcore.*`` metadata)."""
+    with manager._lock:
+        seqs = manager._batch(handles, "save")
+        payload = collect(manager, [manager._handle(s) for s in seqs], metadata,
+                          reserved_ok=reserved_ok)
+    write_file(path, payload)  # outside the lock: the data is read already
 
 
 @dataclass
@@ -365,6 +377,20 @@ def read_file(path: str | os.PathLike[str]) -> SavedFile:
     n = len(info.sequences)
     return SavedFile(where, info, [arrays[f"seq.{i}.key"] for i in range(n)],
                      [arrays[f"seq.{i}.value"] for i in range(n)], ids)
+
+
+def load(manager: KvCacheManager, path: str | os.PathLike[str],
+         request_ids: Sequence[str] | None, extra_key: str | None) -> list[PagedKvCacheHandle]:
+    """:meth:`KvCacheManager.load`."""
+    return load_saved(manager, read_file(path), request_ids, extra_key)
+
+
+def load_saved(manager: KvCacheManager, saved: SavedFile, request_ids: Sequence[str] | None,
+               extra_key: str | None) -> list[PagedKvCacheHandle]:
+    """Load a file :func:`read_file` read and checked, under the manager's lock."""
+    with manager._lock:
+        manager._check_open("load")
+        return load_into(manager, saved, request_ids, extra_key)
 
 
 def check_layout(config: CacheConfig, saved: SavedFile) -> None:

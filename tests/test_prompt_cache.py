@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import pickle
 from collections.abc import Iterator
 
@@ -317,3 +318,28 @@ def test_loading_the_wrong_file_or_into_the_wrong_model_changes_nothing(model, t
         KvCoreCache.load(tmp_path / "cache", manager=wide)
     assert len(manager) == len(wide) == 0
     assert manager.stats().used_blocks == wide.stats().used_blocks == 0
+
+
+# --- the bench -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_bench_prompt_copy_reports_copies_cost_no_bytes_against_dynamic_cache(capsys, backend):
+    from kvcore.bench import main
+
+    assert main(["--quick", "--json", "-w", "prompt_copy", "-b", backend, "--copies", "3",
+                 "--copy-prompt", "30", "--block-size", "8"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert not doc["skipped"], doc["skipped"]
+    [result] = doc["results"]
+    figures, raw = result["figures"], result["details"]
+    per_copy = raw["dynamic_original_bytes"]  # 30 tokens x 2 x 4 layers x 2 heads x 32 x 4 B
+    assert per_copy == 30 * 2 * 4 * 2 * 32 * 4
+    assert figures["copies_kv_bytes"]["value"] == 0
+    assert figures["copies_kv_bytes"]["baseline"] == 3 * per_copy
+    # 30 tokens in blocks of 8: 4 blocks; each copy's first token copies the shared
+    # partial last block (copy-on-write) and nothing else.
+    assert raw["kvcore_original_bytes"] == 4 * raw["bytes_per_block"]
+    assert raw["copy_on_write_copies"] == 3
+    assert figures["held_kv_bytes_after_one_token"]["value"] == 7 * raw["bytes_per_block"]
+    assert raw["identical"] is True

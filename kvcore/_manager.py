@@ -128,8 +128,8 @@ class KvCacheManager:
     def __copy__(self) -> KvCacheManager:
         raise NotCopyableError("a KvCacheManager owns device memory and a lock and is not "
                                "copied or pickled: fork sequences with manager.fork(...), "
-                               "or save them with manager.save(...) and load them into "
-                               "another manager")
+                               "or save them with manager.save(path, handles) and load "
+                               "them into another manager with its load(path)")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KvCacheManager:
         return self.__copy__()

@@ -425,3 +425,22 @@ def test_an_empty_save_loads_as_nothing_and_request_ids_are_checked(tmp_path):
     mgr.close()
     with pytest.raises(kvcore.errors.ManagerClosedError):
         mgr.load(tmp_path / "good")
+
+
+def test_managers_handles_and_mappings_refuse_copies_naming_fork_and_save():
+    import copy
+    import pickle
+
+    mgr = _manager()
+    h = mgr.allocate(AllocationRequest(request_id="a", num_tokens=2))
+    mapping = mgr.extend(h, 1)
+    for obj, names in ((mgr, ("manager.fork(", "manager.save(path, handles)", "load(path)")),
+                       (h, ("clone_handle()", "manager.fork(handle")),
+                       (mapping, ("extend",))):
+        for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(kvcore.errors.NotCopyableError) as err:
+                attempt(obj)
+            assert isinstance(err.value, TypeError)
+            assert all(name in str(err.value) for name in names), str(err.value)
+    with pytest.raises(kvcore.errors.NotCopyableError, match=r"manager\.save\(path, \[handle\]\)"):
+        pickle.dumps(h)

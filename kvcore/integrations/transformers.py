@@ -37,6 +37,11 @@ How the batch maps onto kvcore:
   (``generate(..., assistant_model=...)``) gives ``DynamicCache``'s exact tokens on a
   cache without :meth:`KvCoreCache.set_prompts`.
 
+* ``copy.deepcopy`` / ``copy.copy`` / :meth:`KvCoreCache.fork` fork every row on the
+  same manager (transformers' prompt-reuse recipe; no K/V copied until written), and
+  :meth:`KvCoreCache.save` / :meth:`KvCoreCache.load` keep a cache in a safetensors
+  file (:mod:`kvcore.integrations._cache_state`).
+
 Not supported: sliding-window and linear-attention layers.
 """
 

@@ -25,7 +25,7 @@ from ._handle import KvCacheHandle
 from ._hookspecs import BackendSpec, hookimpl, hookspec
 from ._manager import KvCacheManager
 from ._paged_handle import PagedKvCacheHandle
-from ._persist import CacheFileInfo, CacheLayout, SavedSequence, inspect_cache_file
+from ._cache_file import CacheFileInfo, CacheLayout, SavedSequence, inspect_cache_file
 from ._registry import (BackendRecord, get_backend, list_backends, refresh_backends,
                         register_backend, unregister_backend)
 from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable

@@ -15,7 +15,8 @@ import safetensors.numpy
 import kvcore
 from kvcore import AllocationRequest, CacheConfig, KvCacheManager
 from kvcore._backend import BITS_DTYPES
-from kvcore._persist import collect, host_bits, write_file
+from kvcore._cache_file import write_file
+from kvcore._persist import collect, host_bits
 from kvcore.errors import (CacheError, CacheFileError, DuplicateRequestError, KvCoreError,
                            LayoutMismatchError, OutOfBlocksError)
 

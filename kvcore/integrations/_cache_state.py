@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from .. import _persist
+from .. import _cache_file, _persist
 from ..errors import CacheFileError
 from ..models import NonNegativeInt, _Record
 
@@ -170,12 +170,12 @@ def save_cache(cache: KvCoreCache, path: str | os.PathLike[str],
                    cached=cache._cached.tolist(),
                    prompts=None if cache._prompts is None else [list(p) for p in cache._prompts],
                    prompt_width=cache._prompt_width, extra_key=cache._extra_key)
-    user = _persist._user_metadata(metadata, reserved_ok=False)
+    user = _cache_file.user_metadata(metadata, reserved_ok=False)
     _persist.save(cache._manager, path, cache._handles,
                   {**user, _META_KEY: batch.model_dump_json()}, reserved_ok=True)
 
 
-def _batch_of(saved: _persist.SavedFile) -> _Batch:
+def _batch_of(saved: _cache_file.SavedFile) -> _Batch:
     """The saved batch layout, checked against the rows the file holds."""
     text = saved.info.metadata.get(_META_KEY)
     if text is None:
@@ -205,7 +205,7 @@ def _batch_of(saved: _persist.SavedFile) -> _Batch:
 
 def load_cache(cls: type[KvCoreCache], path: str | os.PathLike[str],
                manager: KvCacheManager, extra_key: Any) -> KvCoreCache:
-    saved = _persist.read_file(path)
+    saved = _cache_file.read_file(path)
     batch = _batch_of(saved)  # everything checked before the manager is touched
     key = batch.extra_key if extra_key is SAVED else extra_key
     reap(manager)

@@ -445,3 +445,20 @@ def test_managers_handles_and_mappings_refuse_copies_naming_fork_and_save():
             assert all(name in str(err.value) for name in names), str(err.value)
     with pytest.raises(kvcore.errors.NotCopyableError, match=r"manager\.save\(path, \[handle\]\)"):
         pickle.dumps(h)
+
+
+def test_a_load_shares_cached_blocks_only_under_its_own_extra_key(tmp_path):
+    rng = np.random.default_rng(13)
+    mgr = _manager()
+    h = mgr.allocate(AllocationRequest(request_id="p", prompt_token_ids=list(range(9))))
+    want = _fill(mgr, h, rng)
+    mgr.save(tmp_path / "c", [h])
+    [other_tenant] = mgr.load(tmp_path / "c", request_ids=["t"], extra_key="tenant-b")
+    assert other_tenant.num_cached_tokens() == 0  # the salt separates it: all written
+    [same] = mgr.load(tmp_path / "c", request_ids=["s"])
+    assert same.num_cached_tokens() == 2 * BS
+    [again] = mgr.load(tmp_path / "c", request_ids=["t2"], extra_key="tenant-b")
+    assert again.num_cached_tokens() == 2 * BS  # tenant-b's own copy is cached now
+    for handle in (other_tenant, same, again):
+        assert _same(_read(mgr, handle), want)
+    mgr.check_invariants()

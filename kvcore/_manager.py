@@ -14,9 +14,10 @@ exactly as it was.
 from __future__ import annotations
 
 import operator
+import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from ._block_table import BlockTable
 from ._coordinator import Coordinator
 from ._growth import commit_allocation, extend_rows, plan_allocation, truncate_row
 from ._paged_handle import PagedKvCacheHandle
+from . import _persist
 from ._registry import get_backend, list_backends
 from ._sequence_table import SequenceRecord
 from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
@@ -132,8 +134,8 @@ class KvCacheManager:
     def __copy__(self) -> KvCacheManager:
         raise NotCopyableError("a KvCacheManager owns device memory and a lock and is not "
                                "copied or pickled: fork sequences with manager.fork(...), "
-                               "or save them with manager.save(...) and load them into "
-                               "another manager")
+                               "or save them with manager.save(path, handles) and load "
+                               "them into another manager with its load(path)")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KvCacheManager:
         return self.__copy__()
@@ -531,6 +533,37 @@ class KvCacheManager:
         with self._lock:
             self._h_require_live(seq, "stats")
             return intro.handle_stats(self._co, seq.row)
+
+    # --- save and load (kvcore._persist) ---------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], handles: Sequence[Handle], *,
+             metadata: Mapping[str, str] | None = None) -> None:
+        """Write the K/V (every layer) and token ids of ``handles`` to ``path`` as a
+        safetensors file whose header fingerprints the layout; never a pickle.
+
+        Every layer must hold every token of each sequence.  ``metadata`` adds your
+        own string entries to the header (keys starting ``kvcore.`` are reserved).
+        The file is replaced atomically.  Load it with :meth:`load`, inspect it with
+        :func:`kvcore.inspect_cache_file`.
+        """
+        _persist.save(self, path, handles, metadata)
+
+    def load(self, path: str | os.PathLike[str], *, request_ids: Sequence[str] | None = None,
+             extra_key: str | None = None) -> list[PagedKvCacheHandle]:
+        """Load the sequences :meth:`save` wrote; one handle each, in file order.
+
+        The file's layers, KV heads, head size and dtype must be this manager's
+        (:class:`~kvcore.errors.LayoutMismatchError` names both layouts; the block size
+        may differ).  Sequences get their saved request ids unless ``request_ids``
+        names new ones.  Those with token ids are allocated with them (salted with
+        ``extra_key``), so their full blocks join the prefix cache, and blocks it
+        already holds for the same tokens are shared instead of written.
+
+        All or nothing: a file that is not a readable kvcore cache
+        (:class:`~kvcore.errors.CacheFileError`), a duplicate request id, or a load
+        that does not fit (:class:`~kvcore.errors.OutOfBlocksError`) changes nothing.
+        """
+        return _persist.load(self, path, request_ids, extra_key)
 
     # --- swap ---------------------------------------------------------------------------
 

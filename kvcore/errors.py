@@ -40,6 +40,8 @@ __all__ = [
     "ManagerClosedError",
     "PendingPrefixError",
     "NotCopyableError",
+    "LayoutMismatchError",
+    "CacheFileError",
 ]
 
 
@@ -167,3 +169,14 @@ class PendingPrefixError(CacheError):
 class NotCopyableError(CacheError, TypeError):
     """The object refers to live cache state and cannot be copied or pickled; the
     message names what to use instead (fork, save)."""
+
+
+class LayoutMismatchError(CacheError, ValueError):
+    """A saved cache holds K/V of another shape (layers, KV heads, head size or dtype)
+    than the manager asked to load it; the message names both layouts."""
+
+
+class CacheFileError(CacheError, ValueError):
+    """A file given to :meth:`KvCacheManager.load` is not a readable kvcore cache file:
+    not safetensors, truncated, corrupt, written by something else, or of a format
+    version this kvcore does not read.  Nothing was loaded."""

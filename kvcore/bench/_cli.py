@@ -20,8 +20,9 @@ from ._timing import Progress, clock
 __all__ = ["WORKLOADS", "main"]
 
 #: Every workload, in the order they run.
-WORKLOADS = ("append", "read", "blocks", "fork", "generate")
-#: What runs without ``--workload``: ``generate`` joins when its integration exists.
+WORKLOADS = ("append", "read", "blocks", "fork", "generate", "prompt_copy")
+#: What runs without ``--workload``: ``generate`` joins when its integration exists
+#: (``prompt_copy`` runs when asked for).
 DEFAULT_WORKLOADS = ("append", "read", "blocks", "fork")
 
 _HELP = {
@@ -35,6 +36,8 @@ _HELP = {
     "shared_prefix": "tokens of the prefix shared by half the prompts (blocks)",
     "hit_sequences": "requests served entirely from the prefix cache (blocks)",
     "fork_tokens": "tokens of the forked sequence (fork)", "fork_children": "children (fork)",
+    "copy_prompt": "tokens of the copied prompt cache (prompt_copy)",
+    "copies": "copies of the prompt cache (prompt_copy)",
     "repeats": "timed repeats per workload (after one warm-up)", "seed": "random seed",
 }
 
@@ -212,6 +215,7 @@ def _measure(backends: list[Backend], workloads: list[str], params: BenchParams,
     from ._blocks import run_blocks
     from ._fork import run_fork
     from ._generate import run_generate
+    from ._prompt_copy import run_prompt_copy
 
     results: list[WorkloadResult] = []
     for backend in backends:
@@ -227,5 +231,11 @@ def _measure(backends: list[Backend], workloads: list[str], params: BenchParams,
                 results.append(run_generate(backend, params, progress, quick))
             except Exception as exc:  # an integration problem must not lose the rest
                 skipped.append({"backend": backend.name, "workload": "generate",
+                                "reason": f"{type(exc).__name__}: {exc}"})
+        if "prompt_copy" in workloads:
+            try:
+                results.append(run_prompt_copy(backend, params, progress))
+            except Exception as exc:  # an integration problem must not lose the rest
+                skipped.append({"backend": backend.name, "workload": "prompt_copy",
                                 "reason": f"{type(exc).__name__}: {exc}"})
     return results

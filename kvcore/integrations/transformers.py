@@ -39,13 +39,20 @@ How the batch maps onto kvcore:
   (``generate(..., assistant_model=...)``) gives ``DynamicCache``'s exact tokens on a
   cache without :meth:`KvCoreCache.set_prompts`.
 
+* ``copy.deepcopy`` / ``copy.copy`` / :meth:`KvCoreCache.fork` fork every row on the
+  same manager (transformers' prompt-reuse recipe; no K/V copied until written), and
+  :meth:`KvCoreCache.save` / :meth:`KvCoreCache.load` keep a cache in a safetensors
+  file (:mod:`kvcore.integrations._cache_state`).
+
 Not supported: sliding-window and linear-attention layers.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -64,6 +71,7 @@ from ..attention import PagedLayout, gather_kv
 from ..errors import (CacheError, CapacityError, LayerIndexError, ShapeMismatchError,
                       WriteOrderError)
 from ..models import AllocationRequest, CacheConfig
+from ._cache_state import SAVED, fork_cache, load_cache, save_cache
 
 __all__ = ["KvCoreCache", "cache_config_for"]
 
@@ -128,6 +136,7 @@ class _KvCoreLayer(CacheLayerMixin):
 
     def prefetch(self) -> None:
         pass
+
 
 
 class KvCoreCache(Cache):
@@ -407,6 +416,57 @@ class KvCoreCache(Cache):
             if handle.is_valid():
                 self._manager.deallocate(handle)
         self._clear()
+
+    # --- copies and files: fork, copy, save, load ------------------------------------------
+
+    def fork(self) -> KvCoreCache:
+        """An independent copy of this cache on the same manager, in O(blocks).
+
+        Every row becomes a copy-on-write fork of its sequence
+        (:meth:`KvCacheManager.fork`): no K/V is copied until the copy or the original
+        writes into a block they share, and then only that block (a row's partly
+        filled last block, when its next token is written).  The two share the
+        manager, and its blocks until written; nothing else: each has its own rows
+        (its own :meth:`release`), lengths, padding, prompts and layer state.
+        Generating from the copy leaves this cache as it was, so it can be copied
+        again: transformers' prompt-reuse recipe,
+        ``generate(..., cache=copy.deepcopy(prompt_cache))``.  A copy dropped without
+        :meth:`release` gives its blocks back at the next fork, save or load on the
+        manager after Python collects it.  Between forward passes only
+        (:class:`~kvcore.errors.CacheError` otherwise).
+        """
+        return self._forked(None)
+
+    def __copy__(self) -> KvCoreCache:
+        """The same as :meth:`fork`: rows shared between two ``Cache`` objects would let
+        one corrupt the other's lengths, so a shallow copy is a copy-on-write fork too
+        (sharing the manager and, until written, the blocks)."""
+        return self._forked(None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KvCoreCache:
+        """:meth:`fork`: the K/V are copied lazily, block by block, when written; the
+        manager is shared, never copied."""
+        return self._forked(memo)
+
+    def _forked(self, memo: dict[int, Any] | None) -> KvCoreCache:
+        return fork_cache(self, memo)
+
+    def save(self, path: str | os.PathLike[str], *,
+             metadata: Mapping[str, str] | None = None) -> None:
+        """Write this cache to ``path``: its rows' K/V and token ids through
+        :meth:`KvCacheManager.save` (safetensors), plus the batch layout (rows,
+        padding, prompts, ``extra_key``) so :meth:`load` gives a cache that continues
+        generation exactly where this one stands.  Between forward passes only."""
+        save_cache(self, path, metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, manager: KvCacheManager,
+             extra_key: Any = SAVED) -> KvCoreCache:
+        """A cache holding what :meth:`save` wrote, on ``manager`` (the model's layout;
+        the block size may differ).  ``extra_key`` defaults to the saved cache's; its
+        prompt blocks join ``manager``'s prefix cache under it.  All or nothing, and
+        every problem is a typed error (:meth:`KvCacheManager.load`)."""
+        return load_cache(cls, path, manager, extra_key)
 
     def __enter__(self) -> KvCoreCache:
         return self

@@ -56,6 +56,7 @@ import torch
 
 from kvcore import Backend, BackendCapabilities, Device, DType, TensorRef
 from kvcore._array_ops import ArrayOps
+from kvcore._backend import check_bits
 from kvcore._staging import Pending, Transfer, chunk_bytes_from_env
 from kvcore.errors import (DeviceMismatchError, DtypeMismatchError, PoolAllocationError,
                            UnsupportedError)
@@ -516,6 +517,17 @@ class TorchBackend(Backend):
         # np.array copies: the result must not alias the caller's array.
         host = torch.from_numpy(np.array(array, copy=True, order="C"))
         return host.to(device=_torch_device(device), dtype=_TORCH_DTYPES[dtype])
+
+    def from_bits(self, bits: np.ndarray, dtype: DType, device: Device) -> torch.Tensor:
+        """Reinterprets the bits with a view, so bfloat16 NaN payloads survive too (the
+        default's float32 -> bfloat16 conversion would canonicalise them)."""
+        self.check_device(device)
+        self.check_dtype(dtype)
+        bits = check_bits(bits, dtype)
+        # torch has no unsigned views of every width: the signed twin holds the same bits.
+        signed = bits.view(np.int32 if dtype is DType.float32 else np.int16)
+        host = torch.from_numpy(signed.copy()).view(_TORCH_DTYPES[dtype])
+        return host.to(device=_torch_device(device))
 
     def array_ops(self) -> ArrayOps:
         return _OPS

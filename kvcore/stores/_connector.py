@@ -48,7 +48,9 @@ from ..errors import (BlockFormatError, DtypeMismatchError, ShapeMismatchError,
                       StoreKeyError, StorePartialError, StoreTimeoutError,
                       StoreUnavailableError)
 from ._breaker import BreakerState, CircuitBreaker
-from ._format import ArraySpec, decode_block, encode_block
+from ._codec import BlockCodec
+from ._format import ArraySpec
+from ._keys import DIGEST_SIZE
 from ._namespace import StoreNamespace, block_layout
 from ._registry import open_store
 from ._stats import StoreStats
@@ -84,9 +86,9 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _check_digest(digest: object) -> bytes:
-    if not isinstance(digest, (bytes, bytearray)) or not 16 <= len(digest) <= 64:
-        raise StoreKeyError(f"a chain key must be 16..64 bytes, got {digest!r:.80}")
+def _check_digest(digest: object, size: int) -> bytes:
+    if not isinstance(digest, (bytes, bytearray)) or len(digest) != size:
+        raise StoreKeyError(f"a chain key must be {size} bytes, got {digest!r:.80}")
     return bytes(digest)
 
 
@@ -100,7 +102,7 @@ class StoreConnector:
                  batch_blocks: int = 32, batch_bytes: int = 64 << 20,
                  failure_threshold: int = 3, cooldown_s: float = 2.0,
                  skip_existing: bool = True, delete_corrupt: bool = True,
-                 close_store: bool = True,
+                 close_store: bool = True, key_size: int = DIGEST_SIZE,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(store, Store):
             raise StoreConfigError(f"store must be a kvcore.stores.Store, got {store!r}")
@@ -114,8 +116,11 @@ class StoreConnector:
         self._store = store
         self._namespace = namespace
         self._layout = tuple(specs)
-        self._labels = [s.label for s in specs]
-        self._mac_key = mac_key
+        if isinstance(key_size, bool) or not isinstance(key_size, int) or not 16 <= key_size <= 64:
+            raise StoreConfigError(f"key_size must be 16..64 bytes, got {key_size!r}")
+        self._key_size = key_size
+        self._codec = BlockCodec(namespace.fingerprint, specs, key_len=key_size,
+                                 mac_key=mac_key)
         self._strict = bool(strict)
         self._queue_blocks = _positive_int("queue_blocks", queue_blocks)
         self._queue_bytes_max = _positive_int("queue_bytes", queue_bytes)
@@ -222,7 +227,7 @@ class StoreConnector:
             digest, arrays = block
         except (TypeError, ValueError):
             raise StoreKeyError(f"offer takes (chain_key, arrays) pairs, got {block!r:.80}") from None
-        digest = _check_digest(digest)
+        digest = _check_digest(digest, self._key_size)
         if isinstance(arrays, np.ndarray) or len(arrays) != len(self._layout):
             count = "an array" if isinstance(arrays, np.ndarray) else f"{len(arrays)} arrays"
             raise ShapeMismatchError(f"a block is {len(self._layout)} arrays (one per layer), "
@@ -286,9 +291,8 @@ class StoreConnector:
                 present = self._store.exists(keys)
                 todo = [(k, b) for (k, b), p in zip(todo, present) if not p]
                 self._count(blocks_skipped_existing=len(batch) - len(todo))
-            items = [(k, encode_block(self._namespace.fingerprint, arrays, key=digest,
-                                      labels=self._labels, mac_key=self._mac_key))
-                     for k, (digest, arrays, _) in todo]
+            encode = self._codec.encode
+            items = [(k, encode(digest, arrays)) for k, (digest, arrays, _) in todo]
             if items:
                 self._store.put(items)
         except StorePartialError as exc:
@@ -327,7 +331,7 @@ class StoreConnector:
         raises :class:`~kvcore.errors.StoreConnectionError` /
         :class:`~kvcore.errors.StoreUnavailableError`).  Counts hits, misses, bytes."""
         self._check_open()
-        digests = [_check_digest(d) for d in chain_keys]
+        digests = [_check_digest(d, self._key_size) for d in chain_keys]
         n = len(digests)
         if n == 0:
             return []
@@ -370,8 +374,7 @@ class StoreConnector:
             if value is None:
                 break
             try:
-                arrays = decode_block(value, self._namespace.fingerprint, self._layout,
-                                      key=digest, mac_key=self._mac_key)
+                arrays = self._codec.decode(value, digest)
             except BlockFormatError:
                 corrupt.append(key)
                 break

@@ -45,7 +45,7 @@ from typing import Any
 
 from ..errors import StoreConnectionError, StoreConfigError
 from ._store import Store
-from ._url import StoreOptions
+from ._url import StoreOptions, redact_url
 
 __all__ = ["DiskStore"]
 
@@ -79,12 +79,12 @@ class DiskStore(Store):
     def from_url(cls, url: str, **options: Any) -> DiskStore:
         parts = urllib.parse.urlsplit(url)
         if parts.netloc not in ("", "localhost"):
-            raise StoreConfigError(f"store URL {url!r} names host {parts.netloc!r}; a file "
-                                "store is local: file:///absolute/path")
+            raise StoreConfigError(f"store URL {redact_url(url)!r} names a host; a file store "
+                                   "is local: file:///absolute/path")
         path = urllib.parse.unquote(parts.path)
         if not path.startswith("/") or path.rstrip("/") == "":
-            raise StoreConfigError(f"store URL {url!r} needs an absolute directory other than "
-                                "/: file:///var/cache/kvcore")
+            raise StoreConfigError(f"store URL {redact_url(url)!r} needs an absolute directory "
+                                   "other than /: file:///var/cache/kvcore")
         opts = StoreOptions(url, parts.query, options)
         fsync = opts.flag("fsync", False)
         max_bytes = opts.number("max_bytes", 0, integer=True)

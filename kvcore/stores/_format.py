@@ -48,8 +48,9 @@ import numpy as np
 
 from ..errors import CorruptBlockError, ForeignBlockError, StoreKeyError
 
-__all__ = ["ArraySpec", "FORMAT_VERSION", "MAGIC", "decode_block", "encode_block",
-           "encoded_size", "peek_header"]
+__all__ = ["ArraySpec", "FORMAT_VERSION", "MAGIC", "arrays_from", "byte_view", "decode_block",
+           "encode_block", "encoded_size", "fixed_header", "peek_header", "seal", "table_entry",
+           "verify_payload"]
 
 MAGIC = b"KVCB"
 FORMAT_VERSION = 1
@@ -130,7 +131,8 @@ def _native(array: Any, index: int) -> np.ndarray:
                         "little-endian")
     if array.ndim > MAX_NDIM:
         raise TypeError(f"array {index} has {array.ndim} dimensions, at most {MAX_NDIM}")
-    return np.ascontiguousarray(array)
+    # ascontiguousarray turns a 0-d array into shape (1,): keep the shape recorded.
+    return np.ascontiguousarray(array).reshape(array.shape)
 
 
 def encode_block(fingerprint: bytes, arrays: Sequence[np.ndarray], *, key: bytes = b"",
@@ -159,19 +161,36 @@ def encode_block(fingerprint: bytes, arrays: Sequence[np.ndarray], *, key: bytes
     payload_len = 0
     for i, a in enumerate(blocks):
         label = _label_bytes((labels[i] if labels is not None else None) or a.dtype.name)
-        table.append(struct.pack(f"<B{len(label)}sBB{a.ndim}Q", len(label), label,
-                                 a.dtype.itemsize, a.ndim, *a.shape))
+        table.append(table_entry(label, a.dtype.itemsize, a.shape))
         payload_len += a.nbytes
-    check_len = _MAC_SIZE if mac_key is not None else _CRC.size
-    body = b"".join(table)
-    header_len = _FIXED.size + len(key) + len(body) + check_len + _CRC.size
-    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, _FLAG_MAC if mac_key is not None else 0,
-                        header_len, fingerprint, payload_len, len(blocks), len(key),
-                        check_len)
-    head = fixed + bytes(key) + body
-    # Byte views through numpy: memoryview() refuses dtypes the buffer protocol does not
-    # know (ml_dtypes' bfloat16), a uint8 view of the same memory never does.
-    views = [memoryview(a.reshape(-1).view(np.uint8)) for a in blocks]
+    head = fixed_header(fingerprint, len(blocks), len(key), len(b"".join(table)), payload_len,
+                        mac_key is not None) + bytes(key) + b"".join(table)
+    return seal(head, [byte_view(a) for a in blocks], mac_key)
+
+
+def table_entry(label: bytes, itemsize: int, shape: tuple[int, ...]) -> bytes:
+    """One array's entry in the header's array table."""
+    return struct.pack(f"<B{len(label)}sBB{len(shape)}Q", len(label), label, itemsize,
+                       len(shape), *shape)
+
+
+def fixed_header(fingerprint: bytes, n_arrays: int, key_len: int, table_len: int,
+                 payload_len: int, mac: bool) -> bytes:
+    """The first 40 bytes of a value."""
+    check_len = _MAC_SIZE if mac else _CRC.size
+    header_len = _FIXED.size + key_len + table_len + check_len + _CRC.size
+    return _FIXED.pack(MAGIC, FORMAT_VERSION, _FLAG_MAC if mac else 0, header_len,
+                       fingerprint, payload_len, n_arrays, key_len, check_len)
+
+
+def byte_view(array: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes.  Through a numpy uint8 view: memoryview() refuses
+    dtypes the buffer protocol does not know (ml_dtypes' bfloat16); this never does."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def seal(head: bytes, views: Sequence[memoryview], mac_key: bytes | None) -> bytes:
+    """``head`` (fixed header, key, table) + payload check + header CRC + payload."""
     if mac_key is not None:
         mac = hashlib.blake2b(head, digest_size=_MAC_SIZE, key=_check_mac_key(mac_key),
                               person=_MAC_PERSON)
@@ -191,7 +210,8 @@ def encode_block(fingerprint: bytes, arrays: Sequence[np.ndarray], *, key: bytes
 def encoded_size(specs: Sequence[Any], *, key_len: int = 16, mac: bool = False) -> int:
     """Bytes of a value holding arrays of ``specs`` (for sizing queues and budgets)."""
     parsed = [ArraySpec.of(s) for s in specs]
-    table = sum(3 + len(_label_bytes(s.label)) + 8 * len(s.shape) for s in parsed)
+    table = sum(len(table_entry(_label_bytes(s.label), s.dtype.itemsize, s.shape))
+                for s in parsed)
     check = _MAC_SIZE if mac else _CRC.size
     return _FIXED.size + key_len + table + check + _CRC.size + sum(s.nbytes for s in parsed)
 
@@ -320,19 +340,29 @@ def decode_block(data: bytes | bytearray | memoryview, fingerprint: bytes,
     if len(view) != header.header_len + header.payload_len:
         raise CorruptBlockError(f"value is {len(view)} bytes, its header says "
                                 f"{header.header_len + header.payload_len} (truncated?)")
-    payload = view[header.header_len:]
-    if has_mac:
-        mac = hashlib.blake2b(view[:header.header_len - _CRC.size - _MAC_SIZE],
+    verify_payload(view, header.header_len, header.check, mac_key)
+    return arrays_from(data, header.header_len, specs)
+
+
+def verify_payload(view: memoryview, header_len: int, check: bytes,
+                   mac_key: bytes | None) -> None:
+    """Check the payload (everything after ``header_len``) against ``check``."""
+    payload = view[header_len:]
+    if mac_key is not None:
+        mac = hashlib.blake2b(view[:header_len - _CRC.size - _MAC_SIZE],
                               digest_size=_MAC_SIZE, key=_check_mac_key(mac_key),
                               person=_MAC_PERSON)
         mac.update(payload)
-        if mac.digest() != header.check:
+        if mac.digest() != check:
             raise CorruptBlockError("MAC mismatch: the value was changed or written without "
                                     "this deployment's key")
-    elif _CRC.pack(zlib.crc32(payload)) != header.check:
+    elif _CRC.pack(zlib.crc32(payload)) != check:
         raise CorruptBlockError("payload checksum mismatch")
+
+
+def arrays_from(data: Any, offset: int, specs: Sequence[ArraySpec]) -> list[np.ndarray]:
+    """The arrays of ``specs`` laid out one after another from ``offset`` in ``data``."""
     out = []
-    offset = header.header_len
     for spec in specs:
         count = spec.nbytes // spec.dtype.itemsize
         if count == 0:  # frombuffer refuses an offset at the very end of the buffer

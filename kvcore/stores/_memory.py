@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from ..errors import StoreConfigError
 from ._store import Store
-from ._url import StoreOptions
+from ._url import StoreOptions, redact_url
 
 __all__ = ["MemoryStore"]
 
@@ -55,9 +55,13 @@ class MemoryStore(Store):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryStore:
         parts = urllib.parse.urlsplit(url)
+        if "@" in parts.netloc:
+            raise StoreConfigError(f"store URL {redact_url(url)!r}: a memory store takes no "
+                                   "user or password")
         name = parts.netloc + parts.path.rstrip("/")
         if not name:
-            raise StoreConfigError(f"store URL {url!r} names no store; use memory://NAME")
+            raise StoreConfigError(f"store URL {redact_url(url)!r} names no store; use "
+                               "memory://NAME")
         opts = StoreOptions(url, parts.query, options)
         max_bytes = opts.number("max_bytes", 0, integer=True)
         opts.finish()

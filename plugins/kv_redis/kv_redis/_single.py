@@ -1,0 +1,104 @@
+"""``redis://`` and ``rediss://``: one Redis server (or a primary behind a proxy).
+
+Every batch is one round trip: ``MGET`` for reads, one non-transactional pipeline of
+``SET`` (``SET ... EX ttl`` with a TTL) for writes, of ``EXISTS`` for existence and one
+``DEL`` for deletes (split into chunks of 10,000 keys so no single command grows
+without bound).  redis-py parses replies with hiredis when it is installed (it is a
+dependency of kvcore-redis).  Sockets time out after ``timeout`` seconds, and a failed
+command is retried once on a fresh connection (a server restart leaves stale pooled
+connections) and never more: the connector's breaker decides about the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.exceptions as rx
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from kvcore.errors import StoreConfigError
+from kvcore.stores import Store
+
+from ._errors import translate
+from ._options import RedisTarget, parse_redis_url
+from ._probe import probe_redis
+
+#: One retry on a fresh connection after a connection error (pooled sockets go stale
+#: when a server restarts); none after a timeout, which would only double the wait.
+_ONE_RECONNECT = Retry(NoBackoff(), 1, supported_errors=(rx.ConnectionError,))
+
+__all__ = ["RedisStore"]
+
+_CHUNK = 10000
+
+
+class RedisStore(Store):
+    """A Redis server as a block store."""
+
+    name = "redis"
+    schemes = ("redis", "rediss")
+
+    def __init__(self, target: RedisTarget) -> None:
+        super().__init__()
+        self._target = target
+        host, port = target.nodes[0]
+        self._client = redis.Redis(host=host, port=port, retry=_ONE_RECONNECT,
+                                   **target.client_kwargs)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisStore:
+        target = parse_redis_url(url, options)
+        if target.cluster:
+            raise StoreConfigError(f"{target.redacted} is a Redis Cluster URL; "
+                                   "RedisClusterStore opens it")
+        return cls(target)
+
+    @classmethod
+    def probe(cls) -> None:
+        probe_redis()
+
+    @property
+    def url(self) -> str:
+        return self._target.redacted
+
+    @property
+    def client(self) -> redis.Redis:
+        """The redis-py client (for tests and tools; the store owns it)."""
+        return self._client
+
+    def _put(self, items: list[tuple[str, Any]]) -> None:
+        ttl = self._target.ttl or None
+        with translate(self.url, "SET"):
+            for start in range(0, len(items), _CHUNK):
+                pipe = self._client.pipeline(transaction=False)
+                for key, value in items[start:start + _CHUNK]:
+                    pipe.set(key, value, ex=ttl)
+                pipe.execute()
+
+    def _get(self, keys: list[str]) -> list[bytes | None]:
+        with translate(self.url, "MGET"):
+            out: list[bytes | None] = []
+            for start in range(0, len(keys), _CHUNK):
+                out.extend(self._client.mget(keys[start:start + _CHUNK]))
+            return out
+
+    def _exists(self, keys: list[str]) -> list[bool]:
+        with translate(self.url, "EXISTS"):
+            out: list[bool] = []
+            for start in range(0, len(keys), _CHUNK):
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys[start:start + _CHUNK]:
+                    pipe.exists(key)
+                out.extend(bool(n) for n in pipe.execute())
+            return out
+
+    def _delete(self, keys: list[str]) -> int:
+        with translate(self.url, "DEL"):
+            return sum(int(self._client.delete(*keys[start:start + _CHUNK]))
+                       for start in range(0, len(keys), _CHUNK))
+
+    def _close(self) -> None:
+        self._client.close()
+        self._client.connection_pool.disconnect()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["fresh_cluster", "fresh_redis", "redis_cluster", "redis_server", "require_redis",
-           "skip_or_fail"]
+__all__ = ["AUTH_PASSWORD", "fresh_cluster", "fresh_redis", "redis_auth_server", "redis_cluster",
+           "redis_server", "require_redis", "skip_or_fail"]
 
 
 def skip_or_fail(reason: str) -> None:
@@ -44,6 +44,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     require_redis()
     from kv_redis.testing import RedisServer
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+#: The password of ``redis_auth_server`` (random per session).
+AUTH_PASSWORD = "kvcore-test-" + os.urandom(6).hex()
+
+
+@pytest.fixture(scope="session")
+def redis_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One redis-server for the session that requires AUTH with ``AUTH_PASSWORD``."""
+    require_redis()
+    from kv_redis.testing import RedisServer
+    with RedisServer(tmp_path_factory.mktemp("redis-auth"), password=AUTH_PASSWORD) as server:
         yield server
 
 

@@ -30,12 +30,6 @@ class TestDiskStore(StoreContract):
         return f"file://{tmp_path}/store"
 
 
-class TestDiskStoreFsync(StoreContract):
-    @pytest.fixture
-    def kvcore_store_url(self, tmp_path: Path) -> str:
-        return f"file://{tmp_path}/store?fsync=1"
-
-
 class TestRedisStoreWithAuth(StoreContract):
     @pytest.fixture
     def kvcore_store_url(self, redis_auth_server) -> str:  # noqa: F811

@@ -129,6 +129,17 @@ def test_bad_urls_are_refused(url, fragment):
         open_store(url)
 
 
+@pytest.mark.parametrize("fsync, expected", [(False, 0), (True, 6)])
+def test_fsync_policy_file_and_directory_only_when_asked(tmp_path, monkeypatch, fsync, expected):
+    store = DiskStore(tmp_path / "s", fsync=fsync)
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    store.put([("a", b"1"), ("b", b"2"), ("c", b"3")])
+    assert len(calls) == expected  # per value: the file, then its directory
+    assert store.get(["a", "b", "c"]) == [b"1", b"2", b"3"]
+
+
 def test_url_round_trips_options(tmp_path):
     store = open_store(f"file://{tmp_path}/s?fsync=1&max_bytes=1000")
     assert store.url == f"file://{tmp_path}/s?fsync=1&max_bytes=1000"

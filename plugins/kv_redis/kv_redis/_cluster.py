@@ -43,7 +43,7 @@ from kvcore.errors import (StoreConfigError, StoreConnectionError, StorePartialE
                            StoreTimeoutError)
 from kvcore.stores import Store
 
-from ._errors import is_redirect, translate
+from ._errors import describe, is_redirect, translate
 from ._options import RedisTarget, parse_redis_url
 from ._probe import probe_redis
 
@@ -216,7 +216,7 @@ class RedisClusterStore(Store):
                errors: list[BaseException], partial: list[Any]) -> None:
         failed = [k for k, r in zip(keys, results) if isinstance(r, _Failed)]
         first = errors[0]
-        detail = f"{type(first).__name__}: {first}"
+        detail = describe(first)
         if len(failed) == len(keys):
             cls = StoreTimeoutError if isinstance(first, rx.TimeoutError) else StoreConnectionError
             raise cls(f"store {self.url}: {what} failed for all {len(keys)} keys: "

@@ -9,7 +9,17 @@ import redis.exceptions as rx
 
 from kvcore.errors import StoreConnectionError, StoreTimeoutError
 
-__all__ = ["translate", "is_redirect", "is_node_failure"]
+__all__ = ["describe", "is_redirect", "translate"]
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one short printable line.  redis-py quotes the failing command
+    of a pipeline, value included: that is K/V bytes in a log line, so it is cut."""
+    text = str(exc)
+    if "caused error: " in text:
+        text = text.split("caused error: ", 1)[1]
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 @contextlib.contextmanager
@@ -19,22 +29,16 @@ def translate(url: str, what: str) -> Iterator[None]:
     try:
         yield
     except rx.TimeoutError as exc:
-        raise StoreTimeoutError(f"store {url}: {what} timed out: {exc}") from exc
+        raise StoreTimeoutError(f"store {url}: {what} timed out: {describe(exc)}") from exc
     except rx.ConnectionError as exc:  # includes AuthenticationError
-        raise StoreConnectionError(f"store {url}: {what} failed: {type(exc).__name__}: "
-                                   f"{exc}") from exc
+        raise StoreConnectionError(f"store {url}: {what} failed: {describe(exc)}") from exc
     except rx.RedisError as exc:  # OOM, NOAUTH, READONLY, CLUSTERDOWN, ...
-        raise StoreConnectionError(f"store {url}: {what} refused: {type(exc).__name__}: "
-                                   f"{exc}") from exc
+        raise StoreConnectionError(f"store {url}: {what} refused: {describe(exc)}") from exc
     except OSError as exc:  # a TLS file that cannot be read, a socket error
-        raise StoreConnectionError(f"store {url}: {what} failed: {exc}") from exc
+        raise StoreConnectionError(f"store {url}: {what} failed: {describe(exc)}") from exc
 
 
 def is_redirect(result: object) -> bool:
     """A per-command cluster answer that means "ask elsewhere / later"."""
     return isinstance(result, (rx.MovedError, rx.AskError, rx.TryAgainError,
                                rx.ClusterDownError))
-
-
-def is_node_failure(exc: BaseException) -> bool:
-    return isinstance(exc, (rx.ConnectionError, rx.TimeoutError, OSError))

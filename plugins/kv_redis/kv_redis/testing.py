@@ -9,7 +9,9 @@ leaving their ``with`` block.  Fault injection: ``kill()`` (SIGKILL), ``pause()`
 
 Needs the ``redis-server`` and ``redis-cli`` binaries (Debian: ``apt-get install -y
 redis-server``); :func:`find_redis_server` returns ``None`` when they are missing and
-:data:`INSTALL_HINT` says how to get them.
+:data:`INSTALL_HINT` says how to get them.  ``RedisServer(..., tls=True)`` serves TLS
+only, with a throwaway CA and client certificates made by the ``openssl`` command
+(:func:`make_tls_files`), and requires clients to present one.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["INSTALL_HINT", "RedisClusterServers", "RedisServer", "find_redis_server",
-           "free_port"]
+__all__ = ["INSTALL_HINT", "RedisClusterServers", "RedisServer", "TlsFiles", "find_redis_server",
+           "free_port", "make_tls_files"]
 
 INSTALL_HINT = "apt-get install -y redis-server   (or: sudo apt-get install -y redis-server)"
 _START_TIMEOUT_S = 15.0
@@ -46,6 +49,41 @@ def free_port(avoid: Sequence[int] = ()) -> int:
             return port
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and the server / client certificates it signed (PEM files)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls_files(directory: str | os.PathLike[str], name: str = "kvcore-test") -> TlsFiles:
+    """Make a CA and a server certificate for 127.0.0.1 / localhost and a client
+    certificate with the ``openssl`` command.  Raises ``FileNotFoundError`` without it."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise FileNotFoundError("openssl not found; apt-get install -y openssl")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", f"/CN={name}-ca")
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for who in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out",
+            f"{who}.csr", "-subj", f"/CN={name}-{who}")
+        run("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{who}.crt", "-days", "2", "-extfile", "san.cnf")
+    return TlsFiles(d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt",
+                    d / "client.key")
+
+
 def _ping(port: int, password: str | None = None, timeout: float = 0.2) -> bool:
     """A raw RESP PING, so this module needs no client library."""
     try:
@@ -63,7 +101,8 @@ class RedisServer:
     """One ``redis-server`` on 127.0.0.1 (see the module docstring)."""
 
     def __init__(self, directory: str | os.PathLike[str], *, port: int | None = None,
-                 password: str | None = None, args: Sequence[str] = ()) -> None:
+                 password: str | None = None, args: Sequence[str] = (),
+                 tls: bool = False) -> None:
         found = find_redis_server()
         if found is None:
             raise FileNotFoundError(f"redis-server / redis-cli not found; {INSTALL_HINT}")
@@ -73,11 +112,16 @@ class RedisServer:
         self.password = password
         self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
+        self.tls = make_tls_files(self.directory / "tls") if tls else None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        t = self.tls
+        return (f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={t.ca}"
+                f"&ssl_certfile={t.client_cert}&ssl_keyfile={t.client_key}")
 
     @property
     def log(self) -> Path:
@@ -90,6 +134,11 @@ class RedisServer:
                "--enable-debug-command", "local"]
         if self.password:
             cmd += ["--requirepass", self.password]
+        if self.tls is not None:
+            t = self.tls
+            cmd[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            cmd += ["--tls-cert-file", str(t.server_cert), "--tls-key-file", str(t.server_key),
+                    "--tls-ca-cert-file", str(t.ca), "--tls-auth-clients", "yes"]
         return cmd + self.args
 
     def start(self) -> RedisServer:
@@ -97,13 +146,24 @@ class RedisServer:
         self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT, cwd=self.directory)
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while not _ping(self.port, self.password):
+        while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
                 self.stop()
                 raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
             time.sleep(0.02)
         return self
+
+    def _answers(self) -> bool:
+        if self.tls is None:
+            return _ping(self.port, self.password)
+        t = self.tls
+        cmd = [self.cli_path, "--tls", "--cacert", str(t.ca), "--cert", str(t.client_cert),
+               "--key", str(t.client_key), "-p", str(self.port), "ping"]
+        if self.password:
+            cmd[1:1] = ["-a", self.password, "--no-auth-warning"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() == "PONG"
 
     @property
     def running(self) -> bool:

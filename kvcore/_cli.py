@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from ._registry import list_backends
 from .errors import KvCoreError
+from .stores import _cli as _stores_cli
 
 __all__ = ["main"]
 
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("conformance", help="run the conformance suite on backends",
                        add_help=True)
     p.add_argument("backends", nargs="+", help="backend names")
+    _stores_cli.add_parser(sub)
     return parser
 
 
@@ -86,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_conformance(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"backends": _cmd_backends, "demo": _cmd_demo}[args.command](args)
+        return {"backends": _cmd_backends, "demo": _cmd_demo,
+                "stores": _stores_cli.run}[args.command](args)
     except KvCoreError as exc:
         print(f"kvcore: error: {exc}", file=sys.stderr)
         return 1

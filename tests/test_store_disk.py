@@ -149,10 +149,10 @@ def test_a_failed_write_is_a_store_error_and_leaves_no_temp_file(tmp_path, monke
     store = DiskStore(tmp_path / "s")
     store.put([("warm", b"x")])
 
-    def full(fd, data):
+    def full(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "writev", full)
     with pytest.raises(StoreConnectionError, match="No space left"):
         store.put([("k", b"v" * 10)])
     monkeypatch.undo()

@@ -20,7 +20,7 @@ from ._timing import Progress, clock
 __all__ = ["WORKLOADS", "main"]
 
 #: Every workload, in the order they run.
-WORKLOADS = ("append", "read", "blocks", "fork", "generate")
+WORKLOADS = ("append", "read", "blocks", "fork", "generate", "store")
 #: What runs without ``--workload``: ``generate`` joins when its integration exists.
 DEFAULT_WORKLOADS = ("append", "read", "blocks", "fork")
 
@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                         "into 10x outliers)")
     p.add_argument("--check", action="store_true",
                    help="exit with status 3 when a target is missed")
+    p.add_argument("--store-url", metavar="URL", default=None,
+                   help="Redis for the store workload (default: a throwaway redis-server)")
     sizes = p.add_argument_group("workload sizes (defaults: the issue's; --quick shrinks them)")
     for f in dataclasses.fields(BenchParams):
         kind = str if f.name == "dtype" else int
@@ -140,7 +142,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         raise LookupError('no kvcore backend is available; try: pip install "kvcore[numpy]"')
 
     with _threads(args.threads):
-        results = _measure(backends, workloads, params, progress, skipped, args.quick)
+        results = _measure(backends, workloads, params, progress, skipped, args.quick,
+                           args.store_url)
     progress.done()
     doc = document(results, skipped, params.to_dict(), argv, clock() - began)
     doc["threads"] = args.threads
@@ -179,7 +182,7 @@ def _threads(count: int) -> Iterator[None]:
 
 def _measure(backends: list[Backend], workloads: list[str], params: BenchParams,
              progress: Progress, skipped: list[dict[str, str]],
-             quick: bool) -> list[WorkloadResult]:
+             quick: bool, store_url: str | None = None) -> list[WorkloadResult]:
     from ._append import run_append_read
     from ._blocks import run_blocks
     from ._fork import run_fork
@@ -200,4 +203,10 @@ def _measure(backends: list[Backend], workloads: list[str], params: BenchParams,
             except Exception as exc:  # an integration problem must not lose the rest
                 skipped.append({"backend": backend.name, "workload": "generate",
                                 "reason": f"{type(exc).__name__}: {exc}"})
+        if "store" in workloads:
+            from ._store import StoreUnavailable, run_store
+            try:
+                results.append(run_store(backend, params, progress, store_url))
+            except StoreUnavailable as exc:
+                skipped.append({"backend": backend.name, "workload": "store", "reason": str(exc)})
     return results

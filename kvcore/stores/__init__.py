@@ -33,7 +33,7 @@ from ._namespace import (KEY_FORMAT, LAYOUT_FIELDS, NON_LAYOUT_FIELDS, StoreName
 from ._registry import (StoreRecord, StoreRegistry, list_stores, open_store, refresh_stores,
                         register_store, unregister_store)
 from ._stats import StoreStats
-from ._store import STORE_API_VERSION, Store, check_items, check_keys
+from ._store import STORE_API_VERSION, Store, Value, ValueParts, check_items, check_keys
 from ._url import StoreOptions, redact_url, url_scheme
 
 __all__ = [
@@ -59,6 +59,8 @@ __all__ = [
     "StoreRegistry",
     "StoreSpec",
     "StoreStats",
+    "Value",
+    "ValueParts",
     "block_layout",
     "chain_keys",
     "check_items",

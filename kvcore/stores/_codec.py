@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptBlockError, StoreKeyError
-from ._format import (ArraySpec, _label_bytes, arrays_from, byte_view, decode_block,
-                      fixed_header, seal, table_entry, verify_payload)
+from ._format import (ArraySpec, _label_bytes, arrays_from, byte_view, checked_head,
+                      decode_block, fixed_header, seal, table_entry, verify_payload)
+from ._store import ValueParts
 
 __all__ = ["BlockCodec"]
 
@@ -68,6 +69,15 @@ class BlockCodec:
             raise StoreKeyError(f"block key must be {self.key_len} bytes, got {len(key)}")
         views = [byte_view(np.ascontiguousarray(a)) for a in arrays]
         return seal(self._fixed + key + self._table, views, self.mac_key)
+
+    def encode_parts(self, key: bytes, arrays: Sequence[np.ndarray]) -> ValueParts:
+        """The same value as :meth:`encode`, as the header plus the arrays' own memory
+        (no copy of the payload; the arrays must not change until it is written)."""
+        if len(key) != self.key_len:
+            raise StoreKeyError(f"block key must be {self.key_len} bytes, got {len(key)}")
+        views = [byte_view(np.ascontiguousarray(a)) for a in arrays]
+        head = checked_head(self._fixed + key + self._table, views, self.mac_key)
+        return ValueParts([memoryview(head), *views])
 
     def decode(self, data: bytes | bytearray | memoryview, key: bytes) -> list[np.ndarray]:
         """The arrays of a value, checked; raises

@@ -285,13 +285,15 @@ class StoreConnector:
             return
         keys = self._namespace.keys([digest for digest, _, _ in batch])
         todo = list(zip(keys, batch))
-        items: list[tuple[str, bytes]] = []
+        items: list[tuple[str, Any]] = []
         try:
             if self._skip_existing:
                 present = self._store.exists(keys)
                 todo = [(k, b) for (k, b), p in zip(todo, present) if not p]
                 self._count(blocks_skipped_existing=len(batch) - len(todo))
-            encode = self._codec.encode
+            # Stores that write scattered buffers get the arrays' own memory: no copy.
+            encode = self._codec.encode_parts if self._store.accepts_parts else \
+                self._codec.encode
             items = [(k, encode(digest, arrays)) for k, (digest, arrays, _) in todo]
             if items:
                 self._store.put(items)

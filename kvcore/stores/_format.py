@@ -48,9 +48,9 @@ import numpy as np
 
 from ..errors import CorruptBlockError, ForeignBlockError, StoreKeyError
 
-__all__ = ["ArraySpec", "FORMAT_VERSION", "MAGIC", "arrays_from", "byte_view", "decode_block",
-           "encode_block", "encoded_size", "fixed_header", "peek_header", "seal", "table_entry",
-           "verify_payload"]
+__all__ = ["ArraySpec", "FORMAT_VERSION", "MAGIC", "arrays_from", "byte_view", "checked_head",
+           "decode_block", "encode_block", "encoded_size", "fixed_header", "peek_header", "seal",
+           "table_entry", "verify_payload"]
 
 MAGIC = b"KVCB"
 FORMAT_VERSION = 1
@@ -191,6 +191,12 @@ def byte_view(array: np.ndarray) -> memoryview:
 
 def seal(head: bytes, views: Sequence[memoryview], mac_key: bytes | None) -> bytes:
     """``head`` (fixed header, key, table) + payload check + header CRC + payload."""
+    return b"".join([checked_head(head, views, mac_key), *views])
+
+
+def checked_head(head: bytes, views: Sequence[memoryview], mac_key: bytes | None) -> bytes:
+    """``head`` followed by the payload check of ``views`` and the header CRC: every
+    byte of the value before the payload."""
     if mac_key is not None:
         mac = hashlib.blake2b(head, digest_size=_MAC_SIZE, key=_check_mac_key(mac_key),
                               person=_MAC_PERSON)
@@ -204,7 +210,7 @@ def seal(head: bytes, views: Sequence[memoryview], mac_key: bytes | None) -> byt
         check = _CRC.pack(crc)
     head += check
     head += _CRC.pack(zlib.crc32(head))
-    return b"".join([head, *views])
+    return head
 
 
 def encoded_size(specs: Sequence[Any], *, key_len: int = 16, mac: bool = False) -> int:

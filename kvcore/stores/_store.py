@@ -37,15 +37,46 @@ import abc
 import re
 import threading
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 from ..errors import StoreClosedError, StoreKeyError
 
-__all__ = ["STORE_API_VERSION", "Store", "check_keys"]
+__all__ = ["STORE_API_VERSION", "Store", "Value", "ValueParts", "check_items", "check_keys"]
 
 #: The version of this contract; a plugin's StoreSpec and Store class declare it.
 STORE_API_VERSION = 1
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+class ValueParts:
+    """One value as consecutive buffers: a block's header and its arrays' own memory.
+
+    A store that can send scattered buffers (``os.writev``, a socket) declares
+    ``accepts_parts = True`` and writes the parts as they are: a block then goes from
+    the arrays the engine offered to the wire or the file without being copied into
+    one ``bytes`` first (that copy, into fresh memory, costs more than the network on
+    a fast link).  Every other store receives ``bytes`` (:meth:`tobytes`): ``Store.put``
+    converts for it.  ``len()`` is the value's length in bytes.
+    """
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts: Sequence[memoryview]) -> None:
+        self.parts = tuple(memoryview(p).cast("B") for p in parts)
+        self.nbytes = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __repr__(self) -> str:
+        return f"<ValueParts {len(self.parts)} parts, {self.nbytes} bytes>"
+
+
+#: What ``Store.put`` takes as a value.
+Value = Union[bytes, bytearray, memoryview, ValueParts]
 
 
 def check_keys(keys: Sequence[str]) -> list[str]:
@@ -75,7 +106,7 @@ def check_items(items: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
             key, value = item
         except (TypeError, ValueError):
             raise StoreKeyError(f"items must be (key, value) pairs, got {item!r:.80}") from None
-        if not isinstance(value, (bytes, bytearray, memoryview)):
+        if not isinstance(value, (bytes, bytearray, memoryview, ValueParts)):
             raise StoreKeyError(f"the value of {key!r} must be bytes, got "
                                 f"{type(value).__name__}")
         out.append((key, value))
@@ -97,6 +128,9 @@ class Store(abc.ABC):
     #: URL schemes this class opens (``("redis", "rediss")``).
     schemes: ClassVar[tuple[str, ...]] = ()
     api_version: ClassVar[int] = STORE_API_VERSION
+    #: Whether ``_put`` takes :class:`ValueParts` values as they are (an instance may
+    #: decide at run time); otherwise they arrive joined into ``bytes``.
+    accepts_parts: bool = False
 
     def __init__(self) -> None:
         self._closed = False
@@ -130,7 +164,7 @@ class Store(abc.ABC):
 
     # --- the batch operations ------------------------------------------------------
 
-    def put(self, items: Sequence[tuple[str, bytes | bytearray | memoryview]]) -> None:
+    def put(self, items: Sequence[tuple[str, Value]]) -> None:
         """Write every ``(key, value)``; a key written twice holds the later value.
 
         Not atomic across keys: on :class:`~kvcore.errors.StoreConnectionError` some
@@ -139,6 +173,8 @@ class Store(abc.ABC):
         not to be written."""
         checked = check_items(items)
         self._check_open()
+        if not self.accepts_parts:
+            checked = [(k, v.tobytes() if isinstance(v, ValueParts) else v) for k, v in checked]
         if checked:
             self._put(checked)
 
@@ -161,7 +197,7 @@ class Store(abc.ABC):
         return self._delete(checked) if checked else 0
 
     @abc.abstractmethod
-    def _put(self, items: list[tuple[str, bytes | bytearray | memoryview]]) -> None: ...
+    def _put(self, items: list[tuple[str, Value]]) -> None: ...
 
     @abc.abstractmethod
     def _get(self, keys: list[str]) -> list[bytes | None]: ...

@@ -22,6 +22,7 @@ Options:
 ``ssl_keyfile``,       hostname check (``rediss`` only)
 ``ssl_cert_reqs``,
 ``ssl_check_hostname``
+``read_window``        bytes one MGET should return, about (one server)       4194304
 ``node_cooldown``      cluster: seconds a node that failed is left alone      2.0
 =====================  =====================================================  =========
 """
@@ -52,6 +53,7 @@ class RedisTarget:
     cluster: bool
     ttl: int
     node_cooldown: float
+    read_window: int
     #: Keyword arguments for redis.Redis / redis.cluster.RedisCluster.
     client_kwargs: dict[str, Any] = field(default_factory=dict)
     redacted: str = ""
@@ -115,6 +117,7 @@ def parse_redis_url(url: str, options: dict[str, Any]) -> RedisTarget:
     ttl = opts.number("ttl", 0, integer=True, high=10 ** 9)
     max_connections = opts.number("max_connections", 32, low=1, high=100000, integer=True)
     node_cooldown = opts.number("node_cooldown", 2.0, high=3600)
+    read_window = opts.number("read_window", 4 << 20, low=1, high=1 << 40, integer=True)
     username = opts.text("username", username)
     password = opts.text("password", password)
     kwargs: dict[str, Any] = {
@@ -146,5 +149,6 @@ def parse_redis_url(url: str, options: dict[str, Any]) -> RedisTarget:
     if not cluster:
         kwargs["db"] = db
     return RedisTarget(scheme=scheme, nodes=nodes, db=db, tls=tls, cluster=cluster, ttl=ttl,
-                       node_cooldown=node_cooldown, client_kwargs=kwargs,
+                       node_cooldown=node_cooldown, read_window=read_window,
+                       client_kwargs=kwargs,
                        redacted=redact_url(url))

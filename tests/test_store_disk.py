@@ -216,3 +216,14 @@ def test_prune_removes_stale_temp_files_only(tmp_path):
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     assert store.prune() == 1
     assert not stale.exists() and fresh.exists() and store.get(["k"]) == [b"v"]
+
+
+def test_short_writes_are_resumed_until_every_part_is_written(tmp_path, monkeypatch):
+    from kvcore.stores import ValueParts
+    store = DiskStore(tmp_path / "s")
+    real = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: real(fd, [bytes(bufs[0][:3])]))
+    value = ValueParts([memoryview(b"header"), memoryview(b""), memoryview(bytes(range(256)))])
+    store.put([("k", value), ("b", b"plain bytes")])
+    monkeypatch.undo()
+    assert store.get(["k", "b"]) == [value.tobytes(), b"plain bytes"]

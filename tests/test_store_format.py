@@ -52,6 +52,11 @@ def test_round_trip_is_bit_exact(dtype, mac):
     assert len(value) == encoded_size([(SHAPE, dtype)] * 3, mac=mac is not None)
     codec = BlockCodec(FP, [(SHAPE, dtype)] * 3, mac_key=mac)
     assert codec.encode(KEY, arrays) == value  # the fast path writes the same bytes
+    parts = codec.encode_parts(KEY, arrays)  # and the zero-copy form the same bytes
+    assert parts.tobytes() == value and len(parts) == len(value)
+    assert len(parts.parts) == 4  # the header, then each array's own memory, not a copy
+    assert all(np.shares_memory(np.frombuffer(p, np.uint8), a)
+               for p, a in zip(parts.parts[1:], arrays))
     assert all(same_bits(a, b) for a, b in zip(arrays, codec.decode(value, KEY)))
 
 

@@ -151,6 +151,16 @@ def test_tls_with_client_certificates(tmp_path):
         server.stop()
 
 
+def test_reads_in_small_windows_return_every_value_in_order(redis_server):  # noqa: F811
+    keys = [f"win.{i}" for i in range(25)]
+    with open_store(redis_server.url + "?read_window=1") as store:
+        store.put([(k, k.encode() * (i + 1)) for i, k in enumerate(keys)])
+        assert store.get(keys + ["win.none"]) == [k.encode() * (i + 1)
+                                                  for i, k in enumerate(keys)] + [None]
+        assert store.accepts_parts  # this redis-py takes the zero-copy packer
+        store.delete(keys)
+
+
 def test_ttl_expires_values(redis_server):  # noqa: F811
     with open_store(redis_server.url + "?ttl=100") as store:
         store.put([("ttl-key", b"v")])

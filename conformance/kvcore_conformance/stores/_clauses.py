@@ -34,7 +34,7 @@ IDENTITY = _c("store.identity", "a Store class names itself, lists the URL schem
 ROUND_TRIP = _c("store.round-trip", "get returns exactly the bytes put, for every key of a "
                 "batch, in the order asked; a key never written reads None")
 BINARY = _c("store.binary-safe", "values of any bytes (all 256 byte values, empty, several "
-            "MiB, bytearray and memoryview input) come back unchanged as bytes")
+            "MiB, bytearray, memoryview and ValueParts input) come back unchanged as bytes")
 OVERWRITE = _c("store.overwrite", "a key written again holds the later value")
 EXISTS = _c("store.exists", "exists answers True / False per key, in the order asked")
 DELETE = _c("store.delete", "delete removes the keys, returns how many had a value, and "

@@ -450,3 +450,56 @@ def test_many_threads_offering_and_fetching_at_once(store, ns):
         assert conn.flush(10)
         assert same(conn.fetch_run(ds), bs)
     assert problems == []
+
+
+# --- long runs are read window by window --------------------------------------------------
+
+
+def _window(n_blocks: int) -> int:
+    """read_window (bytes) that holds exactly ``n_blocks`` values of LAYOUT."""
+    from kvcore.stores._codec import BlockCodec
+    return n_blocks * BlockCodec(bytes(16), LAYOUT).value_len
+
+
+def test_a_long_run_is_read_in_windows_and_stops_at_the_first_miss(store, ns):
+    ds, bs = digests(20), blocks(20)
+    with connector(store, ns, read_window=_window(3)) as conn:
+        conn.offer(list(zip(ds[:11], bs[:11])))
+        conn.flush(10)
+        before = store.calls["get"]
+        run = conn.fetch_run(ds)
+        assert same(run, bs[:11])
+        # Windows of 3: 0-2, 3-5, 6-8, 9-11 hold the miss; at most one more prefetched.
+        assert 4 <= store.calls["get"] - before <= 5
+        assert conn.stats().hits == 11 and conn.stats().misses == 9
+
+
+def test_a_window_that_fails_after_the_first_keeps_the_checked_run(store, ns):
+    ds, bs = digests(12), blocks(12)
+    conn = connector(store, ns, read_window=_window(4), failure_threshold=5)
+    conn.offer(list(zip(ds, bs)))
+    conn.flush(10)
+    seen = []
+
+    def fail_third_window(keys):
+        seen.append(len(seen))
+        if len(seen) == 3:
+            raise StoreTimeoutError("store memory://x: GET timed out")
+        return MemoryStore._get(store, keys)
+
+    store.get_override = fail_third_window
+    assert same(conn.fetch_run(ds), bs[:8])
+    stats = conn.stats()
+    assert (stats.errors, stats.timeouts, stats.hits, stats.misses) == (1, 1, 8, 4)
+    conn.close()
+
+
+def test_a_damaged_value_in_a_later_window_ends_the_run_there(store, ns):
+    ds, bs = digests(9), blocks(9)
+    with connector(store, ns, read_window=_window(2)) as conn:
+        conn.offer(list(zip(ds, bs)))
+        conn.flush(10)
+        store.put([(ns.key(ds[5]), b"KVCB" + bytes(100))])
+        assert same(conn.fetch_run(ds), bs[:5])
+        conn.flush(10)
+        assert conn.stats().corrupt_values == 1 and store.get([ns.key(ds[5])]) == [None]

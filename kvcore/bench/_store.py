@@ -6,11 +6,12 @@ block ``layers`` x ``[2, block_size, kv_heads, head_dim]``) is written and read:
 
 * ``write_GBps``: :meth:`StoreConnector.offer` of every block + ``flush`` (encode,
   the existence check, pipelined ``SET`` in batches, all in the write-behind thread)
-  against one redis-py pipeline of ``SET`` of the already-encoded values.  Target
-  >= 0.8x.  ``details`` also give a plain ``SET`` per value.
-* ``read_GBps``: :meth:`StoreConnector.fetch_run` of every block (``MGET``, every
-  value checked and decoded) against redis-py ``MGET`` of the same keys.  Target
-  >= 0.8x.
+  against the faster of a redis-py pipeline of ``SET`` and one ``SET`` per value, of
+  the already-encoded values, with redis-py's defaults.  Target >= 0.8x.
+* ``read_GBps``: :meth:`StoreConnector.fetch_run` of every block (windowed ``MGET``,
+  every value checked and decoded) against the fastest of redis-py ``MGET``, a
+  pipeline of ``GET`` and one ``GET`` per key.  Target >= 0.8x.  ``details`` give
+  every plain variant.
 * ``hit_latency``: ``fetch_run`` of one block against one redis-py ``GET``.
 * ``chunk16_read`` / ``chunk16_write``: the same bytes as 16-block values (LMCache's
   chunking) against single-block values through the same Store, to justify one value
@@ -55,7 +56,7 @@ from ._timing import Progress, clock, median, spread
 
 __all__ = ["StoreUnavailable", "run_store"]
 
-_TARGET = ">= 0.8x plain redis-py"
+_TARGET = ">= 0.8x plain redis-py"  # the fastest plain variant measured
 _GB = 1e9
 
 
@@ -171,40 +172,50 @@ def _run(backend: Backend, p: BenchParams, progress: Progress, url: str) -> Work
 
     try:
         progress(f"store/{backend.name}: write {n} blocks of {block_bytes} B to {redact_url(url)}")
-        # --- write: connector (offer + flush) vs one redis-py pipeline of SET ----------
-        ours_w, base_w, plain_w = [], [], []
+        # --- write: connector (offer + flush) vs the best plain redis-py write --------
+        ours_w: list[float] = []
+        plain: dict[str, list[float]] = {"pipeline SET": [], "SET per value": []}
         for i in range(p.repeats + 1):
             digests = fresh_digests()
             t_ours = _timed(lambda: (conn.offer(list(zip(digests, kv))), conn.flush()))
-            keys = ns.keys(fresh_digests())
             values = [codec.encode(d, b) for d, b in zip(digests, kv)]
-
-            def pipeline_set() -> None:
-                pipe = client.pipeline(transaction=False)
-                for k, v in zip(keys, values):
-                    pipe.set(k, v)
-                pipe.execute()
-
-            t_base = _timed(pipeline_set)
-            plain_keys = ns.keys(fresh_digests())
-            t_plain = _timed(lambda: [client.set(k, v) for k, v in zip(plain_keys, values)])
+            used = []
+            for name, write in (("pipeline SET", _pipeline_set), ("SET per value", _set_each)):
+                keys = ns.keys(fresh_digests())
+                used += keys
+                elapsed = _timed(lambda: write(client, keys, values))
+                if i:
+                    plain[name].append(elapsed)
             if i:
                 ours_w.append(t_ours)
-                base_w.append(t_base)
-                plain_w.append(t_plain)
-            client.delete(*keys, *plain_keys)
-        result.add(_bandwidth("write_GBps", total, ours_w, base_w,
-                              "redis-py pipeline(transaction=False) of SET, same values"))
-        result.details["write_plain_set_GBps"] = total / median(plain_w) / _GB
+            client.delete(*used)
+        best = min(plain, key=lambda k: median(plain[k]))
+        result.add(_bandwidth("write_GBps", total, ours_w, plain[best],
+                              f"the fastest plain redis-py write of the same values: {best} "
+                              f"({', '.join(plain)} measured)"))
+        result.details["write_plain_GBps"] = {k: total / median(v) / _GB for k, v in plain.items()}
         written = ns.keys(digests)
 
-        # --- read: fetch_run (MGET + checks + decode) vs redis-py MGET ---------------------
+        # --- read: fetch_run (checks + decode) vs the best plain redis-py read ------------
         progress(f"store/{backend.name}: read {n} blocks")
-        ours_r, base_r = _pairs(lambda: _expect(len(conn.fetch_run(digests)), n),
-                                lambda: client.mget(written), p.repeats)
-        result.add(_bandwidth("read_GBps", total, ours_r, base_r, "redis-py MGET, same keys"))
-        result.details["read_get_per_key_GBps"] = total / median(
-            [_timed(lambda: [client.get(k) for k in written]) for _ in range(p.repeats)]) / _GB
+        reads: dict[str, Callable[[], Any]] = {
+            "MGET": lambda: client.mget(written),
+            "pipeline GET": lambda: _pipeline_get(client, written),
+            "GET per key": lambda: [client.get(k) for k in written]}
+        ours_r: list[float] = []
+        plain_r: dict[str, list[float]] = {k: [] for k in reads}
+        for i in range(p.repeats + 1):
+            t_ours = _timed(lambda: _expect(len(conn.fetch_run(digests)), n))
+            times = {name: _timed(read) for name, read in reads.items()}
+            if i:
+                ours_r.append(t_ours)
+                for name, t in times.items():
+                    plain_r[name].append(t)
+        best = min(plain_r, key=lambda k: median(plain_r[k]))
+        result.add(_bandwidth("read_GBps", total, ours_r, plain_r[best],
+                              f"the fastest plain redis-py read of the same keys: {best} "
+                              f"({', '.join(reads)} measured)"))
+        result.details["read_plain_GBps"] = {k: total / median(v) / _GB for k, v in plain_r.items()}
         one_ours, one_base = _pairs(lambda: conn.fetch_run(digests[:1]),
                                     lambda: client.get(written[0]), max(p.repeats, 50))
         result.add(_latency("hit_latency", one_ours, one_base,
@@ -243,6 +254,25 @@ def _run(backend: Backend, p: BenchParams, progress: Progress, url: str) -> Work
         client.close()
         store.close()
     return result
+
+
+def _pipeline_set(client: Any, keys: list[str], values: list[bytes]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for k, v in zip(keys, values):
+        pipe.set(k, v)
+    pipe.execute()
+
+
+def _set_each(client: Any, keys: list[str], values: list[bytes]) -> None:
+    for k, v in zip(keys, values):
+        client.set(k, v)
+
+
+def _pipeline_get(client: Any, keys: list[str]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for k in keys:
+        pipe.get(k)
+    return pipe.execute()
 
 
 def _expect(got: int, want: int) -> None:

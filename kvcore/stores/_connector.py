@@ -37,13 +37,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..errors import (BlockFormatError, DtypeMismatchError, ShapeMismatchError,
+from ..errors import (DtypeMismatchError, ShapeMismatchError,
                       StoreClosedError, StoreConfigError, StoreConnectionError, StoreError,
                       StoreKeyError, StorePartialError, StoreTimeoutError,
                       StoreUnavailableError)
@@ -103,6 +104,7 @@ class StoreConnector:
                  failure_threshold: int = 3, cooldown_s: float = 2.0,
                  skip_existing: bool = True, delete_corrupt: bool = True,
                  close_store: bool = True, key_size: int = DIGEST_SIZE,
+                 read_window: int = 4 << 20,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(store, Store):
             raise StoreConfigError(f"store must be a kvcore.stores.Store, got {store!r}")
@@ -126,6 +128,8 @@ class StoreConnector:
         self._queue_bytes_max = _positive_int("queue_bytes", queue_bytes)
         self._batch_blocks = _positive_int("batch_blocks", batch_blocks)
         self._batch_bytes = _positive_int("batch_bytes", batch_bytes)
+        self._read_window = _positive_int("read_window", read_window)
+        self._reader_pool: ThreadPoolExecutor | None = None
         self._skip_existing = bool(skip_existing)
         self._delete_corrupt = bool(delete_corrupt)
         self._close_store = bool(close_store)
@@ -326,7 +330,10 @@ class StoreConnector:
     def fetch_run(self, chain_keys: Sequence[bytes]) -> list[list[np.ndarray]]:
         """The blocks of the leading run of ``chain_keys`` found in the store, decoded.
 
-        One store round trip for all keys.  Returns one list of arrays per block
+        One store round trip for all keys that fit ``read_window`` bytes (4 MiB); a
+        longer run is read window by window, each fetched while the one before is
+        checked (replies of tens of MiB are slower than 4 MiB ones, see
+        ``docs/scale-out.md``).  Returns one list of arrays per block
         (shaped as :attr:`layout`; read-only views, copy them into the pool), for
         ``chain_keys[0]``, ``[1]``, ... up to the first key that is missing, damaged
         or foreign.  A store error or an open breaker returns ``[]`` (``strict``:
@@ -345,46 +352,56 @@ class StoreConnector:
                     f"store {self._store.url}: circuit open after repeated errors (last: "
                     f"{self._c.last_error}); retrying in at most {self._breaker.cooldown_s} s")
             return []
-        try:
-            values = self._store.get(keys)
-            if not isinstance(values, list) or len(values) != n:
-                raise StoreConnectionError(f"store {self._store.url} answered {n} keys with "
-                                           f"{values!r:.80}")
-        except StorePartialError as exc:
-            self._breaker.success()  # a node is down, the store answered
-            self._error(exc, pending=False)
-            if self._strict:
-                self._count(lookups=1, misses=n)
-                raise
-            values = list(exc.results) if len(exc.results) == n else [None] * n
-        except Exception as exc:  # noqa: BLE001 - a fault is a miss, never a crash
+        step = max(1, self._read_window // self._codec.value_len)
+        windows = [(i, keys[i:i + step]) for i in range(0, n, step)]
+        values, error = self._get_window(windows[0][1])
+        if values is None:  # the store failed outright
             self._breaker.failure()
-            self._error(exc, pending=False)
+            self._error(error, pending=False)  # type: ignore[arg-type]
             self._count(lookups=1, misses=n)
             if not self._strict:
                 return []
-            if isinstance(exc, StoreError):
-                raise
+            if isinstance(error, StoreError):
+                raise error
             raise StoreConnectionError(f"store {self._store.url} failed: "
-                                       f"{type(exc).__name__}: {exc}") from exc
-        else:
-            self._breaker.success()
+                                       f"{type(error).__name__}: {error}") from error
+        self._breaker.success()  # it answered (a partial failure is one node, not the store)
+        if error is not None:
+            self._error(error, pending=False)
+            if self._strict:
+                self._count(lookups=1, misses=n)
+                raise error
         run: list[list[np.ndarray]] = []
         nbytes = 0
         corrupt: list[str] = []
-        for digest, key, value in zip(digests, keys, values):
-            if value is None:
+        ahead = None
+        for w, (start, window) in enumerate(windows):
+            if w:
+                values, error = ahead.result()  # type: ignore[union-attr]
+                if error is not None:
+                    self._error(error, pending=False)
+                    if values is None:
+                        self._breaker.failure()
+                        break
+            if w + 1 < len(windows):
+                # Fetch the next window while this one is checked (the CRC releases
+                # the GIL): the check then costs no time next to the transfer.
+                ahead = self._readers().submit(self._get_window, windows[w + 1][1])
+            ended = False
+            for digest, key, value in zip(digests[start:], window, values):
+                if value is None:
+                    ended = True
+                    break
+                try:
+                    arrays = self._codec.decode(value, digest)
+                except Exception:  # noqa: BLE001 - damaged, foreign, or not bytes at all
+                    corrupt.append(key)
+                    ended = True
+                    break
+                run.append(arrays)
+                nbytes += len(value)
+            if ended:
                 break
-            try:
-                arrays = self._codec.decode(value, digest)
-            except BlockFormatError:
-                corrupt.append(key)
-                break
-            except Exception:  # noqa: BLE001 - not bytes at all: a store plugin bug
-                corrupt.append(key)
-                break
-            run.append(arrays)
-            nbytes += len(value)
         self._count(lookups=1, hits=len(run), misses=n - len(run), bytes_read=nbytes,
                     corrupt_values=len(corrupt))
         if corrupt and self._delete_corrupt:
@@ -392,7 +409,31 @@ class StoreConnector:
                 self._deletes.extend(corrupt)
                 self._ensure_worker()
                 self._cond.notify()
+        if error is not None and self._strict and values is None:
+            raise error
         return run
+
+    def _get_window(self, keys: list[str]) -> tuple[list[Any] | None, BaseException | None]:
+        """``(values, None)``, ``(partial values, the partial error)`` or ``(None,
+        error)``: never raises, so a prefetching thread hands back faults too."""
+        try:
+            values = self._store.get(keys)
+            if not isinstance(values, list) or len(values) != len(keys):
+                raise StoreConnectionError(f"store {self._store.url} answered {len(keys)} keys "
+                                           f"with {values!r:.80}")
+            return values, None
+        except StorePartialError as exc:
+            results = list(exc.results)
+            return (results if len(results) == len(keys) else [None] * len(keys)), exc
+        except Exception as exc:  # noqa: BLE001 - a fault is a miss, never a crash
+            return None, exc
+
+    def _readers(self) -> ThreadPoolExecutor:
+        with self._cond:
+            if self._reader_pool is None:
+                self._reader_pool = ThreadPoolExecutor(max_workers=2,
+                                                       thread_name_prefix="kvcore-store-reader")
+            return self._reader_pool
 
     # --- lifetime -------------------------------------------------------------------
 
@@ -436,6 +477,8 @@ class StoreConnector:
         self._count(dropped_writes=left)
         if worker is not None:
             worker.join(timeout)
+        if self._reader_pool is not None:
+            self._reader_pool.shutdown(wait=True)
         if self._close_store:
             self._store.close()
         self._raise_pending()

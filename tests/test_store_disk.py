@@ -16,8 +16,7 @@ import pytest
 
 import kvcore
 from kvcore.errors import StoreConfigError, StoreConnectionError
-from kvcore.stores import (DiskStore, StoreConnector, StoreNamespace, block_layout, chain_keys,
-                           open_store)
+from kvcore.stores import DiskStore, StoreConnector, block_layout, chain_keys, open_store
 
 HASH_KEY = b"disk-test-hash-key-0123456789abc"
 

@@ -189,6 +189,26 @@ def test_two_processes_share_a_prompt_bit_identically(redis_server):  # noqa: F8
     assert json.loads(stranger.stdout)["hits"] == 0
 
 
+def test_an_acl_confines_a_deployment_to_its_namespace(fresh_redis):  # noqa: F811
+    import redis
+    redis.Redis(port=fresh_redis.port).execute_command(
+        "ACL", "SETUSER", "prod-eu", "on", ">pw-eu", "~kvc1.prod-eu.*",
+        "+get", "+mget", "+set", "+exists", "+del", "+ping")
+    ds, bs = digests(4), blocks(4)
+    creds = {"username": "prod-eu", "password": "pw-eu"}
+    with StoreConnector.open(fresh_redis.url, CFG, namespace="prod-eu",
+                             store_options=creds) as own:
+        own.offer(list(zip(ds, bs)))
+        own.flush(10)
+        assert same(own.fetch_run(ds), bs) and own.stats().errors == 0
+    with StoreConnector.open(fresh_redis.url, CFG, namespace="prod-us",
+                             store_options=creds) as other:
+        other.offer(list(zip(ds, bs)))
+        other.flush(10)
+        assert other.fetch_run(ds) == []
+        assert other.stats().errors == 2 and "NoPermissionError" in other.stats().last_error
+
+
 def test_no_token_id_appears_in_any_key(redis_server):  # noqa: F811
     import redis
     tokens = np.array([[123456, 7, 42, 99999]])

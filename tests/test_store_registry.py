@@ -192,3 +192,14 @@ def test_registration_in_code_overrides_and_is_removable(tmp_path):
         register_store(StoreSpec(name="x", schemes=(), load="a:b", api_version=1))
     with pytest.raises(TypeError, match="StoreSpec or a Store subclass"):
         register_store(object())  # type: ignore[arg-type]
+
+
+def test_listing_stores_imports_no_client_library():
+    import subprocess
+    code = ("import sys, kvcore.stores as s\n"
+            "records = {r.name: r for r in s.list_stores()}\n"
+            "assert records['redis'].available, records['redis']\n"
+            "heavy = ('redis', 'hiredis', 'kv_redis._single')\n"
+            "print(','.join(m for m in heavy if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

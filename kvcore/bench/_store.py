@@ -35,7 +35,6 @@ workload is skipped with the reason.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,8 +137,6 @@ def run_store(backend: Backend, p: BenchParams, progress: Progress,
 
 
 def _run(backend: Backend, p: BenchParams, progress: Progress, url: str) -> WorkloadResult:
-    import redis
-
     t0 = clock()
     n = max(1, p.max_prompt // p.block_size)
     cfg = _config(backend, p, n)

@@ -32,7 +32,8 @@ class CircuitBreaker:
                  clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) \
                 or failure_threshold < 1:
-            raise StoreConfigError(f"failure_threshold must be an int >= 1, got {failure_threshold!r}")
+            raise StoreConfigError(f"failure_threshold must be an int >= 1, got "
+                                   f"{failure_threshold!r}")
         if isinstance(cooldown_s, bool) or not isinstance(cooldown_s, (int, float)) \
                 or not cooldown_s >= 0:
             raise StoreConfigError(f"cooldown_s must be a number >= 0, got {cooldown_s!r}")

@@ -230,7 +230,8 @@ class StoreConnector:
         try:
             digest, arrays = block
         except (TypeError, ValueError):
-            raise StoreKeyError(f"offer takes (chain_key, arrays) pairs, got {block!r:.80}") from None
+            raise StoreKeyError(f"offer takes (chain_key, arrays) pairs, got "
+                                f"{block!r:.80}") from None
         digest = _check_digest(digest, self._key_size)
         if isinstance(arrays, np.ndarray) or len(arrays) != len(self._layout):
             count = "an array" if isinstance(arrays, np.ndarray) else f"{len(arrays)} arrays"

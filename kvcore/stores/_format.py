@@ -319,7 +319,8 @@ def decode_block(data: bytes | bytearray | memoryview, fingerprint: bytes,
     ``key``, when given, must equal the block key recorded in the value; with
     ``mac_key`` only values authenticated with that key are accepted (and without it,
     authenticated values are refused: the reader cannot check them).  Returns
-    views of ``data`` (read-only when ``data`` is ``bytes``).  Raises :class:`~kvcore.errors.CorruptBlockError` or
+    views of ``data`` (read-only when ``data`` is ``bytes``).  Raises
+    :class:`~kvcore.errors.CorruptBlockError` or
     :class:`~kvcore.errors.ForeignBlockError`, never anything sized from an unchecked
     header.
     """

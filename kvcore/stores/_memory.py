@@ -2,8 +2,9 @@
 
 For tests, notebooks and a manager that wants the connector's machinery without a
 server.  Every ``memory://NAME`` opened in one process sees the same data, until
-:meth:`MemoryStore.drop` forgets it; nothing outlives the process.  ``max_bytes`` bounds it: past that the least recently written or read
-values are evicted, like a Redis ``allkeys-lru`` instance.
+:meth:`MemoryStore.drop` forgets it; nothing outlives the process.  ``max_bytes``
+bounds it: past that the least recently written or read values are evicted, like a
+Redis ``allkeys-lru`` instance.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ import numpy as np
 from ..errors import StoreKeyError
 from ._format import ArraySpec
 
-__all__ = ["KEY_FORMAT", "LAYOUT_FIELDS", "NON_LAYOUT_FIELDS", "StoreNamespace", "block_layout", "layout_document",
+__all__ = ["KEY_FORMAT", "LAYOUT_FIELDS", "NON_LAYOUT_FIELDS", "StoreNamespace", "block_layout",
+           "layout_document",
            "layout_fingerprint"]
 
 #: The first component of every store key; bump it when the key layout changes.

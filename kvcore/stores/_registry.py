@@ -187,8 +187,8 @@ class StoreRegistry:
             raise StoreConfigError(f"store {spec!r} needs a name and at least one URL scheme")
         with self._lock:
             if spec.name in self._manual and not replace_existing:
-                raise DuplicateStoreError(f"store {spec.name!r} is already registered in code; pass "
-                                 "replace_existing=True to replace it")
+                raise DuplicateStoreError(f"store {spec.name!r} is already registered in code; "
+                                          "pass replace_existing=True to replace it")
             self._manual[spec.name] = _Entry(spec, _PROGRAMMATIC, "", _PROGRAMMATIC)
             self._classes.pop(spec.name, None)
 

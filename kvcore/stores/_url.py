@@ -44,7 +44,8 @@ class StoreOptions:
         try:
             pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=False)
         except ValueError as exc:
-            raise StoreConfigError(f"store URL {self._url!r} has a malformed query: {exc}") from None
+            raise StoreConfigError(f"store URL {self._url!r} has a malformed query: "
+                                   f"{exc}") from None
         self._values: dict[str, Any] = {}
         for k, v in pairs:
             if k in self._values:

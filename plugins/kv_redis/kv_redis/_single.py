@@ -1,14 +1,14 @@
 """``redis://`` and ``rediss://``: one Redis server (or a primary behind a proxy).
 
 Every batch is one round trip (reads: per ``read_window`` bytes): ``MGET`` for reads,
-one non-transactional pipeline of
-``SET`` (``SET ... EX ttl`` with a TTL) for writes, of ``EXISTS`` for existence and one
-``DEL`` for deletes (split into chunks of 10,000 keys so no single command grows
-without bound).  redis-py parses replies with hiredis when it is installed (it is a
-dependency of kvcore-redis); commands are packed by :mod:`kv_redis._packer`, which
-sends block values from the arrays' own memory instead of copying them.  Sockets time out after ``timeout`` seconds, and a failed
-command is retried once on a fresh connection (a server restart leaves stale pooled
-connections) and never more: the connector's breaker decides about the rest.
+one non-transactional pipeline of ``SET`` (``SET ... EX ttl`` with a TTL) for writes, of
+``EXISTS`` for existence and one ``DEL`` for deletes (split into chunks of 10,000 keys
+so no single command grows without bound). redis-py parses replies with hiredis when it
+is installed (it is a dependency of kvcore-redis); commands are packed by
+:mod:`kv_redis._packer`, which sends block values from the arrays' own memory instead of
+copying them. Sockets time out after ``timeout`` seconds; a command that met a
+connection error is retried once on a fresh connection (a server restart leaves stale
+pooled connections), a timeout never: the connector's breaker decides about the rest.
 """
 
 from __future__ import annotations

@@ -110,3 +110,12 @@ def test_a_broken_store_fails_on_the_clause_it_breaks(pytester, broken_stores, u
     for text in failed.values():  # every failure names a clause
         assert CLAUSE.search(text), text[-1500:]
     assert any("test_delete_removes_and_counts" in n for n in passed)  # precise, not smeared
+
+
+def test_without_kv_store_the_section_collects_nothing(pytester):
+    reprec = pytester.inline_run("-p", "no:cacheprovider", "--pyargs", "kvcore_conformance")
+    failed, passed = _reports(reprec)
+    assert not any("stores" in nodeid for nodeid in set(failed) | passed)
+    reprec = pytester.inline_run("-p", "no:cacheprovider", "--pyargs",
+                                 "kvcore_conformance.stores")
+    assert reprec.ret == pytest.ExitCode.NO_TESTS_COLLECTED

@@ -13,12 +13,15 @@ Inert unless ``--kv-store`` is given: it adds the options and the fixture
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-__all__ = ["pytest_addoption", "pytest_generate_tests", "pytest_report_header",
-           "selected_stores", "store_options"]
+__all__ = ["pytest_addoption", "pytest_generate_tests", "pytest_ignore_collect",
+           "pytest_report_header", "selected_stores", "store_options"]
+
+_TESTS = Path(__file__).resolve().parent / "tests"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -53,6 +56,18 @@ def store_options(config: pytest.Config) -> dict[str, Any]:
             raise pytest.UsageError(f"--kv-store-option takes KEY=VALUE, got {item!r}")
         out[key] = value
     return out
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Without ``--kv-store`` the section's own tests are not collected, so running the
+    backend suite (``--pyargs kvcore_conformance --kv-backend NAME``) is unchanged."""
+    if selected_stores(config):
+        return None
+    try:
+        inside = Path(collection_path).resolve().is_relative_to(_TESTS)
+    except OSError:
+        return None
+    return True if inside else None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:

@@ -112,6 +112,16 @@ def test_a_broken_store_fails_on_the_clause_it_breaks(pytester, broken_stores, u
     assert any("test_delete_removes_and_counts" in n for n in passed)  # precise, not smeared
 
 
+def test_the_store_plugin_imports_nothing_heavy():
+    import subprocess
+    import sys
+    code = ("import sys, kvcore_conformance.stores.plugin\n"
+            "print(','.join(m for m in ('numpy', 'kvcore', 'kvcore_conformance.stores.contract')"
+            " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
 def test_without_kv_store_the_section_collects_nothing(pytester):
     reprec = pytester.inline_run("-p", "no:cacheprovider", "--pyargs", "kvcore_conformance")
     failed, passed = _reports(reprec)

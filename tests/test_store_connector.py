@@ -494,6 +494,25 @@ def test_a_window_that_fails_after_the_first_keeps_the_checked_run(store, ns):
     conn.close()
 
 
+def test_strict_mode_raises_for_a_later_window_too(store, ns):
+    ds, bs = digests(6), blocks(6)
+    conn = connector(store, ns, read_window=_window(2), strict=True)
+    conn.offer(list(zip(ds, bs)))
+    conn.flush(10)
+    calls = []
+
+    def fail_second_window(keys):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("plugin bug in window 2")
+        return MemoryStore._get(store, keys)
+
+    store.get_override = fail_second_window
+    with pytest.raises(StoreConnectionError, match="plugin bug in window 2"):
+        conn.fetch_run(ds)
+    conn.close()
+
+
 def test_a_damaged_value_in_a_later_window_ends_the_run_there(store, ns):
     ds, bs = digests(9), blocks(9)
     with connector(store, ns, read_window=_window(2)) as conn:

@@ -376,11 +376,12 @@ class StoreConnector:
         nbytes = 0
         corrupt: list[str] = []
         ahead = None
+        later_error: BaseException | None = None
         for w, (start, window) in enumerate(windows):
             if w:
-                values, error = ahead.result()  # type: ignore[union-attr]
-                if error is not None:
-                    self._error(error, pending=False)
+                values, later_error = ahead.result()  # type: ignore[union-attr]
+                if later_error is not None:
+                    self._error(later_error, pending=False)
                     if values is None:
                         self._breaker.failure()
                         break
@@ -410,8 +411,12 @@ class StoreConnector:
                 self._deletes.extend(corrupt)
                 self._ensure_worker()
                 self._cond.notify()
-        if error is not None and self._strict and values is None:
-            raise error
+        if later_error is not None and self._strict:
+            if isinstance(later_error, StoreError):
+                raise later_error
+            raise StoreConnectionError(f"store {self._store.url} failed: "
+                                       f"{type(later_error).__name__}: {later_error}") \
+                from later_error
         return run
 
     def _get_window(self, keys: list[str]) -> tuple[list[Any] | None, BaseException | None]:

@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+import kvcore
 from kvcore.bench import main
 from tests.redis_fixtures import redis_server, require_redis  # noqa: F401
 
@@ -38,6 +39,12 @@ def _check(doc: dict) -> dict:
     assert details["blocks"] == 256 // 16 and details["bytes_per_token"] == 2 * 2 * 2 * 64 * 2
     stats = details["connector_stats"]
     assert stats["errors"] == 0 and stats["corrupt_values"] == 0 and stats["hits"] > 0
+    from kvcore.bench._store_manager import INTEGRATION_FIELDS
+    if all(f in kvcore.CacheConfig.model_fields for f in INTEGRATION_FIELDS):
+        assert figs["decode_step_with_store"]["target"] == "<= 1.1x"  # measured once wired
+        assert figs["load_prefix_via_allocate"]["baseline"] > 0
+    else:
+        assert details["with_manager"].startswith("not measured: the manager does not own")
     return result
 
 

@@ -24,8 +24,10 @@ block ``layers`` x ``[2, block_size, kv_heads, head_dim]``) is written and read:
 * ``chain_keys`` and ``offer``: per-block costs an engine pays on its own thread
   (hashing a full block; handing a completed block to the write-behind queue).
 
-The decode-step overhead with a store attached (issue target 1.1x) needs the
-manager to offer blocks itself; it is not measured here yet.
+The decode-step overhead with a store attached (issue target 1.1x) and loading a
+prefix through ``allocate`` need the manager to own a connector: they live in
+:mod:`kvcore.bench._store_manager`, which measures them once the manager takes a store
+and until then says why not in ``details["with_manager"]``.
 
 Redis: ``--store-url redis://...`` (or ``redis+cluster://``), else a throwaway
 ``redis-server`` started on a free loopback port (``kv_redis.testing``), else the
@@ -51,6 +53,7 @@ from ..stores import (StoreConnector, StoreNamespace, block_layout, chain_keys, 
 from ..stores._codec import BlockCodec
 from ._params import BenchParams
 from ._result import Figure, WorkloadResult
+from ._store_manager import measure_with_manager
 from ._timing import Progress, clock, median, spread
 
 __all__ = ["StoreUnavailable", "run_store"]
@@ -230,6 +233,12 @@ def _run(backend: Backend, p: BenchParams, progress: Progress, url: str) -> Work
         # --- load a prefix vs write it fresh (pre-integration proxy) -------------------
         progress(f"store/{backend.name}: load a {n * p.block_size}-token prefix vs write it")
         _load_vs_write(result, backend, cfg, conn, digests, kv, p.repeats)
+
+        # --- through the manager, once it owns a connector -------------------------------
+        try:
+            measure_with_manager(result, backend, p, url)
+        except Exception as exc:  # noqa: BLE001 - an integration problem must not lose the rest
+            result.details["with_manager"] = f"failed: {type(exc).__name__}: {exc}"
 
         # --- per-block costs on the engine's thread --------------------------------------
         hash_s = [_timed(lambda: chain_keys(None, tokens, None, hash_key)) / n

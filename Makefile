@@ -13,7 +13,7 @@ INSTALL_DEPS := pyproject.toml plugins/kv_numpy/pyproject.toml plugins/kv_torch/
 	plugins/kv_cupy/pyproject.toml plugins/kv_redis/pyproject.toml conformance/pyproject.toml \
 	requirements-dev.txt Makefile
 
-.PHONY: setup test demo bench backends conformance clean redis-server
+.PHONY: setup test demo bench backends conformance gpu-check clean redis-server
 
 setup: redis-server $(STAMP)
 
@@ -37,8 +37,9 @@ redis-server:
 $(STAMP): $(INSTALL_DEPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_PIN)"
-	$(PIP) install -e ".[transformers,plot]" -e plugins/kv_numpy -e plugins/kv_torch \
-		-e "plugins/kv_cupy[cuda12]" -e plugins/kv_redis -e conformance -r requirements-dev.txt
+	$(PIP) install -e ".[transformers,plot,metrics]" -e plugins/kv_numpy -e plugins/kv_torch \
+		-e "plugins/kv_cupy[cuda12-sysctk]" -e plugins/kv_redis -e conformance \
+		-r requirements-dev.txt
 	touch $(STAMP)
 
 test: redis-server $(STAMP)
@@ -55,6 +56,12 @@ backends: $(STAMP)
 
 conformance: $(STAMP)
 	$(VENV)/bin/kvcore conformance numpy torch
+
+# On a machine with an NVIDIA GPU: its own venv (.venv-gpu) with torch's CUDA build and
+# CuPy, `pytest -m gpu` with KVCORE_REQUIRE_GPU=1, the conformance suite on cuda, and a
+# bandwidth bench, then a summary (scripts/gpu_check.py --help; docs/backends.md).
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info */*.egg-info plugins/*/*.egg-info .pytest_cache .hypothesis

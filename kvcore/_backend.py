@@ -1,4 +1,4 @@
-"""The backend contract: the bulk array operations a backend implements.
+"""The backend contract (API version 2): the bulk array operations a backend implements.
 
 Rules for backend authors (and for whoever edits the backends in this repository):
 
@@ -10,40 +10,64 @@ Rules for backend authors (and for whoever edits the backends in this repository
   hook exceptions are caught by the registry and reported against the plugin.
 * **Bulk operations only.**  Every method below works on whole index arrays; a backend
   never loops over tokens or blocks in Python.  The manager calls each one a constant
-  number of times per layer, however large the batch.
+  number of times per layer (or once per step, through the ``*_layers`` forms),
+  however large the batch.
+* **Operations return the pool.**  Every operation that changes a pool returns the
+  pool that now holds the data, and the manager keeps what it gets back.  A library
+  with mutable arrays (numpy, torch, cupy) changes the pool in place and returns the
+  very same object, at no cost; a library with immutable arrays (JAX) returns a new
+  array, ideally made by a jitted function that donates the old buffer.  Either way
+  the pool passed in must not be used by the caller afterwards.
 * **Never cast silently.**  :meth:`Backend.asarray` hands the array through as it is
   (zero-copy via DLPack where the libraries differ); the manager then checks dtype and
   shape and refuses mismatches with a typed error.
 
-Everything else (block accounting, prefix hashing, eviction, copy-on-write decisions,
-validation, statistics) lives once in the core and every backend gets it for free.
+Everything else (block accounting, prefix verification, eviction, copy-on-write
+decisions, validation, statistics) lives once in the core and every backend gets it
+for free.
 
-Pool layout: one array per layer, shaped ``[2, num_blocks, block_size, num_kv_heads,
-head_dim]`` (index 0 is K, 1 is V).  A *slot* is ``block * block_size + offset``, so
-viewing a layer as ``[2, num_blocks * block_size, num_kv_heads, head_dim]`` makes a
-slot a plain row index (the layout vLLM's ``reshape_and_cache`` writes into).
+Pool layout: one array per layer, shaped ``[planes, num_blocks, block_size,
+num_kv_heads, head_dim]``.  A K/V pool has two planes (0 is K, 1 is V).  A *slot* is
+``block * block_size + offset``, so viewing a pool as ``[planes, num_blocks *
+block_size, num_kv_heads, head_dim]`` makes a slot a plain row index (the layout
+vLLM's ``reshape_and_cache`` writes into).
+
+Version history: version 1 mutated pools in place and returned ``None``, had no
+``*_layers`` forms, no ``release_layer`` and no ``array_ops``; ``scatter`` took
+``key, value`` where version 2 takes a sequence of planes.  The migration is in
+``docs/writing-a-backend.md``.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._device import Device, DType
+from ._device import DEVICE_TYPE_RE, Device, DType
 from .errors import UnsupportedError
 
 if TYPE_CHECKING:
+    from ._array_ops import ArrayOps
     from ._paged_handle import PagedKvCacheHandle
 
 __all__ = ["KVCORE_API_VERSION", "Backend", "BackendCapabilities"]
 
 #: Bumped whenever the :class:`Backend` contract changes incompatibly.  A backend
 #: declares the version it was written for; the registry refuses any other.
-KVCORE_API_VERSION = 1
+KVCORE_API_VERSION = 2
+
+
+def _device_types(value: Sequence[str]) -> tuple[str, ...]:
+    types = tuple(value)
+    for t in types:
+        if not isinstance(t, str) or not DEVICE_TYPE_RE.match(t):
+            raise ValueError(f"device type {t!r} is not a lower-case identifier such as "
+                             "'cpu', 'cuda', 'mps' or 'tpu'")
+    return types
 
 
 class BackendCapabilities(BaseModel):
@@ -52,7 +76,7 @@ class BackendCapabilities(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    #: Device types pools can live on: ``"cpu"``, ``"cuda"``.
+    #: Device types pools can live on: ``"cpu"``, ``"cuda"``, ``"mps"``, ``"tpu"``...
     device_types: tuple[str, ...] = ("cpu",)
     dtypes: tuple[DType, ...] = (DType.float16, DType.float32)
     #: Dtypes the backend cannot hold, with the reason shown when tests skip them.
@@ -63,22 +87,36 @@ class BackendCapabilities(BaseModel):
     dlpack: bool = True
     #: Whether the backend pins host memory of a swap pool that serves a GPU pool.
     pinned_memory: bool = False
+    #: Whether pools change in place (numpy, torch, cupy) or every operation returns a
+    #: new array (JAX).  With ``False`` a view taken from ``layer_pool`` is a snapshot.
+    mutable_pools: bool = True
+
+    @field_validator("device_types", "swap_device_types", mode="before")
+    @classmethod
+    def _check_types(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str):
+            raise ValueError(f"device types must be a sequence of names, got the string "
+                             f"{value!r}")
+        return _device_types(value)
 
 
 class Backend(abc.ABC):
     """Bulk array operations on paged K/V pools, for one array library.
 
     Subclasses set :attr:`name`, :attr:`array_library` and :attr:`handle_class`, and
-    implement the abstract methods.  Instances are stateless apart from caches of
-    library objects, and are shared by every manager that uses the backend.
+    implement the abstract methods.  Instances hold no per-manager state (only caches
+    of library objects) and are shared by every manager that uses the backend; the
+    manager owns the pools and passes them in.
     """
 
     #: The name users select the backend by (``kvcore.get_backend(name)``).
     name: ClassVar[str]
     #: The ``import`` name of the array library, checked without importing it.
     array_library: ClassVar[str]
-    #: The ``KVCORE_API_VERSION`` this backend was written for.
-    api_version: ClassVar[int] = KVCORE_API_VERSION
+    #: The ``KVCORE_API_VERSION`` this backend was written for, as a literal (``2``):
+    #: there is deliberately no default, so a backend written for another contract
+    #: is refused instead of silently claiming this one.
+    api_version: ClassVar[int]
     #: The handle class the manager hands out for this backend (``as_any`` target).
     handle_class: ClassVar[type[PagedKvCacheHandle]]
 
@@ -118,37 +156,70 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: DType, device: Device, *,
-                       pinned: bool = False) -> Any:
-        """A zero-filled ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` array.
+                       pinned: bool = False, planes: int = 2) -> Any:
+        """A zero-filled ``[planes, num_blocks, block_size, num_kv_heads, head_dim]``
+        array: every call returns fresh memory, never a pool handed out before.
 
         ``pinned`` asks for page-locked host memory (a swap pool serving a GPU pool);
-        backends without the notion ignore it.
+        backends without the notion ignore it.  When the memory cannot be had, raise
+        :class:`~kvcore.errors.PoolAllocationError` naming the bytes asked for.
         """
+
+    def release_layer(self, pool: Any) -> None:
+        """Give back a pool's memory (files, device buffers, pinned pages).  Called once
+        per pool by :meth:`KvCacheManager.close`; the pool is never used afterwards.
+        The default does nothing (garbage collection frees it)."""
 
     @abc.abstractmethod
     def index_array(self, indices: np.ndarray, device: Device) -> Any:
-        """Turn an ``int64`` numpy array of slot or block ids into the index type the
-        other methods take, on ``device``.  Called once per batch, reused per layer."""
+        """Turn an ``int64`` numpy array of slot or block ids (any shape) into the index
+        type the other methods take, on ``device``.  Called once per batch, reused per
+        layer.  The result must not alias ``indices``."""
 
     @abc.abstractmethod
-    def scatter(self, layer: Any, slots: Any, key: Any, value: Any) -> None:
-        """Write ``key[i]`` and ``value[i]`` (each ``[n, heads, dim]``) to slot
-        ``slots[i]`` of ``layer``.  ``slots`` holds no duplicates."""
+    def scatter(self, pool: Any, slots: Any, rows: Sequence[Any]) -> Any:
+        """Write ``rows[p][i]`` (each ``rows[p]`` is ``[n, heads, dim]``) to slot
+        ``slots[i]`` of plane ``p``, for every plane of the pool; return the pool.
+        ``slots`` is one-dimensional and holds no duplicates; a later write to a slot
+        replaces what was there, bit for bit."""
 
     @abc.abstractmethod
-    def gather(self, layer: Any, kv: int, slots: Any) -> Any:
-        """A new ``[n, heads, dim]`` array: row ``i`` is slot ``slots[i]`` of K
-        (``kv=0``) or V (``kv=1``)."""
+    def gather(self, pool: Any, plane: int, slots: Any) -> Any:
+        """A new array of shape ``slots.shape + (heads, dim)``: element ``i`` is slot
+        ``slots[i]`` of plane ``plane`` (0 is K, 1 is V).  It must not alias the pool:
+        later writes to the pool do not change it."""
 
     @abc.abstractmethod
-    def copy_blocks(self, layer: Any, src: Any, dst: Any) -> None:
-        """Copy whole blocks ``src[i]`` -> ``dst[i]`` (K and V) within one layer."""
+    def copy_blocks(self, pool: Any, src: Any, dst: Any) -> Any:
+        """Copy whole blocks ``src[i]`` -> ``dst[i]`` (every plane) within one pool;
+        return the pool.  ``dst`` holds no duplicates and no id of ``src``."""
 
     @abc.abstractmethod
-    def transfer_blocks(self, src_layer: Any, src: Any, dst_layer: Any, dst: Any) -> None:
-        """Copy blocks ``src[i]`` of ``src_layer`` to ``dst[i]`` of ``dst_layer``; the two
-        layers may be on different devices (swap).  ``src`` is an index on the source
-        device, ``dst`` on the destination device.  Data must arrive bit-identical."""
+    def transfer_blocks(self, src_pool: Any, src: Any, dst_pool: Any, dst: Any) -> Any:
+        """Copy blocks ``src[i]`` of ``src_pool`` to ``dst[i]`` of ``dst_pool`` and return
+        ``dst_pool``; the pools may be on different devices (swap).  ``src`` is an index
+        on the source device, ``dst`` on the destination device.  Data must arrive
+        bit-identical, and be complete for every reader once :meth:`synchronize` on the
+        destination device returns."""
+
+    # --- one call per step: all layers at once (optional) ---------------------------
+
+    def scatter_layers(self, pools: Sequence[Any], slots: Any,
+                       rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """:meth:`scatter` into every pool of ``pools`` (``rows[l]`` for ``pools[l]``)
+        with one slot index: a decode step's writes for every layer.  Returns the pools.
+        Override to do it in one launch; the default loops over layers."""
+        return [self.scatter(pool, slots, r) for pool, r in zip(pools, rows)]
+
+    def copy_blocks_layers(self, pools: Sequence[Any], src: Any, dst: Any) -> list[Any]:
+        """:meth:`copy_blocks` in every pool (copy-on-write of a whole step)."""
+        return [self.copy_blocks(pool, src, dst) for pool in pools]
+
+    def transfer_blocks_layers(self, src_pools: Sequence[Any], src: Any,
+                               dst_pools: Sequence[Any], dst: Any) -> list[Any]:
+        """:meth:`transfer_blocks` for every pair of pools (a swap); returns the
+        destination pools."""
+        return [self.transfer_blocks(s, src, d, dst) for s, d in zip(src_pools, dst_pools)]
 
     # --- arrays -------------------------------------------------------------------
 
@@ -159,21 +230,32 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def asarray(self, obj: Any, device: Device) -> Any:
         """``obj`` as this backend's array type without copying: native arrays pass
-        through, others go through DLPack.  Raise
-        :class:`~kvcore.errors.DeviceMismatchError` naming both devices when ``obj``
-        is not on ``device``, and ``TypeError`` when it is not an array at all.  Never
-        change the dtype."""
+        through as the very same object, others go through DLPack and share memory.
+        Raise :class:`~kvcore.errors.DeviceMismatchError` naming both devices when
+        ``obj`` is not on ``device``, :class:`~kvcore.errors.DtypeMismatchError` naming
+        the dtype when the library cannot hold it, and ``TypeError`` when it is not an
+        array at all or its DLPack export fails (with the reason).  Never change the
+        dtype."""
 
     @abc.abstractmethod
     def to_numpy(self, array: Any) -> np.ndarray:
-        """A host copy as numpy (``bfloat16`` widened to ``float32``); for tests."""
+        """A host copy as numpy (``bfloat16`` widened to ``float32``); never a view that
+        a later write to the pool would change."""
 
     @abc.abstractmethod
     def from_numpy(self, array: np.ndarray, dtype: DType, device: Device) -> Any:
-        """A native array of ``dtype`` on ``device`` holding ``array``'s values."""
+        """A new native array of ``dtype`` on ``device`` holding ``array``'s values."""
 
     def synchronize(self, device: Device) -> None:
-        """Wait for queued work on ``device`` (GPU backends); a no-op on the CPU."""
+        """Wait until every operation this backend queued for ``device`` has finished
+        and its results are visible to any reader (GPU backends); a no-op on the CPU."""
+
+    def array_ops(self) -> ArrayOps:
+        """The array operations kvcore's generic code (paged attention, codecs) runs
+        on this backend's arrays.  The default raises
+        :class:`~kvcore.errors.UnsupportedError`; see :mod:`kvcore._array_ops`."""
+        raise UnsupportedError(f"backend {self.name!r} provides no array operations "
+                               "(Backend.array_ops), so kvcore.attention cannot run on it")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r}>"

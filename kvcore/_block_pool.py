@@ -1,23 +1,26 @@
-"""BlockPool: reference counts, the free queue, and the prefix-cache index.
+"""BlockPool: reference counts and the free blocks of one pool of physical blocks.
 
-The free queue is an intrusive doubly-linked list over block ids (two Python lists,
-``_next`` and ``_prev``, with a sentinel at index ``num_blocks``).  It doubles as the
-LRU of prefix-cached blocks, the way vLLM's v1 block pool works:
+A block is *used* (referenced by at least one table) or *free*.  Free blocks come in
+two kinds, kept apart so that allocation never throws away reusable K/V while a block
+holding nothing is still available (vLLM's rule):
 
-* a block whose reference count drops to zero goes to the *tail* of the queue but
-  keeps its hash, so a later request with the same prefix can take it back;
-* taking back a cached block unlinks it from the middle of the queue in O(1);
-* new allocations pop from the *head*, evicting the hash of whatever they pop, so the
-  least recently freed cached block is evicted first.
+* **empty** blocks hold nothing anyone may reuse.  They live on a stack and are taken
+  first, most recently freed first (its memory is the warmest).
+* **cached** blocks still hold K/V that the prefix index can serve.  They live in LRU
+  order, least recently freed first, and are evicted (their cache entry dropped
+  through ``on_evict``) only when no empty block is left.  A hit on a cached free
+  block takes it back in O(1).
 
-Every operation is O(1) per block touched; nothing scans the pool.
+Reference counts are a numpy array so that a whole table is taken, shared or
+released in a few array operations; only evicting or reclaiming cached blocks costs
+Python work per block.  The pool holds no keys and no array data: whether a freed
+block is worth caching is the caller's (the prefix index's) answer.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from operator import itemgetter
+from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,249 +28,174 @@ from .errors import InvariantError, OutOfBlocksError
 
 __all__ = ["BlockPool"]
 
-
-def _pick(values: list, indices: list[int]) -> tuple:
-    """``tuple(values[i] for i in indices)``, in C."""
-    return itemgetter(*indices)(values) if len(indices) > 1 else (values[indices[0]],)
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class BlockPool:
-    """Book-keeping for ``num_blocks`` physical blocks (no array data lives here)."""
+    """Book-keeping for ``num_blocks`` physical blocks."""
 
-    def __init__(self, num_blocks: int, block_size: int = 1) -> None:
+    def __init__(self, num_blocks: int, *,
+                 on_evict: Callable[[np.ndarray], None] | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        n = num_blocks
-        self.num_blocks = n
-        self.ref = [0] * n
-        sentinel = n
-        # 0 -> 1 -> ... -> n-1 -> sentinel -> 0: every block starts free, in id order.
-        self._next = list(range(1, n + 1)) + [0]
-        self._prev = [sentinel] + list(range(0, n))
-        self._num_free = n
-        # The prefix index.  _hash_of is the truth: a block is cached under key k iff
-        # _hash_of[block] == k.  _by_hash may keep stale entries of evicted blocks
-        # (eviction is one list store, not a dict delete); lookups check _hash_of, and
-        # _purge drops the stale ones once the index holds 4x the pool (amortised O(1)).
-        self._hash_of: list[int | None] = [None] * n
-        self._tokens = np.zeros((n, block_size), dtype=np.int32)
-        self._by_hash: dict[int, int] = {}
-        self._num_cached = 0
-        self._num_cached_free = 0
+        self.num_blocks = int(num_blocks)
+        #: References to each block (tables holding it).
+        self.ref = np.zeros(num_blocks, dtype=np.int32)
+        # Empty free blocks: _stack[:_top]; the top is taken first.  Reversed so a
+        # fresh pool hands out blocks 0, 1, 2, ... in order.
+        self._stack = np.arange(num_blocks - 1, -1, -1, dtype=np.int64)
+        self._top = self.num_blocks
+        # Cached free blocks, least recently freed first.
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._on_evict = on_evict
+        #: Cached blocks given up to make room (lifetime count).
         self.evictions = 0
 
     # --- counts -------------------------------------------------------------------
 
     @property
     def num_free(self) -> int:
-        """Blocks an allocation can take (plain free + evictable cached)."""
-        return self._num_free
+        """Blocks an allocation can take (empty + evictable cached)."""
+        return self._top + len(self._lru)
 
     @property
     def num_cached_free(self) -> int:
-        """Free blocks that still hold a prefix-cached block."""
-        return self._num_cached_free
+        """Free blocks still holding servable K/V."""
+        return len(self._lru)
+
+    @property
+    def num_empty(self) -> int:
+        return self._top
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - self._num_free
+        return self.num_blocks - self.num_free
 
-    # --- the queue ----------------------------------------------------------------
+    def count_free(self, blocks: np.ndarray) -> int:
+        """How many of ``blocks`` are free (cached but unreferenced)."""
+        return int(np.count_nonzero(self.ref[blocks] == 0)) if blocks.size else 0
 
-    def allocate(self, count: int) -> list[int]:
-        """Take ``count`` blocks from the head of the queue, each with refcount 1,
-        evicting the prefix-cache entry of any cached block taken."""
-        if count > self._num_free:
-            raise OutOfBlocksError(f"need {count} blocks, {self._num_free} free")
-        taken = []
-        nxt, prv, ref, hash_of = self._next, self._prev, self.ref, self._hash_of
-        sentinel = self.num_blocks
-        evicted = 0
-        # Unlink the head; inlined because this loop runs once per block allocated.
-        block = nxt[sentinel]
-        for _ in range(count):
-            after = nxt[block]
-            nxt[sentinel] = after
-            prv[after] = sentinel
-            if hash_of[block] is not None:
-                hash_of[block] = None
-                evicted += 1
-            ref[block] = 1
-            taken.append(block)
-            block = after
-        self._num_free -= count
-        if evicted:
-            self._num_cached -= evicted
-            self._num_cached_free -= evicted
-            self.evictions += evicted
-        return taken
+    # --- taking and giving back ---------------------------------------------------
 
-    def free(self, blocks: Sequence[int]) -> None:
-        """Drop one reference to each block; blocks reaching zero join the queue's
-        tail, last block first, so a sequence's tail is evicted before its prefix."""
-        ref, hash_of, nxt, prv = self.ref, self._hash_of, self._next, self._prev
-        sentinel = self.num_blocks
-        freed = cached = 0
-        for block in reversed(blocks):
-            count = ref[block] - 1
-            ref[block] = count
-            if count == 0:
-                # Append to the tail; inlined because this loop runs once per block freed.
-                tail = prv[sentinel]
-                nxt[tail] = block
-                prv[block] = tail
-                nxt[block] = sentinel
-                prv[sentinel] = block
-                freed += 1
-                if hash_of[block] is not None:
-                    cached += 1
-        self._num_free += freed
-        self._num_cached_free += cached
+    def allocate(self, count: int) -> np.ndarray:
+        """``count`` blocks, each with one reference: empty blocks first, then the least
+        recently freed cached blocks (evicted)."""
+        if count > self.num_free:
+            raise OutOfBlocksError(f"need {count} blocks, {self.num_free} are free")
+        if count <= 0:
+            return _EMPTY
+        take = min(count, self._top)
+        blocks = self._stack[self._top - take:self._top][::-1].copy()
+        self._top -= take
+        if count > take:
+            popitem = self._lru.popitem
+            evicted = np.fromiter((popitem(last=False)[0] for _ in range(count - take)),
+                                  dtype=np.int64, count=count - take)
+            self.evictions += evicted.size
+            if self._on_evict is not None:
+                self._on_evict(evicted)
+            blocks = np.concatenate([blocks, evicted])
+        self.ref[blocks] = 1
+        return blocks
 
-    def incref(self, blocks: Iterable[int]) -> None:
-        """One more reference to blocks that are already in use (fork)."""
+    def free(self, blocks: np.ndarray, keep: np.ndarray | None = None, *,
+             unique: bool = True) -> np.ndarray:
+        """Drop one reference per entry of ``blocks``.  Blocks reaching zero become
+        free: cached in LRU order where ``keep`` (a bool per entry, the prefix index's
+        verdict) says so, else empty.  A sequence's blocks are given in logical order
+        and cached tail first, so its tail is evicted before its prefix.  Pass
+        ``unique=False`` when an id may appear more than once (several tables' blocks
+        at once).  Returns the blocks that became free."""
+        if not blocks.size:
+            return _EMPTY
         ref = self.ref
-        for block in blocks:
-            ref[block] += 1
-
-    # --- the prefix cache ---------------------------------------------------------
-
-    def lookup_run(self, keys: list[int], rows: np.ndarray, complete: np.ndarray) -> list[int]:
-        """The cached blocks of the longest run of leading ``keys`` whose stored token
-        ids equal ``rows`` and whose K/V are ``complete``."""
-        # map/index/itemgetter keep the per-block work in C: this runs for every block
-        # of every prompt.
-        get = self._by_hash.get
-        if not keys or get(keys[0]) is None:  # the usual miss: a prompt seen first
-            return []
-        found = list(map(get, keys))
-        if None in found:
-            found = found[:found.index(None)]
-        if not found:
-            return found
-        held = _pick(self._hash_of, found)
-        if held != tuple(keys[:len(found)]):  # stale index entries of evicted blocks
-            found = found[:next(i for i, (a, b) in enumerate(zip(held, keys)) if a != b)]
-            if not found:
-                return found
-        # Confirm in bulk: a key collision must never hand out another prompt's K/V.
-        index = np.array(found, dtype=np.intp)
-        ok = complete[index] & (self._tokens[index] == rows[:len(found)]).all(axis=1)
-        if not ok.all():
-            found = found[:int(np.argmin(ok))]
-        return found
-
-    def count_free(self, blocks: list[int]) -> int:
-        """How many of ``blocks`` are unreferenced (cached but free)."""
-        return _pick(self.ref, blocks).count(0) if blocks else 0
-
-    def count_free_after(self, blocks: list[int]) -> int:
-        """How many of ``blocks`` one :meth:`free` would return to the queue."""
-        return _pick(self.ref, blocks).count(1) if blocks else 0
-
-    def acquire(self, blocks: list[int]) -> None:
-        """Take a reference to cached blocks, pulling free ones off the queue."""
-        ref, nxt, prv = self.ref, self._next, self._prev
-        reclaimed = 0
-        for block in blocks:
-            if ref[block] == 0:
-                after, before = nxt[block], prv[block]
-                nxt[before] = after
-                prv[after] = before
-                reclaimed += 1
-            ref[block] += 1
-        self._num_free -= reclaimed
-        self._num_cached_free -= reclaimed
-
-    def register_run(self, blocks: Sequence[int], keys: list[int], rows: np.ndarray,
-                     first: int) -> None:
-        """Cache ``blocks[i]`` under ``keys[i]`` with token ids ``rows[i]`` for every
-        ``i >= first``.  The blocks are in use and not cached; a key already cached
-        keeps its block (first writer wins)."""
-        if first >= len(keys):
-            return
-        by_hash, hash_of = self._by_hash, self._hash_of
-        # Reversed, so that of two equal keys in one prompt the first block is kept.
-        new = dict(zip(reversed(keys[first:]), reversed(blocks[first:len(keys)])))
-        clash = [k for k in new.keys() & by_hash.keys() if hash_of[by_hash[k]] == k]
-        for key in clash:
-            del new[key]
-        if len(by_hash) + len(new) > 4 * self.num_blocks:
-            self._purge()
-            by_hash = self._by_hash
-        by_hash.update(new)
-        for key, block in new.items():
-            hash_of[block] = key
-        self._num_cached += len(new)
-        if len(new) == len(keys) - first:
-            self._tokens[blocks[first:len(keys)]] = rows[first:]
+        if unique:
+            ref[blocks] -= 1
         else:
-            for i in range(first, len(keys)):
-                if hash_of[blocks[i]] == keys[i]:
-                    self._tokens[blocks[i]] = rows[i]
+            np.subtract.at(ref, blocks, 1)
+            blocks, first = np.unique(blocks, return_index=True)
+            order = np.argsort(first)  # back to first-seen order
+            blocks = blocks[order]
+            if keep is not None:
+                keep = keep[first[order]]
+        zero_mask = ref[blocks] == 0
+        if not zero_mask.any():
+            return _EMPTY
+        zero = blocks[zero_mask]
+        if keep is not None:
+            kept = keep[zero_mask]
+            cached = zero[kept][::-1]
+            zero_empty = zero[~kept]
+            lru = self._lru
+            for block in cached.tolist():
+                lru[block] = None
+        else:
+            zero_empty = zero
+        if zero_empty.size:
+            self._push(zero_empty[::-1])
+        return zero
 
-    def _purge(self) -> None:
-        """Drop the index entries of evicted blocks."""
-        hash_of = self._hash_of
-        self._by_hash = {k: b for k, b in self._by_hash.items() if hash_of[b] == k}
+    def _push(self, blocks: np.ndarray) -> None:
+        end = self._top + blocks.size
+        self._stack[self._top:end] = blocks
+        self._top = end
 
-    def is_cached(self, block: int) -> bool:
-        return self._hash_of[block] is not None
+    def acquire(self, blocks: np.ndarray) -> None:
+        """One more reference to each of ``blocks`` (prefix hits, forks); free cached
+        ones are taken back from the LRU."""
+        if not blocks.size:
+            return
+        ref = self.ref
+        reclaimed = blocks[ref[blocks] == 0]
+        if reclaimed.size:
+            lru = self._lru
+            for block in reclaimed.tolist():
+                del lru[block]
+        ref[blocks] += 1
 
-    def evict_all_free(self) -> int:
-        """Forget the prefix cache of every free block; returns how many."""
-        count = 0
-        sentinel = self.num_blocks
-        block = self._next[sentinel]
-        while block != sentinel:
-            if self._hash_of[block] is not None:
-                self._hash_of[block] = None
-                count += 1
-            block = self._next[block]
-        self._num_cached -= count
-        self._num_cached_free -= count
-        self.evictions += count
-        self._purge()
-        return count
+    def uncache(self, blocks: np.ndarray) -> None:
+        """Free cached ``blocks`` lost their cache entry (gc, reset, a better copy took
+        their key): move them to the empty blocks, without evicting through
+        ``on_evict`` (the index already dropped them)."""
+        lru = self._lru
+        moved = [b for b in blocks.tolist() if b in lru]
+        for block in moved:
+            del lru[block]
+        if moved:
+            self._push(np.asarray(moved, dtype=np.int64))
+
+    def cached_free_blocks(self) -> np.ndarray:
+        """The free cached blocks, least recently freed first."""
+        return np.fromiter(self._lru, dtype=np.int64, count=len(self._lru))
 
     # --- checking -----------------------------------------------------------------
 
-    def check(self, holders: Counter[int]) -> None:
-        """Raise :class:`InvariantError` unless the pool is consistent and every
-        block's refcount equals the number of tables in ``holders`` that hold it."""
-        sentinel = self.num_blocks
-        seen: set[int] = set()
-        block = self._next[sentinel]
-        while block != sentinel:
-            if block in seen:
-                raise InvariantError(f"free queue revisits block {block} (cycle)")
-            if self.ref[block] != 0:
-                raise InvariantError(f"block {block} is queued as free with refcount "
-                                     f"{self.ref[block]}")
-            if self._next[self._prev[block]] != block:
-                raise InvariantError(f"free queue links around block {block} are broken")
-            seen.add(block)
-            block = self._next[block]
-        if len(seen) != self._num_free:
-            raise InvariantError(f"free queue holds {len(seen)} blocks, counter says "
-                                 f"{self._num_free}")
-        cached_free = sum(1 for b in seen if self._hash_of[b] is not None)
-        if cached_free != self._num_cached_free:
-            raise InvariantError(f"{cached_free} free blocks are cached, counter says "
-                                 f"{self._num_cached_free}")
-        for block in range(self.num_blocks):
-            want = holders.get(block, 0)
-            if self.ref[block] != want:
-                raise InvariantError(f"block {block} has refcount {self.ref[block]} but "
-                                     f"{want} tables hold it")
-            if want == 0 and block not in seen:
-                raise InvariantError(f"block {block} is unreferenced but not in the free queue")
-        cached = 0
-        for block, h in enumerate(self._hash_of):
-            if h is not None:
-                cached += 1
-                if self._by_hash.get(h) != block:
-                    raise InvariantError(f"block {block} is cached under {h}, but the index "
-                                         f"maps that key to {self._by_hash.get(h)}")
-        if cached != self._num_cached:
-            raise InvariantError(f"{cached} blocks are cached, counter says {self._num_cached}")
+    def check(self, holders: np.ndarray, cached: np.ndarray) -> None:
+        """Raise :class:`InvariantError` unless the pool is consistent: ``holders[b]``
+        is the number of tables holding block ``b`` and must equal its refcount;
+        ``cached[b]`` is whether the prefix index can serve it (a free block is in the
+        LRU exactly when it is cached)."""
+        bad = np.flatnonzero(self.ref != holders)
+        if bad.size:
+            b = int(bad[0])
+            raise InvariantError(f"block {b} has refcount {int(self.ref[b])} but "
+                                 f"{int(holders[b])} tables hold it")
+        empty = self._stack[:self._top]
+        lru = self.cached_free_blocks()
+        free = np.concatenate([empty, lru])
+        if np.unique(free).size != free.size:
+            raise InvariantError("a free block is listed twice among the free blocks")
+        if free.size and (self.ref[free] != 0).any():
+            b = int(free[self.ref[free] != 0][0])
+            raise InvariantError(f"block {b} is free with refcount {int(self.ref[b])}")
+        if free.size != int(np.count_nonzero(self.ref == 0)):
+            raise InvariantError(f"{free.size} blocks are listed free but "
+                                 f"{int(np.count_nonzero(self.ref == 0))} have refcount 0")
+        if lru.size and not cached[lru].all():
+            b = int(lru[~cached[lru]][0])
+            raise InvariantError(f"free block {b} is kept as cached but the index cannot "
+                                 "serve it")
+        if empty.size and cached[empty].any():
+            b = int(empty[cached[empty]][0])
+            raise InvariantError(f"free block {b} is servable but sits among the empty "
+                                 "blocks (it would be overwritten before cached blocks)")

@@ -19,15 +19,20 @@ from .models import AllocationRequest, CacheConfig
 
 __all__ = ["run_demo"]
 
+#: The one command that installs what ``kvcore demo --generate`` needs.
+GENERATE_HINT = 'pip install "kvcore[transformers]"'
+
 
 def run_demo(backend: str | None = None, *, generate: bool = False) -> int:
-    """Run the demo on ``backend``; returns the exit status (0: every check passed)."""
+    """Run the demo on ``backend`` (``None``: the default rule of :func:`get_backend`);
+    returns the exit status (0: every check passed, 1: a check failed, 2: ``generate``
+    cannot run here)."""
     if generate:
         try:
             from .integrations._demo_generate import run_generation_demo
         except ImportError as exc:
-            print(f"kvcore demo --generate needs torch and transformers ({exc}); "
-                  'pip install "kvcore[torch]" transformers', file=sys.stderr)
+            print(f"kvcore demo --generate needs torch and transformers ({exc}): "
+                  f"{GENERATE_HINT}", file=sys.stderr)
             return 2
         return run_generation_demo(backend)
 

@@ -7,53 +7,99 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Device", "DType", "DeviceLike", "DTypeLike"]
+__all__ = ["DEVICE_TYPE_RE", "Device", "DType", "DeviceLike", "DTypeLike"]
 
-_DEVICE_RE = re.compile(r"^(?P<type>cpu|cuda)(?::(?P<index>\d+))?$")
+#: A device type: a lower-case identifier (``cpu``, ``cuda``, ``mps``, ``xla``, ``tpu``...).
+DEVICE_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_DEVICE_RE = re.compile(r"^(?P<type>[a-z][a-z0-9_]*)(?::(?P<index>[0-9]+))?$")
+#: DLPack's ``DLDeviceType`` numbers of the device types that have one.
+_DLPACK_TYPES = {"cpu": 1, "cuda": 2, "cuda_host": 3, "opencl": 4, "vulkan": 7, "mps": 8,
+                 "metal": 8, "vpi": 9, "rocm": 10, "hip": 10, "rocm_host": 11,
+                 "cuda_managed": 13, "oneapi": 14, "xpu": 14, "webgpu": 15, "hexagon": 16,
+                 "maia": 17}
+_DLPACK_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan", 8: "mps",
+                 9: "vpi", 10: "rocm", 11: "rocm_host", 13: "cuda_managed", 14: "oneapi",
+                 15: "webgpu", 16: "hexagon", 17: "maia"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Device:
-    """Where an array lives: ``Device("cpu")`` or ``Device("cuda", 0)``.
+    """Where an array lives: a device type and an index.
 
-    Parsed from strings the way torch spells them (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
-    ``"cuda"`` without an index means device 0. ``str(device)`` gives the canonical form
-    back, so a device round-trips through configs and JSON.
+    ``Device("cpu")``, ``Device("cuda", 1)`` and ``Device("cuda:1")`` all work, as do
+    types kvcore itself does not use (``Device("mps")``, ``Device("tpu:3")``): which
+    types a pool may live on is for each backend to declare
+    (:attr:`BackendCapabilities.device_types`).  A type is a lower-case identifier;
+    ``"cuda"`` without an index means index 0; ``cpu`` takes no other index.
+    ``str(device)`` gives the canonical form back (``"cpu"``, ``"cuda:1"``), so a
+    device round-trips through configs and JSON.
     """
 
     type: str
-    index: int = 0
+    index: int
 
-    def __post_init__(self) -> None:
-        if self.type not in ("cpu", "cuda"):
-            raise ValueError(f"device type {self.type!r} is not one of 'cpu', 'cuda'")
-        if not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 0:
-            raise ValueError(f"device index {self.index!r} must be an integer >= 0")
-        if self.type == "cpu" and self.index != 0:
-            raise ValueError(f"device 'cpu' takes no index, got {self.index!r}")
+    def __init__(self, type: str, index: int | None = None) -> None:  # noqa: A002 - the field's name
+        if not isinstance(type, str):
+            raise TypeError(f"device type must be a str, got {type!r}")
+        match = _DEVICE_RE.match(type.strip().lower())
+        if match is None:
+            raise ValueError(f"device {type!r} is not a device type with an optional index, "
+                             "such as 'cpu', 'cuda', 'cuda:1' or 'mps'")
+        kind, text_index = match.group("type"), match.group("index")
+        if text_index is not None:
+            if index is not None and index != int(text_index):
+                raise ValueError(f"device {type!r} names index {text_index} but index="
+                                 f"{index!r} was also given")
+            index = int(text_index)
+        if index is None:
+            index = 0
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"device index {index!r} must be an integer >= 0")
+        if kind == "cpu" and index != 0:
+            raise ValueError(f"device 'cpu' takes no index, got {index!r}")
+        object.__setattr__(self, "type", kind)
+        object.__setattr__(self, "index", int(index))
 
     @classmethod
     def parse(cls, value: DeviceLike) -> Device:
-        """Turn ``"cpu"``, ``"cuda:1"``, a :class:`Device` or a torch device into a Device."""
+        """Turn ``"cpu"``, ``"cuda:1"``, a :class:`Device`, a torch device or anything
+        whose ``str()`` is ``type[:index]`` into a Device."""
         if isinstance(value, Device):
             return value
-        text = str(value).strip().lower()
-        match = _DEVICE_RE.match(text)
-        if match is None:
-            raise ValueError(f"device {value!r} is not 'cpu', 'cuda' or 'cuda:N'")
-        index = match.group("index")
-        return cls(match.group("type"), int(index) if index is not None else 0)
+        return cls(str(value))
+
+    @classmethod
+    def from_dlpack(cls, dl_type: int, dl_id: int) -> Device:
+        """The Device of a DLPack ``(device_type, device_id)`` pair (``__dlpack_device__``)."""
+        name = _DLPACK_NAMES.get(int(dl_type))
+        if name is None:
+            raise ValueError(f"DLPack device type {int(dl_type)} has no kvcore name")
+        return cls(name, 0 if name == "cpu" else int(dl_id))
 
     @property
     def is_cuda(self) -> bool:
         return self.type == "cuda"
 
+    @property
+    def is_cpu(self) -> bool:
+        return self.type == "cpu"
+
     def __str__(self) -> str:
-        return "cpu" if self.type == "cpu" else f"cuda:{self.index}"
+        return "cpu" if self.type == "cpu" else f"{self.type}:{self.index}"
+
+    def __repr__(self) -> str:
+        return f"Device({str(self)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Device, (self.type, self.index))
 
     def dlpack_device(self) -> tuple[int, int]:
-        """The ``(device_type, device_id)`` pair DLPack uses (kDLCPU=1, kDLCUDA=2)."""
-        return (1, 0) if self.type == "cpu" else (2, self.index)
+        """The ``(device_type, device_id)`` pair DLPack uses (kDLCPU=1, kDLCUDA=2, ...);
+        ``ValueError`` for a type DLPack has no number for."""
+        number = _DLPACK_TYPES.get(self.type)
+        if number is None:
+            raise ValueError(f"device type {self.type!r} has no DLPack device number")
+        return (number, self.index)
 
 
 class DType(str, enum.Enum):

@@ -1,97 +1,94 @@
-"""KvCacheManager: the backend-neutral paged KV cache.
+"""KvCacheManager: the backend-neutral paged KV cache, a facade over its parts.
 
-The manager owns one block pool per device (the main pool, and optionally a swap
-pool), the block tables of every live sequence, the prefix cache and the statistics.
-Backends only move array data, in bulk (see :mod:`kvcore._backend`).
+The manager checks every argument, takes its lock, and orders the parts that do the
+work (see :mod:`kvcore._coordinator`): allocation, extension and truncation
+(:mod:`kvcore._growth`), writes and reads (:mod:`kvcore._writes`), swap
+(:mod:`kvcore._swap`), statistics, invariants and page tables
+(:mod:`kvcore._introspection`).  Backends only move array data, in bulk
+(:mod:`kvcore._backend`).
 
-This module holds the state, allocation (with prefix caching), fork and deallocate.
-The rest of the class lives beside it, one concern per module: extend and truncate
-(``_extension``), writes and reads (``_kv_io``), swap (``_swap``), and statistics,
-gc, invariants and page tables (``_introspection``).
+Every refusal happens before anything changes, so a refused call leaves the cache
+exactly as it was.
 """
 
 from __future__ import annotations
 
+import operator
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from . import _introspection as intro
 from ._backend import Backend
-from ._block_pool import BlockPool
-from ._extension import ExtendMixin
-from ._introspection import IntrospectionMixin
-from ._kv_io import KvIOMixin
+from ._block_table import BlockTable
+from ._coordinator import Coordinator
+from ._growth import commit_allocation, extend_rows, plan_allocation, room_for, truncate_row
 from ._paged_handle import PagedKvCacheHandle
-from ._prefix_cache import ChainHasher, PrefixPlan, plan_prefix
-from ._registry import get_backend
-from ._sequence import _Sequence
-from ._slot_mapping import SlotMapping
-from ._swap import SwapMixin
-from .errors import (DuplicateRequestError, HandleSwappedError, InvalidHandleError,
-                     LayerIndexError, OutOfBlocksError, UnknownRequestError, UnsupportedError)
-from .models import AllocationRequest, CacheConfig, CacheManagerStats, MemoryPressure
+from ._registry import get_backend, list_backends
+from ._sequence_table import SequenceRecord
+from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
+from ._tensor_ref import TensorRef
+from ._writes import FastPath, prepare_fast_path, read_layer, settle, write_mapping, write_range
+from .errors import (CacheError, CapacityError, DuplicateRequestError, HandleSwappedError,
+                     InvalidHandleError, LayerIndexError, ManagerClosedError, NotCopyableError,
+                     OutOfBlocksError, PendingPrefixError, StaleSlotMappingError,
+                     UnknownRequestError, UnsupportedError)
+from .models import (AllocationRequest, CacheConfig, CacheGcStats, CacheHandleStats,
+                     CacheManagerStats, MemoryPressure)
 
 __all__ = ["KvCacheManager"]
 
 PressureCallback = Callable[[MemoryPressure, CacheManagerStats], None]
+Handle = PagedKvCacheHandle | str
 
 
-class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
+class KvCacheManager:
     """A paged K/V cache for one model shape, on one backend.
 
     >>> cfg = CacheConfig(num_layers=2, num_kv_heads=4, head_dim=8, num_blocks=64)
-    >>> mgr = KvCacheManager(cfg, backend="numpy")
+    >>> with KvCacheManager(cfg, backend="numpy") as mgr:
+    ...     h = mgr.allocate(AllocationRequest(request_id="a", num_tokens=3))
 
-    Thread-safe: every public method holds one re-entrant lock.
+    Thread-safe: every public method holds one re-entrant lock.  ``close()`` (or the
+    end of a ``with`` block) releases the pools; afterwards every handle is invalid
+    and every call raises :class:`~kvcore.errors.ManagerClosedError`.
     """
 
     def __init__(self, config: CacheConfig, backend: str | Backend | None = None, *,
                  on_pressure: PressureCallback | None = None) -> None:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a kvcore.CacheConfig, got {type(config).__name__}")
-        self._backend = backend if isinstance(backend, Backend) else get_backend(backend)
+        if on_pressure is not None and not callable(on_pressure):
+            raise TypeError(f"on_pressure must be callable(level, stats) or None, got "
+                            f"{on_pressure!r}")
+        if backend is not None and not isinstance(backend, (str, Backend)):
+            raise TypeError(f"backend must be a backend name, a kvcore.Backend or None, got "
+                            f"{type(backend).__name__}")
+        be = backend if isinstance(backend, Backend) else get_backend(backend)
+        be.check_dtype(config.dtype)
+        try:
+            be.check_device(config.device)
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"{exc}. {_who_serves()}") from None
         self._config = config
-        be, c = self._backend, config
-        be.check_dtype(c.dtype)
-        be.check_device(c.device)
-        self._layers = [be.allocate_layer(c.num_blocks, c.block_size, c.num_kv_heads,
-                                          c.head_dim, c.dtype, c.device)
-                        for _ in range(c.num_layers)]
-        self._pool = BlockPool(c.num_blocks, c.block_size)
-        self._hasher = ChainHasher(c.block_size, c.hash_seed)
-        self._swap_pool: BlockPool | None = None
-        self._swap_layers: list[Any] = []
-        if c.swap_blocks:
-            if c.swap_device.type not in be.capabilities().swap_device_types:
-                raise UnsupportedError(f"backend {be.name!r} cannot swap to {c.swap_device}")
-            pinned = c.device.is_cuda and not c.swap_device.is_cuda
-            self._swap_layers = [be.allocate_layer(c.swap_blocks, c.block_size, c.num_kv_heads,
-                                                   c.head_dim, c.dtype, c.swap_device,
-                                                   pinned=pinned)
-                                 for _ in range(c.num_layers)]
-            self._swap_pool = BlockPool(c.swap_blocks, c.block_size)
-        self._seqs: dict[str, _Sequence] = {}
-        # Per-sequence rows: tokens written per layer, and a version bumped whenever
-        # the sequence's existing slots move (copy-on-write, fork, swap, free).
-        self._written = np.zeros((16, c.num_layers), dtype=np.int64)
-        self._versions = np.zeros(16, dtype=np.int64)
-        self._free_rows = list(range(15, -1, -1))
-        # Per physical block: which layers hold its full block_size tokens, and whether
-        # all of them do.  Only complete blocks are served from the prefix cache, so a
-        # hit never returns K/V that nobody has written yet.
-        self._filled = np.zeros((c.num_blocks, c.num_layers), dtype=bool)
-        self._complete = np.zeros(c.num_blocks, dtype=bool)
-        # The SlotMapping of the last extend_batch, with what write_slots would otherwise
-        # recompute on every layer (see _remember_mapping); None once anything moves.
-        self._decode: tuple[SlotMapping, np.ndarray, np.ndarray] | None = None
+        self._backend = be
+        self._co = Coordinator(config, be)
+        self._token = object()  # the identity every SlotMapping of this manager carries
+        self._seqs: dict[str, SequenceRecord] = {}
+        self._fast: FastPath | None = None
+        # The last batch extend_batch checked: (epoch, handles, rows, request ids).
+        self._last_batch: tuple[int, tuple[Any, ...], np.ndarray, tuple[str, ...]] | None = None
+        self._num_layers = config.num_layers
         self._lock = threading.RLock()
         self._on_pressure = on_pressure
         self._pressure = MemoryPressure.low
-        self._queries = self._hits = self._allocations = self._failures = self._cow = 0
+        self._used = 0
+        self._closed = False
 
-    # --- properties -----------------------------------------------------------------
+    # --- properties ---------------------------------------------------------------
 
     @property
     def config(self) -> CacheConfig:
@@ -105,50 +102,74 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
     def block_size(self) -> int:
         return self._config.block_size
 
-    # --- rows -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
-    def _take_row(self) -> int:
-        if not self._free_rows:
-            old = self._written.shape[0]
-            self._written = np.concatenate([self._written, np.zeros_like(self._written)])
-            self._versions = np.concatenate([self._versions, np.zeros_like(self._versions)])
-            self._free_rows = list(range(2 * old - 1, old - 1, -1))
-        return self._free_rows.pop()
+    # --- lifecycle ----------------------------------------------------------------
 
-    def _release_row(self, row: int) -> None:
-        self._decode = None
-        self._written[row] = 0
-        self._versions[row] += 1
-        self._free_rows.append(row)
+    def close(self) -> None:
+        """Release every pool through the backend.  Every handle becomes invalid and
+        every later call raises :class:`~kvcore.errors.ManagerClosedError`.  Closing
+        twice is a no-op."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for seq in self._seqs.values():
+                seq.valid = False
+            self._seqs.clear()
+            self._fast = None
+            self._last_batch = None
+            self._co.close()
 
-    def _take(self, count: int) -> list[int]:
-        """Fresh blocks from the pool; whatever they held before is not theirs."""
-        blocks = self._pool.allocate(count)
-        if blocks:
-            self._filled[blocks] = False
-            self._complete[blocks] = False
-        return blocks
+    def __enter__(self) -> KvCacheManager:
+        return self
 
-    def _after_change(self) -> None:
-        # Every operation that moves a sequence's slots (fork, swap, free, copy-on-write)
-        # ends here, so the remembered decode mapping can no longer be trusted.
-        self._decode = None
-        super()._after_change()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    # --- lookups ------------------------------------------------------------------------
+    def __copy__(self) -> KvCacheManager:
+        raise NotCopyableError("a KvCacheManager owns device memory and a lock and is not "
+                               "copied or pickled: fork sequences with manager.fork(...), "
+                               "or save them with manager.save(...) and load them into "
+                               "another manager")
 
-    def _require_live(self, seq: _Sequence, op: str) -> None:
+    def __deepcopy__(self, memo: dict[int, Any]) -> KvCacheManager:
+        return self.__copy__()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__copy__()
+
+    # --- lookups ------------------------------------------------------------------
+
+    def _check_open(self, op: str) -> None:
+        """Refuse calls on a closed manager, and bring the books up to date first (every
+        locked public method starts here)."""
+        if self._closed:
+            raise ManagerClosedError(f"{op}: the manager was closed; its pools are released")
+        self._settle()
+
+    def _settle(self) -> None:
+        """Apply the books of fast-path writes (see :class:`~kvcore._writes.FastPath`)."""
+        fast = self._fast
+        if fast is not None and fast.pending:
+            settle(self._co, fast)
+
+    def _h_require_live(self, seq: SequenceRecord, op: str) -> None:
         if not seq.valid:
-            raise InvalidHandleError(f"{op}: the cache of request {seq.request_id!r} was "
-                                     "deallocated; this handle is no longer valid")
+            why = "its manager was closed" if self._closed else "it was deallocated"
+            raise InvalidHandleError(f"{op}: the cache of request {seq.request_id!r} is gone "
+                                     f"({why}); this handle is no longer valid")
 
-    def _require_data(self, seq: _Sequence, op: str) -> None:
-        self._require_live(seq, op)
-        if seq.swap_blocks is not None:
+    def _require_resident(self, seq: SequenceRecord, op: str) -> None:
+        self._h_require_live(seq, op)
+        if self._co.tables.swapped[seq.row]:
             raise HandleSwappedError(f"{op}: request {seq.request_id!r} is swapped out; "
                                      "call swap_in first")
 
-    def _seq_of(self, handle: PagedKvCacheHandle | str, op: str) -> _Sequence:
+    def _seq_of(self, handle: Any, op: str) -> SequenceRecord:
+        self._check_open(op)
         if isinstance(handle, str):
             seq = self._seqs.get(handle)
             if seq is None:
@@ -160,23 +181,54 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
         if handle._manager is not self:
             raise InvalidHandleError(f"{op}: handle of request {handle.request_id!r} belongs "
                                      "to a different manager")
-        self._require_live(handle._seq, op)
+        self._h_require_live(handle._seq, op)
         return handle._seq
 
-    def _check_layer(self, layer: Any) -> int:
+    def _batch(self, handles: Any, op: str) -> list[SequenceRecord]:
+        """The live, resident, distinct sequences of ``handles`` (a list or tuple of
+        handles or request ids).  The common case, this manager's own handles, costs
+        a few attribute reads per handle and a few array operations per batch."""
+        if isinstance(handles, (str, bytes)) or not isinstance(handles, Sequence):
+            raise TypeError(f"{op}: expected a list of handles or request ids, got "
+                            f"{type(handles).__name__}")
+        self._check_open(op)
+        cls = self._backend.handle_class
+        seqs = []
+        append = seqs.append
+        for h in handles:
+            if type(h) is cls and h._manager is self and h._seq.valid:
+                append(h._seq)
+            else:
+                append(self._seq_of(h, op))
+        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+        swapped = self._co.tables.swapped[rows]
+        if swapped.any():
+            self._require_resident(seqs[int(np.argmax(swapped))], op)
+        if np.unique(rows).size != rows.size:
+            raise ValueError(f"{op}: a sequence appears more than once in the batch")
+        return seqs
+
+    @staticmethod
+    def _check_layer_of(layer: Any, num_layers: int) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise TypeError(f"layer must be an int, got {layer!r}")
-        if not 0 <= layer < self._config.num_layers:
+        if not 0 <= layer < num_layers:
             raise LayerIndexError(f"layer {layer} is out of range: the cache has "
-                                  f"{self._config.num_layers} layers (0..{self._config.num_layers - 1})")
+                                  f"{num_layers} layers (0..{num_layers - 1})")
         return int(layer)
 
-    def _handle(self, seq: _Sequence) -> PagedKvCacheHandle:
+    def _check_layer(self, layer: Any) -> int:
+        return self._check_layer_of(layer, self._config.num_layers)
+
+    def _handle(self, seq: SequenceRecord) -> PagedKvCacheHandle:
         return self._backend.handle_class(self, seq)
 
     def get_handle(self, request_id: str) -> PagedKvCacheHandle:
         """A new handle to the live cache of ``request_id``."""
         with self._lock:
+            if not isinstance(request_id, str):
+                raise TypeError(f"get_handle: expected a request id (str), got "
+                                f"{type(request_id).__name__}")
             return self._handle(self._seq_of(request_id, "get_handle"))
 
     def list_handles(self) -> list[PagedKvCacheHandle]:
@@ -190,17 +242,7 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
     def __len__(self) -> int:
         return len(self._seqs)
 
-    # --- allocation ---------------------------------------------------------------------
-
-    def _prefix_plan(self, request: AllocationRequest) -> PrefixPlan:
-        return plan_prefix(self._pool, self._hasher, request,
-                           self._config.enable_prefix_caching, self._complete)
-
-    def _room(self, plan: PrefixPlan) -> tuple[int, int]:
-        """New blocks ``plan`` needs, and blocks free for them (a free cached block the
-        plan hits is taken back, not allocated, so it does not count as free)."""
-        return (plan.total_blocks - len(plan.hits),
-                self._pool.num_free - self._pool.count_free(plan.hits))
+    # --- allocation -----------------------------------------------------------------
 
     def can_allocate(self, request: AllocationRequest) -> bool:
         """Whether :meth:`allocate` would succeed now (prefix hits counted).  Changes
@@ -208,72 +250,50 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
         if not isinstance(request, AllocationRequest):
             raise TypeError(f"expected an AllocationRequest, got {type(request).__name__}")
         with self._lock:
+            self._check_open("can_allocate")
             if request.request_id in self._seqs:
                 return False
-            need, free = self._room(self._prefix_plan(request))
-            return need <= free
+            plan = plan_allocation(self._co, request)
+            return plan.new_blocks <= room_for(self._co, plan)
 
     def allocate(self, request: AllocationRequest) -> PagedKvCacheHandle:
         """Reserve a cache for ``request.num_tokens`` tokens and return its handle.
 
         With ``prompt_token_ids`` and prefix caching on, leading full blocks already in
         the cache are shared; ``handle.num_cached_tokens()`` says how many tokens that
-        covers (their K/V are already there for every layer).
+        covers (their K/V are already there for every layer, or, with
+        ``join_pending``, are being written in the same step).
         """
         if not isinstance(request, AllocationRequest):
             raise TypeError(f"expected an AllocationRequest, got {type(request).__name__}")
         with self._lock:
+            self._check_open("allocate")
+            co = self._co
             rid = request.request_id
             if rid in self._seqs:
                 raise DuplicateRequestError(f"request id {rid!r} already has a live cache")
-            plan = self._prefix_plan(request)
-            _, hits, keys, rows = plan
-            need, free = self._room(plan)
-            if need > free:
-                self._failures += 1
+            plan = plan_allocation(co, request)
+            free = room_for(co, plan)
+            if plan.new_blocks > free:
+                co.counters.failures += 1
                 raise OutOfBlocksError(
-                    f"request {rid!r} needs {need} new blocks ({request.num_tokens} tokens, "
-                    f"{len(hits)} blocks from the prefix cache) but only {free} are free")
-            pool = self._pool
-            pool.acquire(hits)
-            blocks = hits + self._take(need)
-            bs = self._config.block_size
-            if rows is not None:
-                pool.register_run(blocks, keys, rows, len(hits))
-                self._queries += len(keys)
-                self._hits += len(hits)
-            self._allocations += 1
-            row = self._take_row()
-            seq = _Sequence(rid, row, bs, blocks, request.num_tokens or 0, self._grow)
-            seq.num_cached_tokens = len(hits) * bs
-            seq.private_from = len(hits)
-            self._written[row] = seq.num_cached_tokens
-            if rows is not None:
-                seq.hashing = True
-                seq.parent_hash = keys[-1] if keys else self._hasher.root(request.extra_key)
-                seq.num_hashed_blocks = len(keys)
-                seq.pending_tokens = list(request.prompt_token_ids[len(keys) * bs:])  # type: ignore[index]
+                    f"request {rid!r} needs {plan.new_blocks} new blocks ({request.num_tokens} "
+                    f"tokens, {plan.hits.size} blocks from the prefix cache) but only {free} "
+                    "are free")
+            row = co.tables.take_row()
+            commit_allocation(co, plan, row, request.num_tokens or 0)
+            seq = SequenceRecord(rid, row, co.tables, self._grow)
             self._seqs[rid] = seq
             self._after_change()
             return self._handle(seq)
 
-    def _grow(self, seq: _Sequence, num_tokens: int) -> None:
+    def _grow(self, seq: SequenceRecord, num_tokens: int) -> None:
         """What a managed block table's ``extend_sequence`` does."""
         self.extend(self._handle(seq), num_tokens)
 
-    def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
-        be, device = self._backend, self._config.device
-        src_i = be.index_array(np.asarray(src, dtype=np.int64), device)
-        dst_i = be.index_array(np.asarray(dst, dtype=np.int64), device)
-        for layer in self._layers:
-            be.copy_blocks(layer, src_i, dst_i)
-        self._filled[dst] = self._filled[src]
-        self._complete[dst] = self._complete[src]
-        self._cow += len(src)
+    # --- fork, deallocate -------------------------------------------------------------
 
-    # --- fork, deallocate -----------------------------------------------------------------
-
-    def fork(self, handle: PagedKvCacheHandle | str, new_request_id: str) -> PagedKvCacheHandle:
+    def fork(self, handle: Handle, new_request_id: str) -> PagedKvCacheHandle:
         """A copy-on-write child of ``handle`` under ``new_request_id`` (beam search,
         parallel sampling).  Costs O(blocks): no data is copied until one side writes
         into a shared block."""
@@ -281,55 +301,415 @@ class KvCacheManager(ExtendMixin, KvIOMixin, SwapMixin, IntrospectionMixin):
             raise ValueError(f"new_request_id must be a non-empty str, got {new_request_id!r}")
         with self._lock:
             parent = self._seq_of(handle, "fork")
-            self._require_data(parent, "fork")
+            self._require_resident(parent, "fork")
             if new_request_id in self._seqs:
                 raise DuplicateRequestError(f"request id {new_request_id!r} already has a "
                                             "live cache")
-            blocks = list(parent.table._blocks)
-            self._pool.incref(blocks)
-            row = self._take_row()
-            child = _Sequence(new_request_id, row, self._config.block_size, blocks,
-                              parent.table._length, self._grow)
-            self._written[row] = self._written[parent.row]
-            child.num_cached_tokens = parent.num_cached_tokens
-            child.hashing, child.parent_hash = parent.hashing, parent.parent_hash
-            child.num_hashed_blocks = parent.num_hashed_blocks
-            child.pending_tokens = list(parent.pending_tokens)
-            parent.private_from = child.private_from = len(blocks)
-            self._versions[parent.row] += 1  # its pending slots now point at shared blocks
+            co = self._co
+            t = co.tables
+            row = t.take_row()
+            t.copy_row(parent.row, row)
+            co.pool.acquire(t.row_blocks(row))
+            t.version[parent.row] += 1  # its reserved slots now point at shared blocks
+            co.counters.allocations += 1
+            co.epoch += 1
+            child = SequenceRecord(new_request_id, row, t, self._grow)
             self._seqs[new_request_id] = child
-            self._allocations += 1
             self._after_change()
             return self._handle(child)
 
-    def deallocate(self, handle: PagedKvCacheHandle | str) -> None:
+    def deallocate(self, handle: Handle) -> None:
         """End a request: every handle to it becomes invalid; its blocks return to the
         pool once no other table holds them (prefix-cached ones stay reusable until
         evicted)."""
         with self._lock:
-            if isinstance(handle, PagedKvCacheHandle):
-                seq = self._seq_of(handle, "deallocate")
+            self._check_open("deallocate")
+            if isinstance(handle, str) and handle not in self._seqs:
+                raise UnknownRequestError(f"deallocate: no live cache has request id "
+                                          f"{handle!r} (already deallocated?)")
+            seq = self._seq_of(handle, "deallocate")
+            co = self._co
+            t = co.tables
+            blocks = t.row_blocks(seq.row).copy()
+            if t.swapped[seq.row]:
+                co.swap.pool.free(blocks)  # type: ignore[union-attr]
             else:
-                if not isinstance(handle, str):
-                    raise TypeError(f"deallocate: expected a handle or a request id, got "
-                                    f"{type(handle).__name__}")
-                seq = self._seqs.get(handle)  # type: ignore[assignment]
-                if seq is None:
-                    raise UnknownRequestError(f"deallocate: no live cache has request id "
-                                              f"{handle!r} (already deallocated?)")
+                co.release(blocks)
             del self._seqs[seq.request_id]
             seq.valid = False
-            if seq.swap_blocks is not None:
-                self._swap_pool.free(seq.swap_blocks)  # type: ignore[union-attr]
-                seq.swap_blocks = None
-            else:
-                self._pool.free(seq.table._blocks)
-            self._release_row(seq.row)
+            t.release_row(seq.row)
+            co.epoch += 1
             self._after_change()
+
+    # --- extend, truncate -------------------------------------------------------------
+
+    def extend(self, handle: Handle, num_tokens: int, *,
+               token_ids: Sequence[int] | None = None) -> SlotMapping:
+        """Reserve room for ``num_tokens`` more tokens; returns their slots.
+
+        Pass ``token_ids`` to keep prefix-caching the blocks they fill.  A shared last
+        block is copied first (copy-on-write).  All or nothing: on
+        :class:`~kvcore.errors.OutOfBlocksError` nothing changed.
+        """
+        return self.extend_batch([handle], num_tokens,
+                                 token_ids=None if token_ids is None else [token_ids])
+
+    def extend_batch(self, handles: Sequence[Handle], num_tokens: int = 1, *,
+                     token_ids: Sequence[Sequence[int]] | None = None) -> SlotMapping:
+        """:meth:`extend` for many sequences at once (one decode step of a batch).
+
+        One :class:`SlotMapping` covers them all, sequences in the order given; the
+        whole step is a fixed number of array operations and, when blocks are
+        shared, one backend copy per layer, however many sequences it spans.
+        """
+        n = num_tokens if type(num_tokens) is int and num_tokens > 0 else \
+            _positive("num_tokens", num_tokens)
+        with self._lock:
+            self._check_open("extend")
+            co = self._co
+            last = self._last_batch
+            # A decode loop passes the same handles step after step: while nothing
+            # moved (same epoch), they are still live, resident and distinct, and no
+            # block they hold became shared, so the checks of the last step hold.
+            steady = (last is not None and last[0] == co.epoch
+                      and isinstance(handles, (list, tuple)) and len(last[1]) == len(handles)
+                      and all(map(operator.is_, handles, last[1])))
+            if steady:
+                rows, request_ids = last[2], last[3]  # type: ignore[index]
+            else:
+                seqs = self._batch(handles, "extend")
+                rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+                request_ids = tuple([s.request_id for s in seqs])
+            slots, starts = extend_rows(co, rows, n, token_ids, steady=steady)
+            mapping = SlotMapping(slots=slots, rows=rows, starts=starts, ends=starts + n,
+                                  versions=co.tables.version[rows], request_ids=request_ids,
+                                  owner=self._token)
+            if not steady or last[0] != co.epoch:  # type: ignore[index]
+                self._last_batch = (co.epoch, tuple(handles), rows, request_ids)
+            self._fast = prepare_fast_path(co, mapping, self._fast, checked=steady) \
+                if rows.size else None
+            self._after_change()
+            return mapping
+
+    def truncate(self, handle: Handle, num_tokens: int) -> None:
+        """Shorten a sequence to its first ``num_tokens`` tokens (speculative decoding
+        rolling back rejected draft tokens; transformers' ``Cache.crop``).
+
+        Blocks past the new end go back to the pool.  If the new last block is partly
+        used and shared with another sequence or held by the prefix cache, the sequence
+        gets its own copy first, so the tokens it writes next never change anyone
+        else's data.  All or nothing.
+        """
+        with self._lock:
+            seq = self._seq_of(handle, "truncate")
+            self._require_resident(seq, "truncate")
+            if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)):
+                raise TypeError(f"num_tokens must be an int, got {num_tokens!r}")
+            truncate_row(self._co, seq.row, seq.request_id, int(num_tokens))
+            self._after_change()
+
+    # --- writes and reads -------------------------------------------------------------
+
+    def write(self, handle: Handle, layer: int, key: Any, value: Any, *,
+              start: int | None = None) -> None:
+        """Write K/V of ``n = key.shape[0]`` tokens of one sequence into ``layer``.
+
+        They land at positions ``[start, start + n)``; by default the last ``n``
+        positions (what the last ``extend`` reserved).  ``key`` and ``value`` are
+        ``[n, num_kv_heads, head_dim]`` arrays of the cache's dtype and device, in the
+        backend's library or any library speaking DLPack.  Blocks shared with other
+        sequences, or served by the prefix cache, are copied first.
+        """
+        with self._lock:
+            seq = self._seq_of(handle, "write")
+            self._require_resident(seq, "write")
+            layer = self._check_layer(layer)
+            co = self._co
+            k, v, n = co.store.native_kv(key, value, None)
+            length = int(co.tables.length[seq.row])
+            if start is None:
+                start = length - n
+            if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
+                raise TypeError(f"start must be an int, got {start!r}")
+            if start < 0 or start + n > length:
+                raise CapacityError(f"writing {n} tokens at position {start} overruns the "
+                                    f"sequence of {length} tokens; extend it first")
+            write_range(co, seq.row, seq.request_id, layer, k, v, n, int(start), self._fast)
+
+    def write_slots(self, layer: int, slots: SlotMapping, key: Any, value: Any) -> None:
+        """Write K/V for every token of a :class:`SlotMapping` into ``layer``: one
+        backend call however many sequences the mapping spans (vLLM's
+        ``reshape_and_cache``).  ``key``/``value`` are ``[slots.num_tokens, heads, dim]``.
+        A mapping made by another manager, or stale, is refused with
+        :class:`~kvcore.errors.StaleSlotMappingError` before anything is written."""
+        with self._lock:
+            fast = self._fast
+            co = self._co
+            # The decode step's own mapping, first write of this layer, nothing moved
+            # since the step was checked, arrays exactly as the cache holds them.
+            if (fast is not None and slots is fast.mapping and fast.epoch == co.epoch
+                    and type(layer) is int and 0 <= layer < self._num_layers
+                    and fast.first[layer] and co.store.fast_kv(key, value, fast.tokens)):
+                co.store.scatter(layer, fast.index, key, value)
+                fast.first[layer] = False
+                fast.pending.append(layer)
+                return
+            if not isinstance(slots, SlotMapping):
+                raise TypeError(f"slots must be a SlotMapping from extend/extend_batch, got "
+                                f"{type(slots).__name__}")
+            self._check_open("write_slots")
+            if slots.owner is not self._token:
+                raise StaleSlotMappingError(f"the slot mapping of request(s) "
+                                            f"{list(slots.request_ids)} was made by a "
+                                            "different manager; this manager refuses it")
+            layer = self._check_layer(layer)
+            k, v, _ = co.store.native_kv(key, value, slots.num_tokens)
+            write_mapping(co, slots, layer, k, v, self._fast)
+
+    def _h_read(self, seq: SequenceRecord, layer: int, plane: int) -> TensorRef | None:
+        with self._lock:
+            self._settle()
+            self._require_resident(seq, "key_cache" if plane == 0 else "value_cache")
+            return read_layer(self._co, seq, self._check_layer(layer), plane)
+
+    def _h_read_pair(self, seq: SequenceRecord,
+                     layer: int) -> tuple[TensorRef, TensorRef] | None:
+        with self._lock:
+            key = self._h_read(seq, layer, 0)
+            return None if key is None else (key, self._h_read(seq, layer, 1))  # type: ignore[return-value]
+
+    def _h_num_written(self, seq: SequenceRecord, layer: int) -> int:
+        with self._lock:
+            self._settle()
+            self._h_require_live(seq, "num_written")
+            return int(self._co.tables.written[seq.row, self._check_layer(layer)])
+
+    def _h_lengths(self, seq: SequenceRecord) -> tuple[int, int, bool]:
+        """(tokens, cached tokens, swapped) of a live sequence."""
+        with self._lock:
+            self._h_require_live(seq, "num_tokens")
+            t = self._co.tables
+            return int(t.length[seq.row]), int(t.cached[seq.row]), bool(t.swapped[seq.row])
+
+    def _h_token_ids(self, seq: SequenceRecord) -> tuple[int, ...] | None:
+        with self._lock:
+            self._h_require_live(seq, "token_ids")
+            t = self._co.tables
+            n = int(t.length[seq.row])
+            if int(t.known[seq.row]) < n:
+                return None
+            return tuple(t.token_ids[seq.row, :n].tolist())
+
+    def _h_table(self, seq: SequenceRecord) -> BlockTable:
+        with self._lock:
+            self._h_require_live(seq, "block_table")
+            t = self._co.tables
+            return BlockTable(self.block_size, t.row_blocks(seq.row).tolist(),
+                              int(t.length[seq.row]))
+
+    def _h_live_table(self, seq: SequenceRecord) -> BlockTable:
+        self._h_require_live(seq, "block_table_mut")
+        return seq.table
+
+    def _h_stats(self, seq: SequenceRecord) -> CacheHandleStats:
+        with self._lock:
+            self._h_require_live(seq, "stats")
+            return intro.handle_stats(self._co, seq.row)
+
+    # --- swap ---------------------------------------------------------------------------
+
+    def swap_out(self, handle: Handle) -> None:
+        """Move a sequence's blocks to the swap pool (on ``config.swap_device``) and
+        release them here.  Its handles stay valid; data access waits for ``swap_in``."""
+        with self._lock:
+            co = self._co
+            swap = self._require_swap()
+            seq = self._seq_of(handle, "swap_out")
+            self._require_resident(seq, "swap_out")
+            t = co.tables
+            row = seq.row
+            if t.joined[row] and not co.store.complete[t.blocks[row, :t.joined[row]]].all():
+                raise PendingPrefixError(f"swap_out: request {seq.request_id!r} shares a prefix "
+                                         "whose prefill is still being written; swap it out "
+                                         "after that prefill")
+            blocks = t.row_blocks(row).copy()
+            if blocks.size > swap.pool.num_free:
+                co.counters.failures += 1
+                raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {blocks.size} "
+                                       f"swap blocks, {swap.pool.num_free} are free")
+            dst = swap.swap_out(co.store, blocks)
+            co.release(blocks)
+            t.blocks[row, :blocks.size] = dst
+            t.swapped[row] = True
+            self._moved(row)
+
+    def swap_in(self, handle: Handle) -> None:
+        """Bring a swapped-out sequence back into the main pool, bit-identical."""
+        with self._lock:
+            co = self._co
+            swap = self._require_swap()
+            seq = self._seq_of(handle, "swap_in")
+            t = co.tables
+            row = seq.row
+            if not t.swapped[row]:
+                raise CacheError(f"swap_in: request {seq.request_id!r} is not swapped out")
+            src = t.row_blocks(row).copy()
+            if src.size > co.pool.num_free:
+                co.counters.failures += 1
+                raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {src.size} "
+                                       f"blocks, {co.pool.num_free} are free")
+            dst = co.take(src.size, row)
+            try:
+                swap.swap_in(co.store, src, dst)
+            except BaseException:
+                co.release(dst)
+                raise
+            t.blocks[row, :src.size] = dst
+            t.swapped[row] = False
+            t.joined[row] = 0
+            # The copies are written wherever the sequence was written.
+            bs = self.block_size
+            ends = (np.arange(src.size) + 1) * bs
+            co.store.filled[dst] = ends[:, None] <= t.written[row][None, :]
+            co.store.complete[dst] = co.store.filled[dst].all(axis=1)
+            self._moved(row)
+
+    def _require_swap(self) -> Any:
+        self._check_open("swap")
+        if self._co.swap is None:
+            raise UnsupportedError("this manager has no swap pool: set CacheConfig.swap_blocks")
+        return self._co.swap
+
+    def _moved(self, row: int) -> None:
+        t = self._co.tables
+        t.hashing[row] = False  # blocks moved off the prefix cache: stop extending the chain
+        t.version[row] += 1
+        self._co.epoch += 1
+        self._after_change()
+
+    # --- the prefix cache ---------------------------------------------------------------
+
+    def gc(self) -> CacheGcStats:
+        """Drop the prefix cache of every block no sequence references, making them
+        plain free blocks.  Blocks in use are never touched."""
+        with self._lock:
+            self._check_open("gc")
+            stats = intro.collect_garbage(self._co)
+            self._after_change()
+            return stats
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every prefix-cache entry (after the model's weights change): blocks in
+        use stay valid for the sequences holding them but are never served to a new
+        request, and free cached blocks become empty.  Returns the entries dropped."""
+        with self._lock:
+            self._check_open("reset_prefix_cache")
+            dropped = intro.reset_prefix_cache(self._co)
+            self._after_change()
+            return dropped
+
+    # --- introspection ------------------------------------------------------------------
+
+    def _level(self) -> MemoryPressure:
+        return intro.pressure_level(self._co)
+
+    def pressure(self) -> MemoryPressure:
+        """The memory-pressure level now (fraction of blocks in use)."""
+        with self._lock:
+            self._check_open("pressure")
+            return self._level()
+
+    def _after_change(self) -> None:
+        used = self._co.pool.num_used
+        if used == self._used:  # the level depends on the blocks in use only
+            return
+        self._used = used
+        level = self._level()
+        if level is self._pressure:
+            return
+        self._pressure = level
+        if self._on_pressure is not None:
+            try:
+                self._on_pressure(level, intro.manager_stats(self._co, self._seqs))
+            except Exception as exc:  # noqa: BLE001 - a callback must not undo our work
+                warnings.warn(f"kvcore on_pressure callback {self._on_pressure!r} raised "
+                              f"{type(exc).__name__}: {exc}; the cache operation itself "
+                              "completed", RuntimeWarning, stacklevel=3)
+
+    def stats(self) -> CacheManagerStats:
+        with self._lock:
+            self._check_open("stats")
+            return intro.manager_stats(self._co, self._seqs)
+
+    def check_invariants(self) -> None:
+        """Raise :class:`~kvcore.errors.InvariantError` unless the parts agree: free +
+        cached + used == total, every refcount equals the number of tables holding
+        the block, no table holds a block twice, lengths fit, the prefix index and the
+        free lists agree."""
+        with self._lock:
+            self._check_open("check_invariants")
+            intro.check_invariants(self._co, self._seqs)
+
+    def _rows_of(self, handles: Sequence[Handle], op: str) -> np.ndarray:
+        seqs = [self._seq_of(h, op) for h in handles]
+        for seq in seqs:
+            self._require_resident(seq, op)
+        return np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+
+    def flashinfer_page_table(self, handles: Sequence[Handle]) -> FlashInferPageTable:
+        """The batch's pages as FlashInfer's ``indptr`` / ``indices`` / ``last_page_len``."""
+        with self._lock:
+            rows = self._rows_of(handles, "page table")
+            t = self._co.tables
+            return FlashInferPageTable.from_arrays(t.blocks[rows], t.num_blocks[rows],
+                                                   t.length[rows], self.block_size)
+
+    def vllm_block_table(self, handles: Sequence[Handle], *,
+                         pad_value: int = 0) -> VllmBlockTable:
+        """The batch's pages as vLLM's padded ``block_tables`` plus ``seq_lens``."""
+        with self._lock:
+            rows = self._rows_of(handles, "page table")
+            t = self._co.tables
+            return VllmBlockTable.from_arrays(t.blocks[rows], t.num_blocks[rows],
+                                              t.length[rows], self.block_size, pad_value)
+
+    def layer_pool(self, layer: int) -> TensorRef:
+        """The current pool of ``layer``: ``[2, num_blocks, block_size, heads, dim]`` (K
+        at index 0, V at 1), for attention kernels.  With a mutable backend it is shared
+        with the cache; with an immutable one (``mutable_pools=False``) it is the pool
+        as of now, and a later call gives the pool after later writes."""
+        with self._lock:
+            self._check_open("layer_pool")
+            return self._co.store.layer_pool(self._check_layer(layer))
 
     def __repr__(self) -> str:
         c = self._config
+        state = "closed" if self._closed else f"live={len(self._seqs)}"
         return (f"KvCacheManager(backend={self._backend.name!r}, layers={c.num_layers}, "
                 f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={c.dtype.value}, "
-                f"blocks={c.num_blocks}x{c.block_size}, device={c.device}, "
-                f"live={len(self._seqs)})")
+                f"blocks={c.num_blocks}x{c.block_size}, device={c.device}, {state})")
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _who_serves() -> str:
+    """Which installed backends place pools on which device types (for errors)."""
+    parts = []
+    for record in list_backends():
+        if not record.available:
+            parts.append(f"{record.name} (unavailable)")
+            continue
+        try:
+            types = get_backend(record.name).capabilities().device_types
+        except Exception as exc:  # noqa: BLE001 - only describing, for an error message
+            parts.append(f"{record.name} (unavailable: {type(exc).__name__})")
+            continue
+        parts.append(f"{record.name} ({', '.join(types)})")
+    listing = "; ".join(parts) if parts else "none"
+    return f"Installed backends and the device types they serve: {listing}"

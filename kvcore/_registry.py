@@ -15,6 +15,15 @@ Three levels of "is it there", each cheaper than the next:
 
 ``list_backends()`` reports level 2, ``list_backends(probe=True)`` level 3, and
 ``get_backend(name)`` requires level 3 and never falls back to another backend.
+
+Which backend ``get_backend()`` picks when no name is given (:data:`DEFAULT_RULE`):
+
+1. ``$KVCORE_BACKEND`` when it is set; a name there is treated exactly like a name in
+   code (no fallback), and its errors say that it came from the environment variable;
+2. else ``numpy`` when it is installed (it runs everywhere, so it is the default);
+3. else the only backend that can run here (``pip install "kvcore[torch]"`` alone
+   uses torch), found by probing the installed ones;
+4. else an error listing what is installed, what can run, and the extras to install.
 """
 
 from __future__ import annotations
@@ -32,8 +41,9 @@ import pluggy
 from . import _hookspecs
 from ._backend import KVCORE_API_VERSION, Backend
 from ._hookspecs import BackendSpec
-from .errors import (ApiVersionError, BackendUnavailableError, DuplicateBackendError,
-                     PluginLoadError, UnknownBackendError)
+from .errors import (ApiVersionError, BackendError, BackendUnavailableError,
+                     DuplicateBackendError, PluginLoadError, UnknownBackendError,
+                     UnsupportedError)
 
 __all__ = ["BackendRecord", "ENTRY_POINT_GROUP", "Registry", "get_backend",
            "list_backends", "register_backend", "unregister_backend", "refresh_backends"]
@@ -42,6 +52,9 @@ ENTRY_POINT_GROUP = "kvcore"
 DEFAULT_BACKEND = "numpy"
 ENV_BACKEND = "KVCORE_BACKEND"
 ENV_STRICT = "KVCORE_STRICT_PLUGINS"
+#: The default-selection rule in one sentence, for docstrings and error messages.
+DEFAULT_RULE = (f"${ENV_BACKEND} if set, else {DEFAULT_BACKEND!r} if installed, else the "
+                "only backend that can run here")
 #: Backends this project ships, and the extra that installs each.
 KNOWN_EXTRAS = {"numpy": "numpy", "torch": "torch", "cupy": "cupy"}
 _PROGRAMMATIC = "<registered in code>"
@@ -191,7 +204,8 @@ class Registry:
         """Make a backend selectable without an entry point (tests, notebooks)."""
         if isinstance(backend, type) and issubclass(backend, Backend):
             cls = backend
-            spec = BackendSpec(name=cls.name, load=lambda: cls, api_version=cls.api_version,
+            spec = BackendSpec(name=cls.name, load=lambda: cls,
+                               api_version=getattr(cls, "api_version", None),  # type: ignore[arg-type]
                                description=(cls.__doc__ or "").strip().split("\n")[0])
         elif isinstance(backend, BackendSpec):
             spec = backend
@@ -246,9 +260,14 @@ class Registry:
 
     @staticmethod
     def _static_problem(spec: BackendSpec) -> str | None:
+        if spec.api_version is None:
+            return (f"backend {spec.name!r} declares no api_version; set the class "
+                    f"attribute api_version = {KVCORE_API_VERSION} once it implements "
+                    "that contract")
         if spec.api_version != KVCORE_API_VERSION:
             return (f"backend {spec.name!r} was built for kvcore API version "
-                    f"{spec.api_version}, this kvcore provides {KVCORE_API_VERSION}")
+                    f"{spec.api_version}, this kvcore provides {KVCORE_API_VERSION}"
+                    f"{_migration_note(spec.api_version)}")
         for module in spec.requires:
             try:
                 found = importlib.util.find_spec(module) is not None
@@ -262,9 +281,32 @@ class Registry:
     # --- selection ----------------------------------------------------------------
 
     def get_backend(self, name: str | None = None) -> Backend:
-        """The backend called ``name``, else ``$KVCORE_BACKEND``, else ``numpy``."""
-        if name is None:
-            name = os.environ.get(ENV_BACKEND, "").strip() or DEFAULT_BACKEND
+        """The backend called ``name``; without a name, by :data:`DEFAULT_RULE`."""
+        if name is not None:
+            return self._select(name)
+        from_env = os.environ.get(ENV_BACKEND, "").strip()
+        if from_env:
+            try:
+                return self._select(from_env)
+            except BackendError as exc:
+                # Say where the name came from: the user may not remember exporting it.
+                raise type(exc)(f"{exc} (the name {from_env!r} came from the environment "
+                                f"variable {ENV_BACKEND}; change or unset it)") from exc
+        with self._lock:
+            installed = set(self._all_entries()) | {f.name for f in self._failures}
+            if DEFAULT_BACKEND in installed:  # a broken numpy plugin is reported, not skipped
+                return self._with_context(DEFAULT_BACKEND, "the default backend")
+            return self._only_usable()
+
+    def _with_context(self, name: str, why: str) -> Backend:
+        """Select ``name``, which the default rule chose; errors say so."""
+        try:
+            return self._select(name)
+        except BackendError as exc:
+            raise type(exc)(f"{exc} (no backend was named; {name!r} is {why} by the rule: "
+                            f"{DEFAULT_RULE})") from exc
+
+    def _select(self, name: str) -> Backend:
         with self._lock:
             cached = self._instances.get(name)
             if cached is not None:
@@ -275,9 +317,69 @@ class Registry:
             entry = self._check_unique(name)
             problem = self._static_problem(entry.spec)
             if problem is not None:
-                cls = ApiVersionError if "API version" in problem else BackendUnavailableError
+                version_ok = entry.spec.api_version == KVCORE_API_VERSION
+                cls = BackendUnavailableError if version_ok else ApiVersionError
                 raise cls(f"backend {name!r} is unavailable: {problem}")
             return self._load_usable(name, entry)
+
+    def _only_usable(self) -> Backend:
+        """No name, no ``$KVCORE_BACKEND`` and no numpy: the one backend that runs here.
+
+        Candidates are the backends whose plugin loaded and whose library is installed;
+        they are probed (their libraries imported) only when there is more than one,
+        so a single one costs no more than selecting it by name.  Several usable
+        backends are an error, never a guess."""
+        entries = self._all_entries()
+        candidates = sorted(n for n, e in entries.items()
+                            if len(e) == 1 and self._static_problem(e[0].spec) is None)
+        if len(candidates) == 1:
+            return self._with_context(candidates[0], "the only installed backend whose "
+                                      "library is present")
+        usable: list[str] = []
+        reasons = [r.reason for r in self.list_backends() if r.reason and r.name not in candidates]
+        for name in candidates:
+            try:
+                self._load_usable(name, entries[name][0])
+                usable.append(name)
+            except BackendError as exc:
+                reasons.append(str(exc))
+        if len(usable) == 1:
+            return self._select(usable[0])
+        installed = ", ".join(sorted(entries)) or "none"
+        if usable:
+            raise UnknownBackendError(
+                f"no backend was named and {DEFAULT_BACKEND!r} is not installed, but several "
+                f"backends can run here: {', '.join(usable)}; choose one with "
+                f"get_backend(name), KvCacheManager(..., backend=name) or ${ENV_BACKEND} "
+                f"(default rule: {DEFAULT_RULE})")
+        extras = ", ".join(f'pip install "kvcore[{x}]"' for x in KNOWN_EXTRAS.values())
+        why = "".join(f"; {reason}" for reason in reasons)
+        cls = BackendUnavailableError if entries or self._failures else UnknownBackendError
+        raise cls(f"no backend was named and none can run here (default rule: "
+                  f"{DEFAULT_RULE}); installed backends: {installed}{why}. "
+                  f"To get one: {extras}")
+
+    def backend_for_array(self, array: Any) -> Backend:
+        """The backend whose array library ``array`` belongs to (for generic code such
+        as :mod:`kvcore.attention` given a bare native array).  Prefers a backend
+        already in use, then one named after the library, then one requiring it."""
+        root = type(array).__module__.split(".", 1)[0]
+        with self._lock:
+            for backend in self._instances.values():
+                if backend.array_library == root:
+                    return backend
+            entries = self._all_entries()
+            names = sorted(entries, key=lambda n: (n != root, n))
+            for name in names:
+                spec = entries[name][0].spec
+                if name == root or root in spec.requires:
+                    try:
+                        return self.get_backend(name)
+                    except BackendUnavailableError:
+                        continue
+        raise UnsupportedError(f"no available kvcore backend serves {type(array).__module__}."
+                               f"{type(array).__name__} arrays; install or register one whose "
+                               "array library is " + repr(root))
 
     def _unknown(self, name: str) -> Exception:
         for failure in self._failures:
@@ -307,9 +409,15 @@ class Registry:
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
             raise BackendUnavailableError(f"backend {name!r}: {spec.load!r} is {cls!r}, "
                                           "not a kvcore.Backend subclass")
-        if cls.api_version != KVCORE_API_VERSION:
+        declared = getattr(cls, "api_version", None)
+        if declared is None:
+            raise ApiVersionError(f"backend {name!r}: {cls.__qualname__} declares no "
+                                  f"api_version; set the class attribute api_version = "
+                                  f"{KVCORE_API_VERSION} once it implements that contract")
+        if declared != KVCORE_API_VERSION:
             raise ApiVersionError(f"backend {name!r} was built for kvcore API version "
-                                  f"{cls.api_version}, this kvcore provides {KVCORE_API_VERSION}")
+                                  f"{declared}, this kvcore provides {KVCORE_API_VERSION}"
+                                  f"{_migration_note(declared)}")
         try:
             cls.probe()
             instance = cls()
@@ -320,6 +428,17 @@ class Registry:
                                           f"raised {_describe_exc(exc)}") from exc
         self._instances[name] = instance
         return instance
+
+
+#: Where the backend guide explains moving a backend to the current API version.
+MIGRATION_GUIDE = ("docs/writing-a-backend.md, section \"Migrating from API version 1\" "
+                   "(https://github.com/kvcore/kvcore/blob/main/docs/writing-a-backend.md)")
+
+
+def _migration_note(version: Any) -> str:
+    if isinstance(version, int) and version < KVCORE_API_VERSION:
+        return f"; to update the backend see {MIGRATION_GUIDE}"
+    return ""
 
 
 def _resolve(load: Any) -> Any:
@@ -347,14 +466,24 @@ def list_backends(*, probe: bool = False) -> list[BackendRecord]:
 
 
 def get_backend(name: str | None = None) -> Backend:
-    """Select a backend by name, else ``$KVCORE_BACKEND``, else ``"numpy"``.
+    """Select a backend by name; without one, by the default rule.
+
+    The default rule: ``$KVCORE_BACKEND`` if it is set (an error then names the
+    variable), else ``"numpy"`` if it is installed, else the only installed backend
+    that can run here, else an error listing what is installed and the
+    ``pip install "kvcore[...]"`` extras.
 
     Raises :class:`~kvcore.errors.UnknownBackendError` (listing what is installed and
     the ``pip install`` that would bring ``name``), or
-    :class:`~kvcore.errors.BackendUnavailableError` with the cause.  Never falls back
-    to a different backend.
+    :class:`~kvcore.errors.BackendUnavailableError` with the cause.  A name given in
+    code or in ``$KVCORE_BACKEND`` never falls back to a different backend.
     """
     return _REGISTRY.get_backend(name)
+
+
+def backend_for_array(array: Any) -> Backend:
+    """The available backend that owns arrays of ``array``'s library."""
+    return _REGISTRY.backend_for_array(array)
 
 
 def register_backend(backend: BackendSpec | type[Backend], *, replace_existing: bool = False) -> None:

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .errors import NotCopyableError
+
 if TYPE_CHECKING:
     from ._block_table import BlockTable
     from ._backend import Backend
@@ -37,6 +39,8 @@ class SlotMapping:
     #: Per sequence: the block-layout version the slots were computed against.
     versions: np.ndarray
     request_ids: tuple[str, ...]
+    #: The identity of the manager that made it; every other manager refuses it.
+    owner: object = field(default=None, repr=False)
     _native: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -45,6 +49,11 @@ class SlotMapping:
 
     def __len__(self) -> int:
         return self.num_tokens
+
+    def __reduce__(self) -> Any:
+        raise NotCopyableError("a SlotMapping belongs to the manager that made it and is "
+                               "not pickled; call extend/extend_batch in the process that "
+                               "writes")
 
     def native(self, backend: Backend, device: Device) -> Any:
         """The slots as ``backend``'s index array on ``device`` (cached)."""
@@ -80,6 +89,19 @@ class FlashInferPageTable:
         last = np.where(lengths > 0, (lengths - 1) % page_size + 1, 0).astype(np.int32)
         return cls(indptr, indices, last, page_size)
 
+    @classmethod
+    def from_arrays(cls, blocks: np.ndarray, num_blocks: np.ndarray, lengths: np.ndarray,
+                    page_size: int) -> FlashInferPageTable:
+        """From a ``[batch, width]`` block array (rows padded past ``num_blocks``)."""
+        counts = np.asarray(num_blocks, dtype=np.int32)
+        indptr = np.zeros(counts.size + 1, dtype=np.int32)
+        np.cumsum(counts, out=indptr[1:])
+        mask = np.arange(blocks.shape[1] if blocks.ndim == 2 else 0) < counts[:, None]
+        indices = blocks[mask].astype(np.int32)
+        lens = np.asarray(lengths, dtype=np.int32)
+        last = np.where(lens > 0, (lens - 1) % page_size + 1, 0).astype(np.int32)
+        return cls(indptr, indices, last, page_size)
+
 
 @dataclass(frozen=True)
 class VllmBlockTable:
@@ -100,3 +122,13 @@ class VllmBlockTable:
             out[i, :t.num_blocks] = t._blocks
         lengths = np.fromiter((t.sequence_length for t in tables), np.int32, len(tables))
         return cls(out, lengths, block_size, pad_value)
+
+    @classmethod
+    def from_arrays(cls, blocks: np.ndarray, num_blocks: np.ndarray, lengths: np.ndarray,
+                    block_size: int, pad_value: int = 0) -> VllmBlockTable:
+        """From a ``[batch, width]`` block array (rows padded past ``num_blocks``)."""
+        counts = np.asarray(num_blocks)
+        width = int(counts.max(initial=0))
+        out = blocks[:, :width].astype(np.int32)
+        out[np.arange(width) >= counts[:, None]] = pad_value
+        return cls(out, np.asarray(lengths, dtype=np.int32), block_size, pad_value)

@@ -1,85 +1,67 @@
-"""Swapping sequences between the main pool and the swap pool (another device)."""
+"""SwapSpace: a second pool on another device that sequences move to and back.
+
+``CacheConfig(swap_blocks=N, swap_device="cpu")`` gives a manager a swap pool of
+``N`` blocks per layer (pinned host memory when it serves a GPU pool).  Swapping out
+copies a sequence's blocks there in one backend call per step (``transfer_blocks_
+layers``); swapping in copies them into fresh main blocks.  Both are all or nothing:
+if the transfer fails, the blocks reserved for it are given back and the sequence is
+where it was.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from ._backend import Backend
 from ._block_pool import BlockPool
-from ._manager_state import ManagerState
-from ._sequence import _Sequence
-from .errors import CacheError, OutOfBlocksError, UnsupportedError
+from ._kv_store import KvStore, allocate_pools, release_pools
+from .errors import UnsupportedError
+from .models import CacheConfig
 
-if TYPE_CHECKING:
-    from ._paged_handle import PagedKvCacheHandle
-
-__all__ = ["SwapMixin"]
+__all__ = ["SwapSpace"]
 
 
-class SwapMixin(ManagerState):
-    """``swap_out`` / ``swap_in`` of :class:`~kvcore.KvCacheManager`."""
+class SwapSpace:
+    """The swap pool of one manager: block accounting and the swap-side pools."""
 
-    def _require_swap(self) -> BlockPool:
-        if self._swap_pool is None:
-            raise UnsupportedError("this manager has no swap pool: set CacheConfig.swap_blocks")
-        return self._swap_pool
+    def __init__(self, config: CacheConfig, backend: Backend) -> None:
+        c = config
+        if c.swap_device.type not in backend.capabilities().swap_device_types:
+            raise UnsupportedError(f"backend {backend.name!r} cannot swap to {c.swap_device}; "
+                                   "it swaps to "
+                                   f"{', '.join(backend.capabilities().swap_device_types)}")
+        self.config = config
+        self.backend = backend
+        self.pool = BlockPool(c.swap_blocks)
+        pinned = c.device.is_cuda and not c.swap_device.is_cuda
+        self.pools: list[Any] = allocate_pools(backend, c, c.swap_blocks, c.swap_device,
+                                               pinned=pinned)
 
-    def swap_out(self, handle: PagedKvCacheHandle | str) -> None:
-        """Move a sequence's blocks to the swap pool (on ``config.swap_device``) and
-        release them here.  Its handles stay valid; data access waits for ``swap_in``."""
-        with self._lock:
-            swap = self._require_swap()
-            seq = self._seq_of(handle, "swap_out")
-            self._require_data(seq, "swap_out")
-            blocks = seq.table._blocks
-            if len(blocks) > swap.num_free:
-                raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {len(blocks)} "
-                                       f"swap blocks, {swap.num_free} are free")
-            dst = swap.allocate(len(blocks))
-            self._transfer(self._layers, blocks, self._config.device,
-                           self._swap_layers, dst, self._config.swap_device)
-            self._pool.free(blocks)
-            seq.swap_blocks = dst
-            seq.table._blocks = list(dst)
-            self._moved(seq)
+    def swap_out(self, store: KvStore, blocks: np.ndarray) -> np.ndarray:
+        """Copy main ``blocks`` here; returns the swap blocks now holding them.  The
+        caller checked there is room."""
+        dst = self.pool.allocate(blocks.size)
+        be, c = self.backend, self.config
+        try:
+            self.pools = list(be.transfer_blocks_layers(
+                store.pools, store.index(blocks), self.pools,
+                be.index_array(dst, c.swap_device)))
+            be.synchronize(c.swap_device)
+        except BaseException:
+            self.pool.free(dst)
+            raise
+        return dst
 
-    def swap_in(self, handle: PagedKvCacheHandle | str) -> None:
-        """Bring a swapped-out sequence back into the main pool, bit-identical."""
-        with self._lock:
-            swap = self._require_swap()
-            seq = self._seq_of(handle, "swap_in")
-            if seq.swap_blocks is None:
-                raise CacheError(f"swap_in: request {seq.request_id!r} is not swapped out")
-            src = seq.swap_blocks
-            if len(src) > self._pool.num_free:
-                self._failures += 1
-                raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {len(src)} blocks, "
-                                       f"{self._pool.num_free} are free")
-            dst = self._take(len(src))
-            self._transfer(self._swap_layers, src, self._config.swap_device,
-                           self._layers, dst, self._config.device)
-            swap.free(src)
-            seq.swap_blocks = None
-            seq.table._blocks = list(dst)
-            seq.private_from = 0
-            self._moved(seq)
+    def swap_in(self, store: KvStore, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy swap blocks ``src`` into main blocks ``dst`` and release ``src``."""
+        be, c = self.backend, self.config
+        store.pools = list(be.transfer_blocks_layers(
+            self.pools, be.index_array(src, c.swap_device), store.pools, store.index(dst)))
+        be.synchronize(c.device)
+        self.pool.free(src)
 
-    def _moved(self, seq: _Sequence) -> None:
-        seq.blocks_changed()
-        seq.hashing = False  # blocks moved off the prefix cache: stop extending the chain
-        seq.pending_tokens = []
-        self._versions[seq.row] += 1
-        self._after_change()
-
-    def _transfer(self, src_layers: list[Any], src: list[int], src_device: Any,
-                  dst_layers: list[Any], dst: list[int], dst_device: Any) -> None:
-        if not src:
-            return
-        be = self._backend
-        src_i = be.index_array(np.asarray(src, dtype=np.int64), src_device)
-        dst_i = be.index_array(np.asarray(dst, dtype=np.int64), dst_device)
-        for s_layer, d_layer in zip(src_layers, dst_layers):
-            be.transfer_blocks(s_layer, src_i, d_layer, dst_i)
-        be.synchronize(dst_device)
-
+    def close(self) -> None:
+        pools, self.pools = self.pools, []
+        release_pools(self.backend, pools)

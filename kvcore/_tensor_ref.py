@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._device import Device, DType
 
-__all__ = ["TensorRef"]
+if TYPE_CHECKING:
+    from ._array_ops import ArrayOps
+
+
+class ArrayOpsSource(Protocol):
+    """What a TensorRef needs of the backend that made its array (a
+    :class:`~kvcore.Backend`): its array operations, for generic code."""
+
+    name: str
+
+    def array_ops(self) -> ArrayOps: ...
+
+
+__all__ = ["ArrayOpsSource", "TensorRef"]
 
 
 class TensorRef:
@@ -18,13 +31,20 @@ class TensorRef:
     the device allows.
     """
 
-    __slots__ = ("_native", "_shape", "_dtype", "_device")
+    __slots__ = ("_native", "_shape", "_dtype", "_device", "_backend")
 
-    def __init__(self, native: Any, shape: tuple[int, ...], dtype: DType, device: Device):
+    def __init__(self, native: Any, shape: tuple[int, ...], dtype: DType, device: Device,
+                 backend: ArrayOpsSource | None = None):
         self._native = native
         self._shape = tuple(int(s) for s in shape)
         self._dtype = DType.parse(dtype)
         self._device = Device.parse(device)
+        self._backend = backend
+
+    @property
+    def backend(self) -> ArrayOpsSource | None:
+        """The backend that made the array (``None`` when built by hand)."""
+        return self._backend
 
     @property
     def native(self) -> Any:

@@ -8,9 +8,9 @@ matmuls with a mask.  No kernels, no Python loop over tokens or sequences: it is
 correctness reference that fused kernels (FlashInfer, vLLM's paged attention) are
 checked against, and fast enough for tests, demos and small models.
 
-Array operations come from the library the arrays belong to, found in ``sys.modules``
-(an array of that library exists, so the library is imported already): importing this
-module never imports torch or cupy.
+Array operations come from the backend that owns the pool (:meth:`Backend.array_ops`):
+numpy, torch and cupy provide them, and so may any third-party backend.  Importing
+this module never imports torch or cupy.
 
 >>> pages = manager.vllm_block_table(handles)            # or flashinfer_page_table
 >>> out = paged_attention(query, manager.layer_pool(0), pages)   # query [B, Q, H, D]
@@ -19,15 +19,16 @@ module never imports torch or cupy.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._array_ops import ArrayOps
+from ._registry import backend_for_array
 from ._slot_mapping import FlashInferPageTable, VllmBlockTable
 from ._tensor_ref import TensorRef
-from .errors import ArrayMismatchError, ShapeMismatchError, UnsupportedError
+from .errors import ArrayMismatchError, ShapeMismatchError
 
 if TYPE_CHECKING:
     from ._manager import KvCacheManager
@@ -38,107 +39,18 @@ __all__ = ["PagedLayout", "gather_kv", "paged_attention"]
 Pages = Any  # PagedLayout | VllmBlockTable | FlashInferPageTable | array [batch, max_blocks]
 
 
-# --- array operations per library ---------------------------------------------------
-
-
-class _XpOps:
-    """numpy and cupy share one spelling of everything used here."""
-
-    def __init__(self, xp: Any) -> None:
-        self.xp = xp
-        self.name = xp.__name__
-
-    def from_host(self, host: np.ndarray, like: Any) -> Any:
-        if self.name == "numpy":
-            return host
-        with self.xp.cuda.Device(like.device.id):  # the pool's GPU, not the current one
-            return self.xp.asarray(host)
-
-    def take1(self, a: Any, index: Any) -> Any:
-        return self.xp.take(a, index, axis=1)
-
-    def float32(self, a: Any) -> Any:
-        return a.astype(self.xp.float32, copy=False)
-
-    def cast_like(self, a: Any, like: Any) -> Any:
-        return a.astype(like.dtype, copy=False)
-
-    def permute(self, a: Any, axes: tuple[int, ...]) -> Any:
-        return self.xp.transpose(a, axes)
-
-    def where(self, cond: Any, a: Any, b: Any) -> Any:
-        return self.xp.where(cond, a, b)
-
-    def amax(self, a: Any) -> Any:
-        return a.max(axis=-1, keepdims=True)
-
-    def sum(self, a: Any) -> Any:
-        return a.sum(axis=-1, keepdims=True)
-
-    def exp(self, a: Any) -> Any:
-        return self.xp.exp(a)
-
-    def isfinite(self, a: Any) -> Any:
-        return self.xp.isfinite(a)
-
-    def device_key(self, a: Any) -> str:
-        return "cpu" if self.name == "numpy" else f"cuda:{a.device.id}"
-
-
-class _TorchOps:
-    name = "torch"
-
-    def __init__(self, torch: Any) -> None:
-        self.torch = torch
-
-    def from_host(self, host: np.ndarray, like: Any) -> Any:
-        return self.torch.from_numpy(np.ascontiguousarray(host)).to(like.device)
-
-    def take1(self, a: Any, index: Any) -> Any:
-        return a.index_select(1, index)
-
-    def float32(self, a: Any) -> Any:
-        return a.float()
-
-    def cast_like(self, a: Any, like: Any) -> Any:
-        return a.to(like.dtype)
-
-    def permute(self, a: Any, axes: tuple[int, ...]) -> Any:
-        return a.permute(*axes)
-
-    def where(self, cond: Any, a: Any, b: Any) -> Any:
-        return self.torch.where(cond, a, b)
-
-    def amax(self, a: Any) -> Any:
-        return a.amax(dim=-1, keepdim=True)
-
-    def sum(self, a: Any) -> Any:
-        return a.sum(dim=-1, keepdim=True)
-
-    def exp(self, a: Any) -> Any:
-        return self.torch.exp(a)
-
-    def isfinite(self, a: Any) -> Any:
-        return self.torch.isfinite(a)
-
-    def device_key(self, a: Any) -> str:
-        return str(a.device)
-
-
 def _native(array: Any) -> Any:
     return array.native if isinstance(array, TensorRef) else array
 
 
-def _ops(array: Any) -> _XpOps | _TorchOps:
-    """The operations of the library ``array`` belongs to, without importing anything."""
-    root = type(array).__module__.split(".", 1)[0]
-    module = sys.modules.get(root)
-    if root == "torch" and module is not None:
-        return _TorchOps(module)
-    if root in ("numpy", "cupy") and module is not None:
-        return _XpOps(module)
-    raise UnsupportedError(f"paged attention supports numpy, torch and cupy arrays, got a "
-                           f"{type(array).__module__}.{type(array).__name__}")
+def _ops(array: Any) -> ArrayOps:
+    """The array operations of the backend owning ``array``: the backend a
+    :class:`TensorRef` names, else the available backend of the array's library
+    (found without importing any library that is not imported already)."""
+    backend = array.backend if isinstance(array, TensorRef) else None
+    if backend is None:
+        backend = backend_for_array(_native(array))
+    return backend.array_ops()
 
 
 # --- where a batch's tokens are ------------------------------------------------------
@@ -151,7 +63,9 @@ class PagedLayout:
     at column 0 (``left_padded=False``) or ending at the last column
     (``left_padded=True``, the layout Hugging Face ``generate`` uses).  ``valid`` marks
     the columns that hold a token.  Build one per batch step and reuse it for every
-    layer: the device copies of the indices are made once per library and device.
+    layer: the device copies of the indices and of the attention mask are made once
+    per library, device and stream (through pinned memory, without blocking the
+    host, on torch and cupy), not once per layer.
     """
 
     def __init__(self, block_tables: Any, seq_lens: Any, block_size: int, *,
@@ -194,6 +108,7 @@ class PagedLayout:
         self.left_padded = left_padded
         self.max_block = int(blocks[valid].max(initial=-1))
         self._native: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._masks: dict[tuple[Any, ...], Any] = {}
 
     @property
     def batch_size(self) -> int:
@@ -225,16 +140,36 @@ class PagedLayout:
         return cls.from_pages(manager.vllm_block_table(handles), width=width,
                               left_padded=left_padded)
 
-    def native(self, like: Any) -> tuple[Any, Any]:
+    def native(self, like: Any, ops: ArrayOps | None = None) -> tuple[Any, Any]:
         """``(slots, valid)`` as arrays of ``like``'s library on ``like``'s device:
         ``slots`` flattened to ``[batch * width]``, ``valid`` as ``[batch, width]``."""
-        ops = _ops(like)
+        ops = _ops(like) if ops is None else ops
         key = (ops.name, ops.device_key(like))
         cached = self._native.get(key)
         if cached is None:  # slots flattened: gathers take one index axis
             cached = (ops.from_host(self.slots.reshape(-1), like),
                       ops.from_host(self.valid, like))
             self._native[key] = cached
+        return cached
+
+    def mask(self, like: Any, ops: ArrayOps, q_len: int, query_lens: np.ndarray,
+             causal: bool) -> Any:
+        """The attention mask ``[batch, 1, 1, q_len, width]`` (True where query ``j``
+        of sequence ``i`` may read key ``t``) on ``like``'s device, made once per
+        query shape and reused for every layer: a host -> device copy per layer would
+        cost a launch each, and a blocking one on libraries that copy synchronously."""
+        key = (ops.name, ops.device_key(like), q_len, causal, query_lens.tobytes())
+        cached = self._masks.get(key)
+        if cached is None:
+            lens = self.seq_lens
+            t = np.arange(self.width)[None, None, :]
+            j = np.arange(q_len)[None, :, None]
+            qpos = (lens - query_lens)[:, None, None] + j
+            allowed = (t < lens[:, None, None]) & (j < query_lens[:, None, None])
+            if causal:
+                allowed = allowed & (t <= qpos)
+            cached = ops.from_host(allowed[:, None, None, :, :], like)
+            self._masks[key] = cached
         return cached
 
 
@@ -275,16 +210,17 @@ def gather_kv(kv_pool: Any, pages: Pages, seq_lens: Any = None, *,
     however many sequences the batch holds.
     """
     pool = _native(kv_pool)
-    ops = _ops(pool)
+    ops = _ops(kv_pool)
     block_size = int(pool.shape[2]) if len(pool.shape) == 5 else None
     layout = PagedLayout.from_pages(pages, seq_lens, block_size=block_size, width=width,
                                     left_padded=left_padded)
     rows, heads, dim = _check_pool(pool, layout)
-    slots, valid = layout.native(pool)
-    # K and V in one gather along the slot axis of [2, slots, heads, dim].
-    both = ops.take1(pool.reshape(2, rows, heads, dim), slots)
-    both = both.reshape(2, layout.batch_size, layout.width, heads, dim)
-    both = ops.cast_like(ops.where(valid[None, :, :, None, None], both, 0), pool)
+    with ops.device_scope(pool):  # cupy launches on the current device: make it the pool's
+        slots, valid = layout.native(pool, ops)
+        # K and V in one gather along the slot axis of [2, slots, heads, dim].
+        both = ops.take1(pool.reshape(2, rows, heads, dim), slots)
+        both = both.reshape(2, layout.batch_size, layout.width, heads, dim)
+        both = ops.cast_like(ops.where(valid[None, :, :, None, None], both, 0), pool)
     return both[0], both[1]
 
 
@@ -308,10 +244,14 @@ def paged_attention(query: Any, kv_pool: Any, pages: Pages, seq_lens: Any = None
     """
     q = _native(query)
     pool = _native(kv_pool)
-    ops = _ops(q)
-    if _ops(pool).name != ops.name:
-        raise ArrayMismatchError(f"query is a {ops.name} array but kv_pool is a "
-                                 f"{_ops(pool).name} array; use one library for both")
+    ops = _ops(kv_pool)
+    q_library = type(q).__module__.split(".", 1)[0]
+    if not hasattr(q, "shape"):
+        raise TypeError(f"query must be a {ops.name} array like the pool, got "
+                        f"{type(q).__name__}")
+    if q_library != ops.name:
+        raise ArrayMismatchError(f"query is a {q_library} array but kv_pool is a "
+                                 f"{ops.name} array; use one library for both")
     if len(q.shape) != 4:
         raise ShapeMismatchError(f"query has shape {list(q.shape)}, expected [batch, q_len, "
                                  "num_heads, head_dim]")
@@ -339,19 +279,17 @@ def paged_attention(query: Any, kv_pool: Any, pages: Pages, seq_lens: Any = None
                                  f"{int(lens[i])} tokens in the cache; write the new tokens' "
                                  "K/V before attending")
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    with ops.device_scope(pool):  # every launch below on the pool's device
+        return _attend(ops, q, kv_pool, layout, qlens, causal, scale, kv_heads)
+
+
+def _attend(ops: ArrayOps, q: Any, kv_pool: Any, layout: PagedLayout, qlens: np.ndarray,
+            causal: bool, scale: float, kv_heads: int) -> Any:
+    batch, q_len, heads, dim = (int(s) for s in q.shape)
     groups = heads // kv_heads
     width = layout.width
-
-    # The mask on the host: [batch, q_len, width], True where query j may read key t.
-    t = np.arange(width)[None, None, :]
-    j = np.arange(q_len)[None, :, None]
-    qpos = (lens - qlens)[:, None, None] + j
-    allowed = (t < lens[:, None, None]) & (j < qlens[:, None, None])
-    if causal:
-        allowed = allowed & (t <= qpos)
-    mask = ops.from_host(allowed[:, None, None, :, :], q)        # [B, 1, 1, Q, T]
-
-    key, value = gather_kv(pool, layout)                        # [B, T, Hkv, D]
+    mask = layout.mask(q, ops, q_len, qlens, causal)              # [B, 1, 1, Q, T]
+    key, value = gather_kv(kv_pool, layout)                        # [B, T, Hkv, D]
     qf = ops.float32(q).reshape(batch, q_len, kv_heads, groups, dim)
     qf = ops.permute(qf, (0, 2, 3, 1, 4)).reshape(batch, kv_heads, groups * q_len, dim)
     kf = ops.permute(ops.float32(key), (0, 2, 3, 1))            # [B, Hkv, D, T]

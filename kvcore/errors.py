@@ -22,6 +22,7 @@ __all__ = [
     "ApiVersionError",
     "CacheError",
     "OutOfBlocksError",
+    "PoolAllocationError",
     "InvalidHandleError",
     "HandleSwappedError",
     "UnknownRequestError",
@@ -36,6 +37,9 @@ __all__ = [
     "WriteOrderError",
     "StaleSlotMappingError",
     "InvariantError",
+    "ManagerClosedError",
+    "PendingPrefixError",
+    "NotCopyableError",
     "StoreError",
     "UnknownStoreError",
     "DuplicateStoreError",
@@ -157,6 +161,26 @@ class StaleSlotMappingError(CacheError):
 
 class InvariantError(CacheError, AssertionError):
     """:meth:`KvCacheManager.check_invariants` found the pool inconsistent (a bug)."""
+
+
+class PoolAllocationError(CacheError, MemoryError):
+    """A backend could not allocate a pool of the requested size (the message names
+    the bytes asked for); nothing was created."""
+
+
+class ManagerClosedError(CacheError):
+    """The manager was closed (:meth:`KvCacheManager.close`); its pools are released
+    and every handle is invalid."""
+
+
+class PendingPrefixError(CacheError):
+    """A sequence shares prefix blocks whose prefill (by another sequence) has not
+    yet written the layer being read."""
+
+
+class NotCopyableError(CacheError, TypeError):
+    """The object refers to live cache state and cannot be copied or pickled; the
+    message names what to use instead (fork, save)."""
 
 
 # --- stores (sharing blocks beyond one process) ------------------------------------

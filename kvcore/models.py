@@ -11,9 +11,11 @@ import enum
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt,
-                      PlainSerializer, PositiveInt, model_validator)
+import numpy as np
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool,
+                      model_validator)
 
+from ._chain_hash import token_array
 from ._device import Device, DType
 
 __all__ = [
@@ -29,6 +31,33 @@ __all__ = [
 
 DeviceField = Annotated[Device, BeforeValidator(Device.parse), PlainSerializer(str, return_type=str)]
 DTypeField = Annotated[DType, BeforeValidator(DType.parse), PlainSerializer(str, return_type=str)]
+
+
+def _strict_int(value: Any) -> Any:
+    """Counts are ints: refuse bools (``True`` is not 1 block), floats and strings
+    instead of letting them pass as numbers; accept numpy integers."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"expected an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _strict_float(value: Any) -> Any:
+    """Fractions are numbers: refuse bools and strings."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"expected a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _token_ids(value: Any) -> Any:
+    if value is None:
+        return None
+    return tuple(token_array(value, "prompt_token_ids").tolist())
+
+
+PositiveInt = Annotated[int, BeforeValidator(_strict_int), Field(gt=0)]
+NonNegativeInt = Annotated[int, BeforeValidator(_strict_int), Field(ge=0)]
+TokenIds = Annotated[tuple[int, ...] | None, BeforeValidator(_token_ids)]
+Fraction = Annotated[float, BeforeValidator(_strict_float), Field(gt=0, le=1)]
 
 
 class _Record(BaseModel):
@@ -62,16 +91,18 @@ class CacheConfig(_Record):
     block_size: PositiveInt = 16
     num_blocks: PositiveInt
     device: DeviceField = Device("cpu")
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: StrictBool = True
     #: Blocks in the swap pool (0: no swapping).  The swap pool lives on ``swap_device``.
     swap_blocks: NonNegativeInt = 0
     swap_device: DeviceField = Device("cpu")
     #: Fractions of the pool in use (not free, not evictable) at which pressure rises.
-    pressure_medium: float = Field(0.70, gt=0, le=1)
-    pressure_high: float = Field(0.85, gt=0, le=1)
-    pressure_critical: float = Field(0.95, gt=0, le=1)
-    #: Seed of the root of the prefix-hash chain.
-    hash_seed: int = 0
+    pressure_medium: Fraction = 0.70
+    pressure_high: Fraction = 0.85
+    pressure_critical: Fraction = 0.95
+    #: Secret of the in-process prefix-cache keys.  ``None`` (the default) draws a
+    #: random one per manager, so nothing outside the process can aim at the keys;
+    #: hits are verified exactly either way (a key collision costs a miss, never data).
+    hash_seed: Annotated[int, BeforeValidator(_strict_int)] | None = None
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> CacheConfig:
@@ -130,14 +161,28 @@ class AllocationRequest(_Record):
     """Ask for a cache for one sequence.
 
     Give ``num_tokens`` for room without prefix caching, or ``prompt_token_ids`` to let
-    full prompt blocks be shared with earlier sequences that had the same prefix (and
-    the same ``extra_key``, for example a model or LoRA adapter id).
+    full prompt blocks be shared with earlier sequences that had the same prefix.
+
+    ``extra_key`` is the *salt* (vLLM and TensorRT-LLM call it ``cache_salt``): blocks
+    are shared only between requests with the same salt, so give every tenant (or
+    model, or LoRA adapter) its own.
+
+    By default a prompt hit never covers the block holding the last prompt token, so
+    an engine always computes at least one token and gets its logits (vLLM's rule);
+    ``allow_full_hit=True`` lets a fully cached prompt be served entirely (callers
+    that only want storage).  ``join_pending=True`` also shares blocks whose prefill
+    is still in flight, for requests admitted in the same step as the one computing
+    them: the caller promises that the writer's K/V reach each layer before this
+    request reads that layer (true within one batched forward pass); a read that
+    would break the promise raises :class:`~kvcore.errors.PendingPrefixError`.
     """
 
     request_id: str = Field(min_length=1)
     num_tokens: NonNegativeInt | None = None
-    prompt_token_ids: tuple[int, ...] | None = None
+    prompt_token_ids: TokenIds = None
     extra_key: str | None = None
+    allow_full_hit: StrictBool = False
+    join_pending: StrictBool = False
 
     @model_validator(mode="after")
     def _length_consistent(self) -> AllocationRequest:
@@ -180,9 +225,14 @@ class CacheManagerStats(_Record):
     swapped_caches: NonNegativeInt = 0
     swap_total_blocks: NonNegativeInt = 0
     swap_free_blocks: NonNegativeInt = 0
+    #: Full prompt blocks looked up in the prefix cache, and blocks served from it.
     prefix_cache_queries: NonNegativeInt = 0
     prefix_cache_hits: NonNegativeInt = 0
     prefix_cache_hit_rate: float = Field(0.0, ge=0.0, le=1.0)
+    #: The same in tokens, as vLLM reports them: prompt tokens of requests allocated
+    #: with token ids, and prompt tokens served from the cache.
+    prefix_cache_query_tokens: NonNegativeInt = 0
+    prefix_cache_hit_tokens: NonNegativeInt = 0
     evictions: NonNegativeInt = 0
     allocations: NonNegativeInt = 0
     allocation_failures: NonNegativeInt = 0

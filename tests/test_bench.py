@@ -44,7 +44,8 @@ def test_append_and_read_report_rates_against_dense_baselines(capsys, backend):
         _positive(append[name])
     step = append["decode_step_s"]
     assert step["ratio"] == pytest.approx(step["value"] / step["baseline"])
-    assert step["target"] and isinstance(step["met"], bool)
+    assert step["target"] and step["met"] is None  # --quick passes no verdict
+    assert doc["targets_judged"] is False and doc["all_targets_met"] is None
     read = _figures(doc, "read", backend)
     _positive(read["read_GBps"])
     assert "copy" in read["read_GBps"]["baseline_label"]
@@ -69,7 +70,7 @@ def test_fork_copies_exactly_one_block_per_child(capsys, backend):
     doc = _bench(capsys, "-w", "fork", "-b", backend)
     figs = _figures(doc, "fork", backend)
     assert figs["blocks_copied_per_child"]["value"] == 1
-    assert figs["blocks_copied_per_child"]["met"] is True
+    assert figs["blocks_copied_per_child"]["met"] is None  # --quick passes no verdict
     assert figs["bytes_copied_per_child"]["value"] < figs["bytes_copied_per_child"]["baseline"]
     _positive(figs["fork_and_write_s_per_child"])
 
@@ -123,3 +124,20 @@ def test_generate_reports_tokens_per_second_against_dynamic_cache(capsys, backen
     fig = _figures(doc, "generate", backend)["generate_tokens_per_s"]
     _positive(fig)
     assert "DynamicCache" in fig["baseline_label"]
+
+
+def test_workloads_reach_verdicts_that_only_quick_runs_withhold():
+    # The verdicts are computed by the workloads; --quick only hides them.
+    from kvcore import get_backend
+    from kvcore.bench import QUICK
+    from kvcore.bench._append import run_append_read
+    from kvcore.bench._fork import run_fork
+    from kvcore.bench._timing import Progress
+
+    quiet = Progress(enabled=False)
+    fork = {f.name: f for f in run_fork(get_backend("numpy"), QUICK, quiet).figures}
+    assert fork["blocks_copied_per_child"].met is True
+    [append] = run_append_read(get_backend("numpy"), QUICK, want_append=True,
+                               want_read=False, progress=quiet)
+    step = {f.name: f for f in append.figures}["decode_step_s"]
+    assert isinstance(step.met, bool) and step.met == (step.ratio <= 1.5)

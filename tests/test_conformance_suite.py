@@ -118,7 +118,7 @@ def test_report_header_names_backend_distribution_api_and_capabilities(
     result = pytester.runpytest(*SUITE, "--kv-backend", "numpy", "--collect-only")
     result.stdout.fnmatch_lines([
         ("kvcore backend 'numpy' (kv_numpy._backend.NumpyBackend) from kvcore-numpy 0.1.0; "
-         "array library 'numpy'; API version 1 (kvcore * provides 1)"),
+         "array library 'numpy'; API version 2 (kvcore * provides 2)"),
         ("  declared capabilities: devices=cpu dtypes=float16,float32 swap_to=cpu dlpack=yes "
          "pinned_memory=no unsupported: bfloat16 (numpy has no bfloat16 dtype)"),
         "  suite: kvcore-conformance * at *"])

@@ -91,7 +91,7 @@ def test_missing_cupy_names_the_package_to_install() -> None:
     assert got["available"] is False and got["numpy"] is True
     for text in (got["reason"], got["error"]):
         assert "library 'cupy' is not installed" in text
-        assert 'pip install "kvcore-cupy[cuda12]"' in text and "[cuda11]" in text
+        assert 'pip install "kvcore-cupy[cuda12]"' in text and "[cuda13]" in text
 
 
 @needs_cupy
@@ -172,7 +172,7 @@ def test_host_swap_pool_paths(dtype: DType) -> None:
     want[:, [2, 0]] = want[:, [1, 2]]
     np.testing.assert_array_equal(dst, want)
     k = rng.standard_normal((2, 2, 3)).astype(dtype.value)
-    be.scatter(dst, be.index_array(np.array([11, 3]), CPU), k, -k)
+    dst = be.scatter(dst, be.index_array(np.array([11, 3]), CPU), (k, -k))
     np.testing.assert_array_equal(be.gather(dst, 1, be.index_array(np.array([3, 11]), CPU)),
                                   -k[::-1])
 
@@ -214,7 +214,7 @@ def test_gpu_operations_match_numpy(dtype: DType) -> None:
     ref = np.zeros((2, 24, 2, 3), dtype.value)
     slots = np.array([5, 0, 23, 9], np.int64)
     k = rng.standard_normal((4, 2, 3)).astype(dtype.value)
-    be.scatter(layer, be.index_array(slots, GPU), cupy.asarray(k), cupy.asarray(-k))
+    layer = be.scatter(layer, be.index_array(slots, GPU), (cupy.asarray(k), cupy.asarray(-k)))
     ref[0, slots], ref[1, slots] = k, -k
     np.testing.assert_array_equal(be.to_numpy(layer).reshape(2, 24, 2, 3), ref)
     got = be.gather(layer, 1, be.index_array(slots[::-1].copy(), GPU))

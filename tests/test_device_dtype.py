@@ -14,10 +14,35 @@ def test_parse_accepts_torch_spellings(text, want):
     assert Device.parse(text) == want
 
 
-@pytest.mark.parametrize("bad", ["gpu", "cuda:-1", "cpu:1", "cuda:x", ""])
-def test_parse_rejects_other_strings_naming_them(bad):
+@pytest.mark.parametrize("bad", ["cuda:-1", "cpu:1", "cuda:x", "", "Cuda 1", "9pu", "cuda:1:2"])
+def test_parse_rejects_malformed_strings_naming_them(bad):
     with pytest.raises(ValueError, match="device"):
         Device.parse(bad)
+
+
+@pytest.mark.parametrize("text, kind, index", [("cuda:1", "cuda", 1), ("mps", "mps", 0),
+                                               ("tpu:3", "tpu", 3), ("xla", "xla", 0),
+                                               ("rocm:2", "rocm", 2)])
+def test_the_constructor_takes_any_type_and_index_string(text, kind, index):
+    device = Device(text)
+    assert (device.type, device.index) == (kind, index)
+    assert Device(kind, index) == device and Device.parse(str(device)) == device
+
+
+def test_a_string_index_and_an_index_argument_must_agree():
+    assert Device("cuda:1", 1) == Device("cuda", 1)
+    with pytest.raises(ValueError, match="names index 1 but index=2"):
+        Device("cuda:1", 2)
+    with pytest.raises(TypeError, match="device type must be a str"):
+        Device(3)  # type: ignore[arg-type]
+
+
+def test_dlpack_numbers_cover_the_common_device_types():
+    assert Device("mps").dlpack_device() == (8, 0)
+    assert Device("rocm:1").dlpack_device() == (10, 1)
+    assert Device.from_dlpack(2, 3) == Device("cuda:3")
+    with pytest.raises(ValueError, match="'tpu' has no DLPack device number"):
+        Device("tpu").dlpack_device()
 
 
 def test_str_round_trips_and_dlpack_pair():

@@ -14,7 +14,18 @@ from kvcore import AllocationRequest, KvCacheManager, MemoryPressure
 from kvcore.errors import CacheError, HandleSwappedError, OutOfBlocksError, UnsupportedError
 
 from .conftest import kv
-from .test_manager import assert_same, fill, req, snapshot
+from .test_manager import assert_same, fill, snapshot
+from .test_manager import req as plain_req
+
+
+def req(rid: str, n: int | None = None, tokens: list[int] | None = None,
+        **kw) -> AllocationRequest:
+    """Most tests here are about storage-level sharing, so a whole cached prompt may be
+    served (``allow_full_hit``); the default rule, which always leaves the last prompt
+    token to compute, has tests of its own (tests/test_prefix_rules.py)."""
+    if tokens is not None:
+        kw.setdefault("allow_full_hit", True)
+    return plain_req(rid, n, tokens, **kw)
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -161,7 +172,7 @@ def test_extra_key_keeps_caches_of_different_models_apart(manager):
 
 
 def test_a_hash_collision_never_returns_someone_elses_blocks(manager, monkeypatch):
-    from kvcore._prefix_cache import ChainHasher
+    from kvcore._chain_hash import ChainHasher
     monkeypatch.setattr(ChainHasher, "keys",  # every block of every prompt collides
                         lambda self, blocks, parent: np.full(len(blocks), 42, np.uint64))
     filled(manager, "a", prompt(8, seed=1))
@@ -451,7 +462,7 @@ def test_the_prefix_index_stays_consistent_through_many_evictions(config):
         mgr.deallocate(h)
         mgr.check_invariants()
     assert mgr.allocate(req("again", tokens=shared)).num_cached_tokens() == 8
-    assert len(mgr._pool._by_hash) <= 4 * 16 + 2
+    assert len(mgr._co.index) <= 16  # evicted blocks leave no entry behind
     mgr.check_invariants()
 
 

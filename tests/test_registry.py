@@ -281,3 +281,142 @@ def test_the_global_registry_lists_the_numpy_backend_with_its_distribution():
     record = by_name(kvcore.list_backends())["numpy"]
     assert record.distribution == "kvcore-numpy" and record.available
     assert kvcore.get_backend("numpy").name == "numpy"
+
+
+# --- the default rule: $KVCORE_BACKEND, else numpy, else the only one that runs ---------
+
+GPU_PROBE_FAILS = ("@classmethod\n        def probe(cls):\n"
+                   "            raise BackendUnavailableError('cudaErrorNoDevice: no CUDA GPU')")
+
+
+def _fakes(site, *specs: tuple[str, str]) -> None:
+    """Install fake backends: ``(name, body)``; an empty body is a working backend."""
+    for name, body in specs:
+        cls = name.capitalize() + "Backend"
+        site(f"kvcore-{name}", "1.0", {name: f"{name}_plugin"},
+             {f"{name}_plugin": plugin(name, f"{name}_backend:{cls}"),
+              f"{name}_backend": backend(cls, name, body or "pass")})
+
+
+def _only(reg: Registry, *names: str) -> Registry:
+    """Make ``reg`` see only the backends ``names``, as on a machine where only their
+    distributions are installed."""
+    reg._discover()
+    reg._entries = {n: e for n, e in reg._entries.items() if n in names}
+    reg._failures = [f for f in reg._failures if f.name in names]
+    return reg
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    monkeypatch.delenv("KVCORE_BACKEND", raising=False)
+
+
+def test_numpy_is_the_default_whenever_it_is_installed(site, no_env):
+    _fakes(site, ("alpha", ""))
+    assert _only(Registry(), "numpy", "alpha").get_backend().name == "numpy"
+
+
+def test_without_numpy_the_only_installed_backend_is_the_default(site, no_env):
+    _fakes(site, ("alpha", ""))
+    assert _only(Registry(), "alpha").get_backend().name == "alpha"
+
+
+def test_only_torch_installed_makes_the_manager_use_torch(no_env, monkeypatch):
+    pytest.importorskip("torch")
+    import kvcore._registry as registry_module
+    # What `pip install "kvcore[torch]"` alone gives: kvcore-torch, no kvcore-numpy.
+    monkeypatch.setattr(registry_module, "_REGISTRY", _only(Registry(), "torch"))
+    assert kvcore.get_backend().name == "torch"
+    cfg = kvcore.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32",
+                             block_size=4, num_blocks=4)
+    assert kvcore.KvCacheManager(cfg).backend.name == "torch"
+
+
+def test_without_numpy_the_only_backend_that_runs_is_found_by_probing(site, no_env):
+    # A GPU backend whose library is installed but that cannot run (no GPU) is skipped.
+    _fakes(site, ("alpha", ""), ("gpu", GPU_PROBE_FAILS))
+    assert _only(Registry(), "alpha", "gpu").get_backend().name == "alpha"
+
+
+def test_several_runnable_backends_without_numpy_is_an_error_not_a_guess(site, no_env):
+    _fakes(site, ("alpha", ""), ("beta", ""))
+    with pytest.raises(UnknownBackendError) as info:
+        _only(Registry(), "alpha", "beta").get_backend()
+    message = str(info.value)
+    assert "several backends can run here: alpha, beta" in message
+    assert "KVCORE_BACKEND" in message and "'numpy' is not installed" in message
+
+
+def test_the_only_backend_failing_its_probe_says_it_was_chosen_by_default(site, no_env):
+    _fakes(site, ("gpu", GPU_PROBE_FAILS))
+    with pytest.raises(BackendUnavailableError) as info:
+        _only(Registry(), "gpu").get_backend()
+    message = str(info.value)
+    assert "cudaErrorNoDevice: no CUDA GPU" in message
+    assert "no backend was named; 'gpu' is the only installed backend" in message
+
+
+def test_no_backend_installed_lists_none_and_the_extras(no_env):
+    with pytest.raises(UnknownBackendError) as info:
+        _only(Registry()).get_backend()
+    message = str(info.value)
+    assert "installed backends: none" in message
+    for extra in ("numpy", "torch", "cupy"):
+        assert f'pip install "kvcore[{extra}]"' in message
+
+
+def test_installed_backends_that_cannot_run_are_listed_with_their_reasons(site, no_env):
+    _fakes(site, ("gpu", GPU_PROBE_FAILS), ("beta", GPU_PROBE_FAILS))
+    site("kvcore-needs", "1.0", {"needs": "needs_plugin"},
+         {"needs_plugin": plugin("needs", "needs_backend:X", requires=("no_such_lib_kvcore",))})
+    with pytest.raises(BackendUnavailableError) as info:
+        _only(Registry(), "gpu", "beta", "needs").get_backend()
+    message = str(info.value)
+    assert "installed backends: beta, gpu, needs" in message
+    assert "'no_such_lib_kvcore' is not installed" in message
+    assert message.count("cudaErrorNoDevice") == 2
+    assert 'pip install "kvcore[numpy]"' in message
+
+
+def test_a_broken_numpy_plugin_is_reported_not_silently_replaced(site, no_env):
+    _fakes(site, ("alpha", ""))
+    site("kvcore-numpy-broken", "0.1", {"numpy": "numpy_broken_plugin"},
+         {"numpy_broken_plugin": "raise ImportError('numpy plugin is broken')"})
+    reg = Registry()
+    reg._discover()
+    reg._entries.pop("numpy")  # the real one gone: only the broken one claims the name
+    reg._entries = {n: e for n, e in reg._entries.items() if n == "alpha"}
+    with pytest.raises(BackendUnavailableError, match="numpy plugin is broken") as info:
+        reg.get_backend()
+    assert "'numpy' is the default backend" in str(info.value)
+
+
+def test_an_unknown_name_in_the_environment_says_where_it_came_from(monkeypatch):
+    monkeypatch.setenv("KVCORE_BACKEND", "nosuch")
+    with pytest.raises(UnknownBackendError) as info:
+        Registry().get_backend()
+    message = str(info.value)
+    assert "no backend named 'nosuch'" in message and "installed backends:" in message
+    assert "came from the environment variable KVCORE_BACKEND" in message
+
+
+def test_an_environment_name_that_cannot_run_never_falls_back_to_numpy(site, monkeypatch):
+    _fakes(site, ("gpu", GPU_PROBE_FAILS))
+    monkeypatch.setenv("KVCORE_BACKEND", "gpu")
+    with pytest.raises(BackendUnavailableError) as info:
+        Registry().get_backend()
+    assert "cudaErrorNoDevice" in str(info.value)
+    assert "environment variable KVCORE_BACKEND" in str(info.value)
+
+
+def test_a_blank_environment_variable_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("KVCORE_BACKEND", "  ")
+    assert Registry().get_backend().name == "numpy"
+
+
+def test_an_explicit_name_never_falls_back_even_when_another_would_run(site, no_env):
+    _fakes(site, ("gpu", GPU_PROBE_FAILS))
+    with pytest.raises(BackendUnavailableError, match="cudaErrorNoDevice") as info:
+        _only(Registry(), "gpu", "numpy").get_backend("gpu")
+    assert "environment" not in str(info.value) and "no backend was named" not in str(info.value)

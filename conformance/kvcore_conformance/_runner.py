@@ -109,8 +109,12 @@ def run(names: Iterable[str], pytest_args: Sequence[str] = ()) -> int:
         for name in names:
             results.append((name, _run_one(name, list(pytest_args))))
     if len(results) > 1 or any(code for _, code in results):
-        print("\nkvcore conformance summary:")
+        # A run that failed reports on stderr, with the errors that explain it; stdout
+        # keeps pytest's reports and, when everything passed, the summary.
+        stream = sys.stderr if any(code for _, code in results) else sys.stdout
+        sys.stdout.flush()
+        print("\nkvcore conformance summary:", file=stream)
         for name, code in results:
             verdict = "passed" if code == 0 else f"FAILED (exit status {code})"
-            print(f"  {name}: {verdict}")
+            print(f"  {name}: {verdict}", file=stream)
     return next((code for _, code in results if code), 0)

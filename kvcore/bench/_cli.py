@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -13,7 +12,8 @@ from .._backend import Backend
 from .._registry import get_backend, list_backends
 from ..errors import KvCoreError
 from ._params import QUICK, BenchParams
-from ._report import PLOT_HINT, document, dumps, render_table, write_plot
+from ._report import (PLOT_HINT, QUICK_NOTE, check_plot_path, document, dumps, render_table,
+                      write_plot)
 from ._result import WorkloadResult
 from ._timing import Progress, clock
 
@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png",
                    help=f"write a chart comparing backends and baselines (needs {PLOT_HINT})")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes (about a second per workload); for tests and CI")
+                   help="small sizes (about a second per workload) for tests and CI; "
+                        "quick sizes cannot judge targets, so no verdict is given")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="intra-op threads of array libraries that have them (torch), "
@@ -62,15 +63,23 @@ def _parser() -> argparse.ArgumentParser:
                         "machine, spinning worker threads turn other processes' load "
                         "into 10x outliers)")
     p.add_argument("--check", action="store_true",
-                   help="exit with status 3 when a target is missed")
+                   help="exit with status 3 when a target is missed (not with --quick)")
     p.add_argument("--store-url", metavar="URL", default=None,
                    help="Redis for the store workload (default: a throwaway redis-server)")
-    sizes = p.add_argument_group("workload sizes (defaults: the issue's; --quick shrinks them)")
+    sizes = p.add_argument_group(
+        "workload sizes", "Each size's default is the full run's; --quick starts from "
+                          "smaller ones (shown as 'quick'); a size given here overrides both.")
     for f in dataclasses.fields(BenchParams):
         kind = str if f.name == "dtype" else int
+        quick = getattr(QUICK, f.name)
+        shown = f"default {f.default}" + (f", quick {quick}" if quick != f.default else "")
         sizes.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                            metavar="STR" if kind is str else "N",
-                           help=f"{_HELP.get(f.name, f.name)} (default {f.default})")
+                           help=f"{_HELP.get(f.name, f.name)} ({shown})")
+    p.epilog = ("exit status: 0 measured (and with --check, every target met), 1 an "
+                "error (a backend or workload that cannot run), 2 a usage error (bad "
+                "option, --plot path that cannot be written), 3 --check and a target "
+                "missed.  Progress goes to stderr, results to stdout.")
     return p
 
 
@@ -116,47 +125,66 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from ._generate import find_generation_bench
 
     began = clock()
+    progress = Progress(enabled=not args.quiet)
     params = _params(args)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        print(f"kvcore bench: error: --plot needs matplotlib, which is not installed: "
-              f"{PLOT_HINT}", file=sys.stderr)
+    if args.check and args.quick:
+        print(f"kvcore bench: error: --check needs the full sizes: {QUICK_NOTE}",
+              file=sys.stderr)
         return 2
+    if args.plot:
+        # Before anything is measured: a bad path must not cost a whole run.
+        problem = check_plot_path(args.plot)
+        if problem is not None:
+            print(f"kvcore bench: error: {problem}", file=sys.stderr)
+            return 2
+    progress("kvcore bench: finding backends" + (" (quick sizes)" if args.quick else ""))
     skipped: list[dict[str, str]] = []
     workloads = _split(args.workload)
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         raise ValueError(f"unknown workload(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(WORKLOADS)}")
-    gen_fn, gen_where = find_generation_bench()
+    gen_fn, gen_why = find_generation_bench()
     if not workloads:
         workloads = list(DEFAULT_WORKLOADS)
         if gen_fn is not None:
             workloads.append("generate")
         else:
-            skipped.append({"backend": "*", "workload": "generate",
-                            "reason": f"the transformers integration provides no "
-                                      f"benchmark_generation ({gen_where})"})
-    progress = Progress(enabled=not args.quiet)
+            skipped.append({"backend": "*", "workload": "generate", "reason": gen_why})
     backends = _backends(_split(args.backend), skipped)
     if not backends:
         raise LookupError('no kvcore backend is available; try: pip install "kvcore[numpy]"')
+    progress(f"kvcore bench: {', '.join(workloads)} on {', '.join(b.name for b in backends)}")
 
     with _threads(args.threads):
         results = _measure(backends, workloads, params, progress, skipped, args.quick,
                            args.store_url)
     progress.done()
-    doc = document(results, skipped, params.to_dict(), argv, clock() - began)
+    if args.quick:  # the figures are real, but too small and noisy to pass a verdict on
+        for r in results:
+            for f in r.figures:
+                f.met = None
+    doc = document(results, skipped, params.to_dict(), argv, clock() - began,
+                   judged=not args.quick)
     doc["threads"] = args.threads
-    if args.plot:
-        write_plot(results, args.plot)
-        progress(f"plot written to {args.plot}")
-        progress.done()
+    # Results first, the plot after: a plot that fails to write never loses a run.
     if args.json:
         print(dumps(doc))
     else:
-        render_table(results, skipped, sys.stdout)
+        render_table(results, skipped, sys.stdout, judged=not args.quick)
         print(f"\n{doc['command']}  ({doc['elapsed_s']:.1f} s, {doc['date']}, "
               f"{doc['machine']['processor']}, {doc['machine']['cpus']} cpus)")
+    sys.stdout.flush()
+    if args.plot:
+        try:
+            write_plot(results, args.plot)
+        except (OSError, ValueError, RuntimeError) as exc:
+            print(f"kvcore bench: error: the results above are complete, but the plot "
+                  f"could not be written to {args.plot}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return 1
+        progress(f"plot written to {args.plot}")
+        progress.done()
     if args.check and not doc["all_targets_met"]:
         return 3
     return 0

@@ -9,6 +9,7 @@ reports the workload as skipped (with the reason) when none provides it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,12 @@ CANDIDATES = ("kvcore.integrations._generation_bench", "kvcore.integrations._dem
 
 
 def find_generation_bench() -> tuple[Callable[..., dict[str, Any]] | None, str]:
-    """The integration's ``benchmark_generation``, or ``None`` and why not."""
+    """The integration's ``benchmark_generation`` and where it lives, or ``None`` and
+    why not, in words for the user (the install command, not module paths)."""
+    missing = [lib for lib in ("torch", "transformers") if not _installed(lib)]
+    if missing:
+        return None, (f"needs {' and '.join(missing)}, not installed here: "
+                      f'pip install "kvcore[transformers]"')
     reasons = []
     for name in CANDIDATES:
         try:
@@ -37,7 +43,15 @@ def find_generation_bench() -> tuple[Callable[..., dict[str, Any]] | None, str]:
         if callable(fn):
             return fn, name
         reasons.append(f"{name} has no benchmark_generation")
-    return None, "; ".join(reasons)
+    return None, "the transformers integration has no generation benchmark (" + \
+        "; ".join(reasons) + ")"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or half-installed package
+        return False
 
 
 def run_generate(backend: Backend, p: BenchParams, progress: Progress,
@@ -46,13 +60,15 @@ def run_generate(backend: Backend, p: BenchParams, progress: Progress,
     fn, where = find_generation_bench()
     if fn is None:
         raise LookupError(f"no generation benchmark is installed ({where})")
-    progress(f"[{backend.name}] generate: {where}.benchmark_generation")
+    progress(f"[{backend.name}] generate: tiny random Llama, generate() on kvcore and on "
+             "DynamicCache")
     began = clock()
     accepted = inspect.signature(fn).parameters
     kwargs: dict[str, Any] = {}
     # Pass only what the integration's signature takes: it owns its own defaults.
-    wanted: list[tuple[str, Any]] = [("backend", backend.name), ("quick", quick),
-                                     ("seed", p.seed)]
+    wanted: list[tuple[str, Any]] = [
+        ("backend", backend.name), ("quick", quick), ("seed", p.seed),
+        ("progress", lambda message: progress(f"[{backend.name}] generate: {message}"))]
     if quick:  # a smoke run: fewer rounds and tokens, when the integration takes them
         wanted += [("repeats", 2), ("warmup", 1), ("new_tokens", 8)]
     for key, value in wanted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -13,9 +14,14 @@ from typing import Any, TextIO
 from .._version import __version__
 from ._result import Figure, WorkloadResult
 
-__all__ = ["PlotUnavailableError", "document", "machine", "render_table", "write_plot"]
+__all__ = ["PlotUnavailableError", "QUICK_NOTE", "check_plot_path", "document", "machine",
+           "render_table", "write_plot"]
 
 PLOT_HINT = 'pip install "kvcore[plot]"'
+#: Why a ``--quick`` run gives no verdicts: its sizes are a smoke test, its ratios swing
+#: by large factors from run to run.
+QUICK_NOTE = ("quick sizes cannot judge targets: the figures are shown, the verdicts are "
+              "not (run without --quick to judge them)")
 
 
 class PlotUnavailableError(RuntimeError):
@@ -48,10 +54,12 @@ def _cpu_model() -> str:
 
 
 def document(results: list[WorkloadResult], skipped: list[dict[str, str]], params: dict[str, Any],
-             argv: list[str], elapsed_s: float) -> dict[str, Any]:
-    """The ``--json`` document."""
+             argv: list[str], elapsed_s: float, *, judged: bool = True) -> dict[str, Any]:
+    """The ``--json`` document.  With ``judged=False`` (``--quick``) every ``met`` and
+    ``all_targets_met`` are ``null`` and ``targets_note`` says why."""
     targets = [{"backend": r.backend, "workload": r.workload, "figure": f.name,
-                "value": f.to_dict()["value"], "target": f.target, "met": f.met}
+                "value": f.to_dict()["value"], "target": f.target,
+                "met": f.met if judged else None}
                for r in results for f in r.figures if f.target is not None]
     return {
         "kvcore_bench": 1,
@@ -62,7 +70,9 @@ def document(results: list[WorkloadResult], skipped: list[dict[str, str]], param
         "elapsed_s": elapsed_s,
         "results": [r.to_dict() for r in results],
         "targets": targets,
-        "all_targets_met": all(t["met"] for t in targets),
+        "targets_judged": judged,
+        "targets_note": None if judged else QUICK_NOTE,
+        "all_targets_met": all(t["met"] for t in targets) if judged else None,
         "skipped": skipped,
     }
 
@@ -88,20 +98,23 @@ def _fmt(value: float | None, unit: str) -> str:
 
 
 def render_table(results: list[WorkloadResult], skipped: list[dict[str, str]],
-                 out: TextIO) -> None:
-    """One row per figure: value, baseline, ratio, target, verdict."""
+                 out: TextIO, *, judged: bool = True) -> None:
+    """One row per figure: value, baseline, ratio, target, verdict (``-`` for every
+    verdict when ``judged`` is false, with :data:`QUICK_NOTE` under the table)."""
     header = ("backend", "workload", "figure", "kvcore", "baseline", "ratio", "target", "met")
     rows = [header]
     for r in results:
         for f in r.figures:
             rows.append((r.backend, r.workload, f.name, _fmt(f.value, f.unit),
                          _fmt(f.baseline, f.unit), "-" if f.ratio is None else f"{f.ratio:.3g}",
-                         f.target or "", "" if f.met is None else ("yes" if f.met else "NO")))
+                         f.target or "", _verdict(f, judged)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for i, row in enumerate(rows):
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
         if i == 0:
             out.write("  ".join("-" * w for w in widths) + "\n")
+    if not judged:
+        out.write(f"\n{QUICK_NOTE}\n")
     baselines = {(f.name, f.baseline_label) for r in results for f in r.figures if f.baseline_label}
     if baselines:
         out.write("\nbaselines (measured in the same process):\n")
@@ -116,6 +129,40 @@ def render_table(results: list[WorkloadResult], skipped: list[dict[str, str]],
         out.write(f"\nskipped {s['backend']}/{s['workload']}: {s['reason']}")
     if skipped:
         out.write("\n")
+
+
+def _verdict(f: Figure, judged: bool) -> str:
+    if f.target is None:
+        return ""
+    if not judged or f.met is None:
+        return "-"
+    return "yes" if f.met else "NO"
+
+
+def check_plot_path(path: str) -> str | None:
+    """Why ``--plot path`` could not be written, or ``None`` when it can.
+
+    Checked before anything is measured: matplotlib is installed and knows the
+    file's format, the folder exists and is writable, and the path is not a folder."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return f"--plot needs matplotlib, which is not installed: {PLOT_HINT}"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if os.path.isdir(path):
+        return f"--plot {path}: is a directory; give a file name such as {path}/bench.png"
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    if suffix not in formats:
+        return (f"--plot {path}: the file name must end in one of "
+                f"{', '.join('.' + f for f in sorted(formats))} (the format comes from it)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"--plot {path}: the directory {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"--plot {path}: the directory {folder} is not writable"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"--plot {path}: the file exists and is not writable"
+    return None
 
 
 def write_plot(results: list[WorkloadResult], path: str) -> None:

@@ -6,6 +6,9 @@ import sys
 
 __all__ = ["run_generation_demo"]
 
+#: The one command that installs what this demo needs (kvcore-torch and transformers).
+GENERATE_HINT = 'pip install "kvcore[transformers]"'
+
 
 def run_generation_demo(backend: str | None = None) -> int:
     """Greedy and beam-search ``generate()`` with a tiny random Llama on a kvcore cache.
@@ -19,7 +22,8 @@ def run_generation_demo(backend: str | None = None) -> int:
         import torch
         import transformers  # noqa: F401  (a clear message below if it is missing)
     except ImportError as exc:
-        print(f"kvcore demo --generate needs torch and transformers: {exc}", file=sys.stderr)
+        print(f"kvcore demo --generate needs torch and transformers, which are not "
+              f"installed here ({exc}): {GENERATE_HINT}", file=sys.stderr)
         return 2
     from .. import get_backend
     from ..errors import BackendError
@@ -35,6 +39,8 @@ def run_generation_demo(backend: str | None = None) -> int:
     print(f"kvcore generation demo: backend={backend}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     for title, beams in (("greedy", 1), ("beam search (3 beams)", 3)):
+        # Each run takes seconds: say what is running before it starts.
+        print(f"running {title} generation ...", file=sys.stderr, flush=True)
         r = benchmark_generation(backend=backend, batch_size=4, prompt_len=40, new_tokens=24,
                                  repeats=3, num_beams=beams)
         m, s = r["model"], r["cache_stats"]

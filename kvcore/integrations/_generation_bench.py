@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["benchmark_generation", "tiny_llama", "ragged_prompts"]
@@ -55,7 +56,8 @@ def benchmark_generation(*, backend: str = "torch", batch_size: int = 4,
                          prompt_len: int = 48, new_tokens: int = 32, repeats: int = 5,
                          warmup: int = 1, shared_prefix: int = 32, block_size: int = 16,
                          threads: int | None = 1, num_beams: int = 1,
-                         model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                         model_kwargs: dict[str, Any] | None = None,
+                         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Greedy ``generate()`` with :class:`KvCoreCache` and with ``DynamicCache``.
 
     A ragged, left-padded batch (:func:`ragged_prompts`) whose prompts share their
@@ -63,7 +65,8 @@ def benchmark_generation(*, backend: str = "torch", batch_size: int = 4,
     timed rounds, each timing DynamicCache then kvcore.  ``threads`` sets torch's
     intra-op threads for the run (``None`` leaves it; restored afterwards).  The kvcore
     manager is reused across rounds with its prefix cache emptied (``gc``) before each,
-    so every round starts cold.
+    so every round starts cold.  ``progress``, when given, is called with one line per
+    round (``kvcore bench`` shows them on stderr).
 
     Returns a JSON-serialisable dict:
 
@@ -123,11 +126,14 @@ def benchmark_generation(*, backend: str = "torch", batch_size: int = 4,
             kv.release()
             return took, out, stats
 
-        for _ in range(warmup):
+        say = progress or (lambda message: None)
+        for i in range(warmup):
+            say(f"warm-up {i + 1}/{warmup}")
             run_dynamic()
             run_kvcore()
         dyn_s, kv_s, identical, stats = [], [], True, {}
-        for _ in range(repeats):
+        for i in range(repeats):
+            say(f"round {i + 1}/{repeats}")
             took, expect = run_dynamic()
             dyn_s.append(took)
             took, got, stats = run_kvcore()

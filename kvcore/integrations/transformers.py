@@ -23,16 +23,23 @@ How the batch maps onto kvcore:
   and returns the whole rectangle gathered from the pool through the page table;
 * with :meth:`KvCoreCache.set_prompts`, left padding is stripped: a row stores only
   its real tokens, allocated with their ids so full prompt blocks are shared through
-  the prefix cache (with other rows and with earlier ``generate`` calls on the same
-  manager), and prefill writes only the tokens the cache did not already hold;
-  without it every position, padding included, is stored, as ``DynamicCache`` does;
+  the prefix cache (with earlier ``generate`` calls on the same manager, and with
+  earlier rows of the same batch, whose prefill is joined while it runs:
+  ``AllocationRequest(join_pending=True)``), and prefill writes only the tokens the
+  cache did not already hold; without it every position, padding included, is
+  stored, as ``DynamicCache`` does;
 * ``reorder_cache`` (beam search), ``batch_select_indices`` and
   ``batch_repeat_interleave`` map to :meth:`~kvcore.KvCacheManager.fork` and
   :meth:`~kvcore.KvCacheManager.deallocate`: a beam that survives twice is forked, and
   copy-on-write gives each child its own copy of the shared last block when it writes.
 
-Not supported: ``crop`` with tokens to remove (assisted / speculative decoding), since
-the manager cannot shrink a sequence; sliding-window and linear-attention layers.
+* ``crop(-n)`` (assisted and speculative decoding roll back rejected draft tokens)
+  maps to :meth:`~kvcore.KvCacheManager.truncate`, which copies a shared or
+  prefix-cached last block before the row writes into it again; assisted decoding
+  (``generate(..., assistant_model=...)``) gives ``DynamicCache``'s exact tokens on a
+  cache without :meth:`KvCoreCache.set_prompts`.
+
+Not supported: sliding-window and linear-attention layers.
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ try:
     import torch
     from transformers.cache_utils import Cache, CacheLayerMixin
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("kvcore.integrations.transformers needs torch and transformers "
-                      "(pip install torch transformers)") from exc
+    raise ImportError("kvcore.integrations.transformers needs torch and transformers: "
+                      'pip install "kvcore[transformers]"') from exc
 
 from .._manager import KvCacheManager
 from .._paged_handle import PagedKvCacheHandle
@@ -252,8 +259,6 @@ class KvCoreCache(Cache):
         self._layer_len[layer] = done + n
         pool = self._manager.layer_pool(layer).native
         k, v = gather_kv(pool, self._layout)  # [batch, width, kv_heads, head_dim]
-        if self._mapping is None and layer == cfg.num_layers - 1:
-            self._share_prefill()  # k, v are copies: they outlive the blocks moving
         return _as_torch(k).transpose(1, 2), _as_torch(v).transpose(1, 2)
 
     def _prefill(self, batch: int, n: int) -> None:
@@ -278,8 +283,16 @@ class KvCoreCache(Cache):
                 if prompt is None:
                     request = AllocationRequest(request_id=rid, num_tokens=n)
                 else:
+                    # Rows of one batch share the prompt blocks they have in common at
+                    # once: a row joins blocks an earlier row writes in this same
+                    # forward pass, whose update() writes every row of a layer before
+                    # any row reads it (the promise join_pending asks for).  The model
+                    # computes every prompt token anyway (generate does not shorten
+                    # the prefill), so a hit only saves storage: the last prompt
+                    # token's block may be shared too (allow_full_hit).
                     request = AllocationRequest(request_id=rid, prompt_token_ids=prompt,
-                                                extra_key=self._extra_key)
+                                                extra_key=self._extra_key, join_pending=True,
+                                                allow_full_hit=True)
                 handles.append(self._manager.allocate(request))
         except BaseException:
             for handle in handles:  # all or nothing
@@ -292,53 +305,6 @@ class KvCoreCache(Cache):
         self._mapping = None
         self._layout = PagedLayout.from_manager(self._manager, handles, width=n,
                                                 left_padded=True)
-
-    def _share_prefill(self) -> None:
-        """After the prefill wrote every layer, let rows share what they have in common.
-
-        The manager serves a prefix block only once its K/V are complete, and a prefill
-        computes every row at once, so rows of one batch cannot share at allocation.
-        Once the prefill is done: a row whose prompt repeats an earlier row's (generate
-        repeats prompts for beams and samples) becomes a fork of it, sharing every
-        block; a row sharing whole blocks with an earlier row is re-allocated with its
-        token ids, so those blocks come from the prefix cache, and only its own tail is
-        copied over.  The duplicate blocks go back to the pool for the decode phase.
-        """
-        if self._prompts is None:
-            return
-        prompts = [p for p in self._prompts
-                   for _ in range(len(self._handles) // len(self._prompts))]
-        bs = self._manager.block_size
-        first: dict[tuple[int, ...], int] = {}
-        for row, prompt in enumerate(prompts):
-            if prompt in first:
-                self._replace(row, self._manager.fork(self._handles[first[prompt]],
-                                                      self._new_id()))
-                continue
-            first[prompt] = row
-            shared = max((_common_prefix(prompt, prompts[r]) for r in first.values()
-                          if r != row), default=0) // bs * bs
-            if shared > self._cached[row]:
-                self._reallocate_with_prefix(row, prompt)
-
-    def _reallocate_with_prefix(self, row: int, prompt: tuple[int, ...]) -> None:
-        old = self._handles[row]
-        try:
-            new = self._manager.allocate(AllocationRequest(
-                request_id=self._new_id(), prompt_token_ids=prompt, extra_key=self._extra_key))
-        except CacheError:  # no room for the temporary copy: keep the row as it is
-            return
-        cached = new.num_cached_tokens()
-        if cached <= self._cached[row]:
-            self._manager.deallocate(new)
-            return
-        for layer in range(self._manager.config.num_layers):
-            if cached < len(prompt):
-                key, value = old.kv_cache(layer)  # type: ignore[misc]
-                self._manager.write(new, layer, key.native[cached:], value.native[cached:],
-                                    start=cached)
-        self._replace(row, new)
-        self._cached[row] = cached
 
     def _replace(self, row: int, handle: PagedKvCacheHandle) -> None:
         self._manager.deallocate(self._handles[row])
@@ -452,11 +418,6 @@ class KvCoreCache(Cache):
         return (f"KvCoreCache(rows={len(self._handles)}, tokens={self._length}, "
                 f"backend={self._manager.backend.name!r})")
 
-
-def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
 
 
 def _to_numpy(array: Any) -> np.ndarray:

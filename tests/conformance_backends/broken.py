@@ -20,8 +20,8 @@ class PhysicalOrderGatherBackend(NumpyBackend):
 
     name = "broken-gather-order"
 
-    def gather(self, layer: np.ndarray, kv: int, slots: np.ndarray) -> np.ndarray:
-        return super().gather(layer, kv, np.sort(slots))
+    def gather(self, pool: np.ndarray, plane: int, slots: np.ndarray) -> np.ndarray:
+        return super().gather(pool, plane, np.sort(slots))
 
 
 class NoopCopyBlocksBackend(NumpyBackend):
@@ -29,8 +29,8 @@ class NoopCopyBlocksBackend(NumpyBackend):
 
     name = "broken-cow-copy"
 
-    def copy_blocks(self, layer: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
-        return None
+    def copy_blocks(self, pool: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        return pool
 
 
 class CastingAsarrayBackend(NumpyBackend):
@@ -85,9 +85,10 @@ class LossySwapBackend(NumpyBackend):
 
     name = "broken-swap"
 
-    def transfer_blocks(self, src_layer: np.ndarray, src: np.ndarray,
-                        dst_layer: np.ndarray, dst: np.ndarray) -> None:
-        dst_layer[0, dst] = src_layer[0, src]
+    def transfer_blocks(self, src_pool: np.ndarray, src: np.ndarray,
+                        dst_pool: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        dst_pool[0, dst] = src_pool[0, src]
+        return dst_pool
 
 
 class OverclaimingBf16Backend(NumpyBackend):
@@ -101,11 +102,12 @@ class OverclaimingBf16Backend(NumpyBackend):
 
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: DType, device: Device, *,
-                       pinned: bool = False) -> np.ndarray:
+                       pinned: bool = False, planes: int = 2) -> np.ndarray:
         if dtype is DType.bfloat16:
-            return np.zeros((2, num_blocks, block_size, num_kv_heads, head_dim), np.float32)
+            return np.zeros((planes, num_blocks, block_size, num_kv_heads, head_dim),
+                            np.float32)
         return super().allocate_layer(num_blocks, block_size, num_kv_heads, head_dim, dtype,
-                                      device, pinned=pinned)
+                                      device, pinned=pinned, planes=planes)
 
     def from_numpy(self, array: np.ndarray, dtype: DType, device: Device) -> np.ndarray:
         if dtype is DType.bfloat16:
@@ -119,11 +121,11 @@ class AliasingGatherBackend(NumpyBackend):
 
     name = "broken-gather-view"
 
-    def gather(self, layer: np.ndarray, kv: int, slots: np.ndarray) -> np.ndarray:
+    def gather(self, pool: np.ndarray, plane: int, slots: np.ndarray) -> np.ndarray:
         n = slots.shape[0]
         if n and np.array_equal(slots, np.arange(slots[0], slots[0] + n)):
-            return self._flat(layer)[kv][slots[0]:slots[0] + n]
-        return super().gather(layer, kv, slots)
+            return self._flat(pool)[plane][slots[0]:slots[0] + n]
+        return super().gather(pool, plane, slots)
 
 
 #: name -> (backend class, clause id the suite must name, test that must fail).

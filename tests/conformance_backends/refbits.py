@@ -9,6 +9,7 @@ says so in its capabilities, so the suite skips the DLPack clauses for it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ class RefBitsBackend(Backend):
 
     name = "refbits"
     array_library = "numpy"
+    api_version = 2
     handle_class = RefBitsHandle
 
     def capabilities(self) -> BackendCapabilities:
@@ -62,35 +64,38 @@ class RefBitsBackend(Backend):
 
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: DType, device: Device, *,
-                       pinned: bool = False) -> BitsArray:
+                       pinned: bool = False, planes: int = 2) -> BitsArray:
         self.check_device(device)
         self.check_dtype(dtype)
-        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (planes, num_blocks, block_size, num_kv_heads, head_dim)
         return BitsArray(np.zeros(shape, _BITS[dtype]), dtype)
 
     def index_array(self, indices: np.ndarray, device: Device) -> np.ndarray:
-        return np.array(indices, dtype=np.int64)
+        return np.array(indices, dtype=np.int64, copy=True)
 
     @staticmethod
     def _rows(layer: BitsArray) -> np.ndarray:
-        two, blocks, bs, heads, dim = layer.bits.shape
-        return layer.bits.reshape(two, blocks * bs, heads, dim)
+        planes, blocks, bs, heads, dim = layer.bits.shape
+        return layer.bits.reshape(planes, blocks * bs, heads, dim)
 
-    def scatter(self, layer: BitsArray, slots: np.ndarray, key: BitsArray,
-                value: BitsArray) -> None:
-        rows = self._rows(layer)
-        rows[0, slots] = key.bits
-        rows[1, slots] = value.bits
+    def scatter(self, pool: BitsArray, slots: np.ndarray,
+                rows: Sequence[BitsArray]) -> BitsArray:
+        flat = self._rows(pool)
+        for plane, values in enumerate(rows):
+            flat[plane, slots] = values.bits
+        return pool
 
-    def gather(self, layer: BitsArray, kv: int, slots: np.ndarray) -> BitsArray:
-        return BitsArray(self._rows(layer)[kv].take(slots, axis=0), layer.dtype)
+    def gather(self, pool: BitsArray, plane: int, slots: np.ndarray) -> BitsArray:
+        return BitsArray(self._rows(pool)[plane].take(slots, axis=0), pool.dtype)
 
-    def copy_blocks(self, layer: BitsArray, src: np.ndarray, dst: np.ndarray) -> None:
-        layer.bits[:, dst] = layer.bits[:, src]
+    def copy_blocks(self, pool: BitsArray, src: np.ndarray, dst: np.ndarray) -> BitsArray:
+        pool.bits[:, dst] = pool.bits[:, src]
+        return pool
 
-    def transfer_blocks(self, src_layer: BitsArray, src: np.ndarray, dst_layer: BitsArray,
-                        dst: np.ndarray) -> None:
-        dst_layer.bits[:, dst] = src_layer.bits[:, src]
+    def transfer_blocks(self, src_pool: BitsArray, src: np.ndarray, dst_pool: BitsArray,
+                        dst: np.ndarray) -> BitsArray:
+        dst_pool.bits[:, dst] = src_pool.bits[:, src]
+        return dst_pool
 
     def describe(self, array: Any) -> tuple[tuple[int, ...], DType | None, Device]:
         if isinstance(array, BitsArray):

@@ -65,7 +65,8 @@ def _filled_layer(h: Harness, device: Device | None = None) -> tuple[object, np.
     k, v = h.kv(n), h.kv(n)
     be, dev = h.backend, device or h.device
     slots = be.index_array(np.arange(n, dtype=np.int64), dev)
-    be.scatter(layer, slots, be.from_numpy(k, h.dtype, dev), be.from_numpy(v, h.dtype, dev))
+    layer = be.scatter(layer, slots, (be.from_numpy(k, h.dtype, dev),
+                                      be.from_numpy(v, h.dtype, dev)))
     return layer, np.stack([k, v])
 
 
@@ -180,7 +181,7 @@ class BackendOpsContract(ContractTests):
         layer = _layer(h)
         slots = h.rng.permutation(NB * BS)[:10].astype(np.int64)
         k, v = h.kv(10), h.kv(10)
-        be.scatter(layer, be.index_array(slots, h.device), h.native(k), h.native(v))
+        layer = be.scatter(layer, be.index_array(slots, h.device), (h.native(k), h.native(v)))
         rows = _pool_rows(h, layer)
         want = np.zeros_like(rows)
         want[0, slots], want[1, slots] = k, v
@@ -219,7 +220,8 @@ class BackendOpsContract(ContractTests):
             idx = be.index_array(order, h.device)
             before = [be.gather(layer, kv, idx) for kv in (0, 1)]
             snapshots = [h.host(b) for b in before]
-            be.scatter(layer, idx, h.native(h.kv(len(order))), h.native(h.kv(len(order))))
+            layer = be.scatter(layer, idx, (h.native(h.kv(len(order))),
+                                            h.native(h.kv(len(order)))))
             for kv in (0, 1):
                 assert_same_bits(GATHER_COPY, h.host(before[kv]), snapshots[kv], h.dtype,
                                  f"gather(kv={kv}, slots={order.tolist()}) after the pool was "
@@ -231,7 +233,8 @@ class BackendOpsContract(ContractTests):
         be = h.backend
         layer, host = _filled_layer(h)
         src, dst = np.array([3, 0], np.int64), np.array([5, 1], np.int64)
-        be.copy_blocks(layer, be.index_array(src, h.device), be.index_array(dst, h.device))
+        layer = be.copy_blocks(layer, be.index_array(src, h.device),
+                               be.index_array(dst, h.device))
         want = host.reshape(2, NB, BS, h.heads, h.dim).copy()
         want[:, dst] = want[:, src]
         got = h.host(layer)
@@ -249,8 +252,8 @@ class BackendOpsContract(ContractTests):
         layer, host = _filled_layer(h)
         away = _layer(h, kvcore_swap_device)
         src, mid = np.array([2, 0, 5], np.int64), np.array([1, 4, 0], np.int64)
-        be.transfer_blocks(layer, be.index_array(src, h.device), away,
-                           be.index_array(mid, kvcore_swap_device))
+        away = be.transfer_blocks(layer, be.index_array(src, h.device), away,
+                                  be.index_array(mid, kvcore_swap_device))
         be.synchronize(kvcore_swap_device)
         blocks = host.reshape(2, NB, BS, h.heads, h.dim)
         want = np.zeros_like(blocks)
@@ -260,8 +263,8 @@ class BackendOpsContract(ContractTests):
                          f"swap layer on {kvcore_swap_device} (K and V planes as rows)")
         back = _layer(h)
         dst = np.array([3, 1, 2], np.int64)
-        be.transfer_blocks(away, be.index_array(mid, kvcore_swap_device), back,
-                           be.index_array(dst, h.device))
+        back = be.transfer_blocks(away, be.index_array(mid, kvcore_swap_device), back,
+                                  be.index_array(dst, h.device))
         want2 = np.zeros_like(blocks)
         want2[:, dst] = blocks[:, src]
         assert_same_bits(TRANSFER_BLOCKS, h.host(back).reshape(-1, h.heads, h.dim),

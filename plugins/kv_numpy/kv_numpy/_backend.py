@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from kvcore import Backend, BackendCapabilities, Device, DType
-from kvcore.errors import DeviceMismatchError
+from kvcore._array_ops import ArrayOps, NamespaceOps
+from kvcore.errors import DeviceMismatchError, DtypeMismatchError, PoolAllocationError
 
 from ._handle import NumpyKvCacheHandle
 
@@ -24,6 +26,7 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     array_library = "numpy"
+    api_version = 2
     handle_class = NumpyKvCacheHandle
 
     def capabilities(self) -> BackendCapabilities:
@@ -36,48 +39,61 @@ class NumpyBackend(Backend):
 
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: DType, device: Device, *,
-                       pinned: bool = False) -> np.ndarray:
+                       pinned: bool = False, planes: int = 2) -> np.ndarray:
         self.check_device(device)
         self.check_dtype(dtype)
-        return np.zeros((2, num_blocks, block_size, num_kv_heads, head_dim), _NP_DTYPES[dtype])
+        shape = (planes, num_blocks, block_size, num_kv_heads, head_dim)
+        try:
+            return np.zeros(shape, _NP_DTYPES[dtype])
+        except (MemoryError, ValueError) as exc:  # ValueError: "array is too big"
+            nbytes = int(np.prod(shape, dtype=object)) * _NP_DTYPES[dtype].itemsize
+            raise PoolAllocationError(f"numpy could not allocate a pool of {nbytes} bytes "
+                                      f"(shape {list(shape)}, {dtype.value}): {exc}") from exc
 
     def index_array(self, indices: np.ndarray, device: Device) -> np.ndarray:
-        return np.asarray(indices, dtype=np.int64)
+        # A copy: the index must not change when the caller reuses its array.
+        return np.array(indices, dtype=np.int64, copy=True)
 
     @staticmethod
     def _flat(layer: np.ndarray) -> np.ndarray:
-        # [2, blocks, block_size, H, D] -> [2, blocks * block_size, H, D], a view.
-        two, blocks, bs, heads, dim = layer.shape
-        return layer.reshape(two, blocks * bs, heads, dim)
+        # [P, blocks, block_size, H, D] -> [P, blocks * block_size, H, D], a view.
+        planes, blocks, bs, heads, dim = layer.shape
+        return layer.reshape(planes, blocks * bs, heads, dim)
 
-    def scatter(self, layer: np.ndarray, slots: np.ndarray, key: np.ndarray,
-                value: np.ndarray) -> None:
-        flat = self._flat(layer)
-        flat[0, slots] = key
-        flat[1, slots] = value
+    def scatter(self, pool: np.ndarray, slots: np.ndarray,
+                rows: Sequence[np.ndarray]) -> np.ndarray:
+        flat = self._flat(pool)
+        for plane, values in enumerate(rows):
+            # Index the plane first (a view), then the slots: numpy's first-axis
+            # fancy assignment is ~3x faster than flat[plane, slots] = values.
+            target = flat[plane]
+            target[slots] = values
+        return pool
 
-    def gather(self, layer: np.ndarray, kv: int, slots: np.ndarray) -> np.ndarray:
-        bs = layer.shape[2]
+    def gather(self, pool: np.ndarray, plane: int, slots: np.ndarray) -> np.ndarray:
+        bs = pool.shape[2]
         n = slots.shape[0]
         # A sequence read in logical order is whole blocks, each slot run starting on a
         # block boundary.  Taking whole blocks copies block_size rows per index instead
         # of one; row-by-row take measured ~2x slower than a plain copy of the same
         # bytes.  The check is exact and O(n) in numpy, a few us next to the copy.
-        if n >= _WHOLE_BLOCKS_FROM * bs:
+        if slots.ndim == 1 and n >= _WHOLE_BLOCKS_FROM * bs:
             firsts = slots[::bs]
             if not (firsts % bs).any():
                 runs = firsts[:, None] + np.arange(bs, dtype=slots.dtype)
                 if np.array_equal(runs.reshape(-1)[:n], slots):
-                    whole = layer[kv].take(firsts // bs, axis=0)
-                    return whole.reshape(-1, *layer.shape[3:])[:n]
-        return self._flat(layer)[kv].take(slots, axis=0)
+                    whole = pool[plane].take(firsts // bs, axis=0)
+                    return whole.reshape(-1, *pool.shape[3:])[:n]
+        return self._flat(pool)[plane].take(slots, axis=0)
 
-    def copy_blocks(self, layer: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
-        layer[:, dst] = layer[:, src]
+    def copy_blocks(self, pool: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        pool[:, dst] = pool[:, src]
+        return pool
 
-    def transfer_blocks(self, src_layer: np.ndarray, src: np.ndarray,
-                        dst_layer: np.ndarray, dst: np.ndarray) -> None:
-        dst_layer[:, dst] = src_layer[:, src]
+    def transfer_blocks(self, src_pool: np.ndarray, src: np.ndarray,
+                        dst_pool: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        dst_pool[:, dst] = src_pool[:, src]
+        return dst_pool
 
     def describe(self, array: Any) -> tuple[tuple[int, ...], DType | None, Device]:
         if not isinstance(array, np.ndarray):
@@ -92,10 +108,16 @@ class NumpyBackend(Backend):
                             f"got {type(obj).__name__}")
         dl_type, dl_id = obj.__dlpack_device__()
         if int(dl_type) != 1:  # kDLCPU; 2 is CUDA, 3 pinned CUDA host memory, ...
-            where = f"cuda:{dl_id}" if int(dl_type) == 2 else f"DLPack device type {int(dl_type)}"
+            try:
+                where = str(Device.from_dlpack(dl_type, dl_id))
+            except ValueError:
+                where = f"DLPack device type {int(dl_type)}"
             raise DeviceMismatchError(f"array is on {where}, the cache is on {device}; "
                                       "move it to the cpu first")
-        return np.from_dlpack(obj)
+        try:
+            return np.from_dlpack(obj)
+        except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+            raise _import_error(obj, exc) from exc
 
     def to_numpy(self, array: np.ndarray) -> np.ndarray:
         return np.array(array, copy=True)
@@ -103,4 +125,22 @@ class NumpyBackend(Backend):
     def from_numpy(self, array: np.ndarray, dtype: DType, device: Device) -> np.ndarray:
         self.check_device(device)
         self.check_dtype(dtype)
-        return np.ascontiguousarray(array, dtype=_NP_DTYPES[dtype])
+        return np.array(array, dtype=_NP_DTYPES[dtype], copy=True, order="C")
+
+    def array_ops(self) -> ArrayOps:
+        return _OPS
+
+
+_OPS = NamespaceOps(np)
+
+
+def _import_error(obj: Any, exc: BaseException) -> Exception:
+    """The typed error for a DLPack producer numpy could not import: the dtype when the
+    producer's dtype is one numpy lacks (bfloat16), else a TypeError with the reason
+    (a tensor that requires grad, a read-only export numpy refuses, ...)."""
+    dtype = str(getattr(obj, "dtype", ""))
+    if "bfloat16" in dtype or "float8" in dtype:
+        return DtypeMismatchError(f"{type(obj).__name__} array has dtype {dtype}, which numpy "
+                                  f"cannot hold: {exc}")
+    return TypeError(f"numpy could not import the {type(obj).__name__} through DLPack: "
+                     f"{type(exc).__name__}: {exc}")

@@ -10,7 +10,7 @@ def kvcore_backends() -> list[kvcore.BackendSpec]:
     return [kvcore.BackendSpec(
         name="numpy",
         load="kv_numpy._backend:NumpyBackend",
-        api_version=1,
+        api_version=2,
         requires=("numpy",),
         description="NumPy arrays in host memory (cpu; float16, float32)",
         install_hint='pip install "kvcore[numpy]"',

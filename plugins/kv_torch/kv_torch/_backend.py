@@ -22,19 +22,25 @@ Two fast paths, both exact (they move the same bytes as the plain ops):
   keeps, so a GPU index costs no device sync) and remembered on the tensor; the
   manager reuses a sequence's read index for every layer and for K and V.
 
-Cross-device transfers (swap, ``move``):
+CUDA pools (the code is in :mod:`kv_torch._cuda`; ``docs/backends.md`` says what is
+verified on which hardware):
 
-* host -> GPU: the picked blocks are gathered straight into a pinned staging buffer,
-  then copied with ``non_blocking=True``; the scatter on the GPU is stream-ordered
-  after the copy, so nothing waits on the host.  PyTorch's pinned-memory allocator
-  keeps the staging buffer alive until the copy has finished.
-* GPU -> host: the blocks are gathered on the GPU and copied ``non_blocking`` into a
-  pinned staging buffer; a CUDA event marks the end.  The host-side scatter into the
-  destination pool must wait for that event, so it is deferred: :meth:`synchronize`
-  (which the manager calls once after transferring every layer) waits and finishes
-  it, and so does every other operation of this backend before it touches data.
-  That way the copies of all layers overlap, and no caller can see half a transfer.
-* GPU -> GPU (another index): ``Tensor.to`` orders the two devices' streams itself.
+* **Streams.**  Every operation is enqueued on the current stream of the *pool's*
+  device (whatever device is current), after this backend's previous operation on
+  the same pool even when that ran on another stream (a GPU-side wait, never a host
+  one).  K/V passed in must be ready on that stream, as for any torch op.
+* **No hidden host sync.**  Index tensors are copied to the GPU through pinned memory
+  with ``non_blocking=True``; a decode step's writes never block the host.
+* **Swap** moves blocks in chunks of ``transfer_chunk_bytes`` (64 MiB by default;
+  ``KVCORE_TRANSFER_CHUNK_BYTES``), so the GPU never holds more than two chunks of
+  temporaries, asynchronously through pinned memory (directly into or out of the
+  pinned swap pool when the host blocks are consecutive).  Host-side landings of
+  GPU -> host copies are deferred: :meth:`TorchBackend.synchronize` (which the manager
+  calls once after every swap) waits on the transfer's own events and lands them, and
+  so does every other operation of this backend before it touches data.
+* **synchronize(device)** waits for this backend's last operation on each stream it
+  used on ``device`` (the transfer's event, or one recorded at the call), never
+  ``torch.cuda.synchronize``: other streams' work is not waited for.
 """
 
 from __future__ import annotations
@@ -42,15 +48,20 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvcore import Backend, BackendCapabilities, Device, DType
-from kvcore.errors import DeviceMismatchError, UnsupportedError
+from kvcore import Backend, BackendCapabilities, Device, DType, TensorRef
+from kvcore._array_ops import ArrayOps
+from kvcore._staging import Pending, Transfer, chunk_bytes_from_env
+from kvcore.errors import (DeviceMismatchError, DtypeMismatchError, PoolAllocationError,
+                           UnsupportedError)
 
+from . import _cuda
+from ._array_ops import TorchOps
 from ._handle import TorchKvCacheHandle
 
 __all__ = ["TorchBackend"]
@@ -68,10 +79,6 @@ _WIDE = ((16, torch.complex128), (8, torch.int64), (4, torch.int32))
 #: Attribute names on index tensors made by :meth:`TorchBackend.index_array`.
 _HOST_ATTR = "_kvcore_host"
 _PLAN_ATTR = "_kvcore_gather_plan"
-#: DLPack device types (``DLDeviceType``) by number, for error messages.
-_DLPACK_DEVICES = {1: "cpu", 2: "cuda", 3: "cuda_host", 4: "opencl", 7: "vulkan",
-                   8: "metal", 9: "vpi", 10: "rocm", 11: "rocm_host", 13: "cuda_managed",
-                   14: "oneapi", 15: "webgpu", 16: "hexagon", 17: "maia"}
 
 
 @functools.cache
@@ -97,34 +104,38 @@ def _torch_device(device: Device) -> torch.device:
     return torch.device("cpu") if device.type == "cpu" else torch.device("cuda", device.index)
 
 
-def _kv_device(device: torch.device) -> Device | None:
-    """The kvcore :class:`Device` of a torch device, or ``None`` for types kvcore lacks
-    (``mps``, ``meta``, ...)."""
+def _kv_device(device: torch.device) -> Device:
+    """The kvcore :class:`Device` of a torch device (``cuda`` without an index is the
+    current CUDA device)."""
     if device.type == "cpu":
         return _CPU
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return Device("cuda", index)
-    return None
+    if device.type == "cuda" and device.index is None:
+        return Device("cuda", torch.cuda.current_device())
+    return Device(device.type, device.index or 0)
 
 
 def _dlpack_device_name(dl_type: int, dl_id: int) -> str:
-    name = _DLPACK_DEVICES.get(int(dl_type), f"DLPack device type {int(dl_type)}")
-    return "cpu" if name == "cpu" else f"{name}:{int(dl_id)}"
+    try:
+        return str(Device.from_dlpack(dl_type, dl_id))
+    except ValueError:
+        return f"DLPack device type {int(dl_type)}:{int(dl_id)}"
 
 
-def _wide_dtype(layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.dtype | None:
-    """The widest element type all three tensors can be viewed as along their last dim
-    (``head_dim``) for a bit-exact copy, or ``None`` to copy in the native dtype."""
-    row = layer.shape[-1] * layer.element_size()
+def _wide_dtype(pool: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """The widest element type the pool and every row tensor can be viewed as along
+    their last dim (``head_dim``) for a bit-exact copy, or ``None`` to copy in the
+    native dtype."""
+    row = pool.shape[-1] * pool.element_size()
     for size, dtype in _WIDE:
         if row % size == 0:
             # Aligned data (a misaligned wide element is undefined behaviour on the CPU
             # and a fault on CUDA) and a unit last stride; view() checks the rest.
-            if (key.stride(-1) == 1 and value.stride(-1) == 1
-                    and (layer.data_ptr() | key.data_ptr() | value.data_ptr()) % size == 0):
-                return dtype
-            return None
+            ptrs = pool.data_ptr()
+            for r in rows:
+                if r.stride(-1) != 1:
+                    return None
+                ptrs |= r.data_ptr()
+            return dtype if ptrs % size == 0 else None
     return None
 
 
@@ -166,8 +177,10 @@ def _gather_plan(slots: torch.Tensor, block_size: int) -> tuple[int, Any, int] |
             ids = firsts // block_size
             if ids.shape[0] == 1 or (np.diff(ids) == 1).all():
                 plan = (n, None, int(ids[0]))
+            elif slots.is_cuda:
+                plan = (n, _cuda.to_device(ids, slots.device), 0)
             else:
-                plan = (n, torch.from_numpy(ids).to(slots.device), 0)
+                plan = (n, torch.from_numpy(ids), 0)
     try:
         setattr(slots, _PLAN_ATTR, (block_size, version, plan))
     except (AttributeError, RuntimeError):  # a tensor subclass refusing attributes
@@ -175,27 +188,24 @@ def _gather_plan(slots: torch.Tensor, block_size: int) -> tuple[int, Any, int] |
     return plan
 
 
-@dataclass
-class _PendingHostScatter:
-    """A GPU -> host transfer whose data is still in flight (see the module docstring)."""
-
-    done: Any  # torch.cuda.Event recorded after the copy into ``staging``
-    staging: torch.Tensor
-    dst_layer: torch.Tensor
-    dst: torch.Tensor
-
-
 class TorchBackend(Backend):
     """Paged K/V pools as torch tensors on the CPU or a CUDA device."""
 
     name = "torch"
     array_library = "torch"
+    api_version = 2
     handle_class = TorchKvCacheHandle
 
     def __init__(self) -> None:
         self._caps: BackendCapabilities | None = None
-        self._pending: list[_PendingHostScatter] = []
+        #: Transfers still in flight (host-side landings of GPU -> host copies, events
+        #: of host -> GPU ones), finished before any operation touches data.
+        self._pending: list[Pending] = []
         self._pending_lock = threading.Lock()
+        self._order = _cuda.StreamOrder()
+        self._staging_ops = _cuda.TorchStagingOps()
+        #: Bytes one chunk of a swap moves (see :mod:`kvcore._staging`).
+        self.transfer_chunk_bytes = chunk_bytes_from_env()
 
     # --- availability -------------------------------------------------------------
 
@@ -230,117 +240,198 @@ class TorchBackend(Backend):
 
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: DType, device: Device, *,
-                       pinned: bool = False) -> torch.Tensor:
+                       pinned: bool = False, planes: int = 2) -> torch.Tensor:
         """A zeroed pool layer.  ``pinned`` host memory is used only when CUDA is usable
         (pinning needs the CUDA driver); without CUDA there is no GPU pool to serve."""
         self.check_device(device)
         self.check_dtype(dtype)
         pin = pinned and device.type == "cpu" and cuda_problem() is None
-        shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (planes, num_blocks, block_size, num_kv_heads, head_dim)
         # A manager built inside ``torch.inference_mode()`` must still be writable
         # outside it: inference tensors refuse in-place updates in normal mode.
-        with torch.inference_mode(False):
-            return torch.zeros(shape, dtype=_TORCH_DTYPES[dtype], device=_torch_device(device),
-                               pin_memory=pin)
+        try:
+            with torch.inference_mode(False):
+                if pin:  # exactly the asked bytes, not torch's power-of-two block
+                    return _cuda.allocate_pinned(shape, _TORCH_DTYPES[dtype])
+                pool = torch.zeros(shape, dtype=_TORCH_DTYPES[dtype],
+                                   device=_torch_device(device))
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            raise PoolAllocationError(f"torch could not allocate a pool of {nbytes} bytes on "
+                                      f"{device} (shape {list(shape)}, {dtype.value}): "
+                                      f"{exc}") from exc
+        if pool.is_cuda:  # the zero fill is queued: a first use on another stream waits
+            self._order.end(pool, torch.cuda.current_stream(pool.device))
+        return pool
+
+    def release_layer(self, pool: torch.Tensor) -> None:
+        """Unlock the pages of a pinned swap pool now (other pools: garbage collection)."""
+        if pool.device.type == "cpu":
+            _cuda.release_pinned(pool)
 
     def index_array(self, indices: np.ndarray, device: Device) -> torch.Tensor:
         # Copied (np.array) so the index never aliases an array the caller may reuse.
-        host = np.array(indices, dtype=np.int64, copy=True).reshape(-1)
-        index = torch.from_numpy(host)
+        host = np.array(indices, dtype=np.int64, copy=True)
         if device.type != "cpu":
-            index = index.to(_torch_device(device))
+            # Through pinned memory, non_blocking: a pageable copy would wait for the
+            # GPU's queue to drain, once per write.
+            index = _cuda.to_device(host, _torch_device(device))
             # The host copy, for the whole-block check in gather (no device sync), with
             # the version it matches (an index changed in place since is not trusted).
             setattr(index, _HOST_ATTR, (host, _version(index)))
-        return index
+            return index
+        return torch.from_numpy(host)
 
     @staticmethod
-    def _flat(layer: torch.Tensor) -> torch.Tensor:
-        # [2, blocks, block_size, H, D] -> [2, blocks * block_size, H, D]: a view, since
+    def _flat(pool: torch.Tensor) -> torch.Tensor:
+        # [P, blocks, block_size, H, D] -> [P, blocks * block_size, H, D]: a view, since
         # pools are contiguous, so a slot is a plain row index.
-        return layer.flatten(1, 2)
+        return pool.flatten(1, 2)
 
-    def scatter(self, layer: torch.Tensor, slots: torch.Tensor, key: torch.Tensor,
-                value: torch.Tensor) -> None:
+    def scatter(self, pool: torch.Tensor, slots: torch.Tensor,
+                rows: Sequence[torch.Tensor]) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
+        if pool.is_cuda:
+            stream = self._order.begin(pool, slots)
+            self._scatter_rows(pool, slots, rows)
+            self._order.end(pool, stream)
+            return pool
+        return self._scatter_rows(pool, slots, rows)
+
+    def _scatter_rows(self, pool: torch.Tensor, slots: torch.Tensor,
+                      rows: Sequence[torch.Tensor]) -> torch.Tensor:
         # detach: a K/V that requires grad must not drag the pool into the autograd graph.
-        key, value = key.detach(), value.detach()
-        wide = _wide_dtype(layer, key, value)
+        rows = [r.detach() for r in rows]
+        wide = _wide_dtype(pool, rows)
         if wide is not None:
             try:
-                pool_k, pool_v = layer.view(wide).flatten(1, 2).unbind(0)
-                key, value = key.view(wide), value.view(wide)
+                planes = pool.view(wide).flatten(1, 2).unbind(0)
+                wide_rows = [r.view(wide) for r in rows]
             except RuntimeError:  # strides a dtype view cannot express: copy natively
                 pass
             else:
-                pool_k.index_copy_(0, slots, key)
-                pool_v.index_copy_(0, slots, value)
-                return
-        pool_k, pool_v = self._flat(layer).unbind(0)
-        pool_k.index_copy_(0, slots, key)
-        pool_v.index_copy_(0, slots, value)
+                for plane, values in zip(planes, wide_rows):
+                    plane.index_copy_(0, slots, values)
+                return pool
+        for plane, values in zip(self._flat(pool).unbind(0), rows):
+            plane.index_copy_(0, slots, values)
+        return pool
 
-    def gather(self, layer: torch.Tensor, kv: int, slots: torch.Tensor) -> torch.Tensor:
+    def gather(self, pool: torch.Tensor, plane: int, slots: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
-        plan = _gather_plan(slots, layer.shape[2])
-        if plan is not None:
-            n, blocks, first = plan
+        if pool.is_cuda:
+            stream = self._order.begin(pool, slots)
+            out = self._gather_rows(pool, plane, slots)
+            self._order.end(pool, stream)  # a later write on another stream waits for it
+            return out
+        return self._gather_rows(pool, plane, slots)
+
+    def _gather_rows(self, pool: torch.Tensor, plane: int, slots: torch.Tensor) -> torch.Tensor:
+        if slots.dim() != 1:  # a rectangle of slots: one indexed read, then its shape
+            flat = self._flat(pool)[plane].index_select(0, slots.reshape(-1))
+            return flat.reshape(*slots.shape, *pool.shape[3:])
+        gather_plan = _gather_plan(slots, pool.shape[2])
+        if gather_plan is not None:
+            n, blocks, first = gather_plan
             if blocks is None:  # consecutive blocks: one slice, one copy
-                whole = layer[kv, first:first + -(-n // layer.shape[2])].clone()
+                whole = pool[plane, first:first + -(-n // pool.shape[2])].clone()
             else:
-                whole = layer[kv].index_select(0, blocks)
+                if blocks.is_cuda:  # a plan made earlier, maybe on another stream
+                    _cuda.ready(blocks, torch.cuda.current_stream(blocks.device))
+                whole = pool[plane].index_select(0, blocks)
             return whole.flatten(0, 1)[:n]
-        return self._flat(layer)[kv].index_select(0, slots)
+        return self._flat(pool)[plane].index_select(0, slots)
 
-    def copy_blocks(self, layer: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def copy_blocks(self, pool: torch.Tensor, src: torch.Tensor,
+                    dst: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
+        if pool.is_cuda:
+            stream = self._order.begin(pool, src, dst)
+            pool.index_copy_(1, dst, pool.index_select(1, src))
+            self._order.end(pool, stream)
+            return pool
         # index_select makes a new tensor first, so overlapping src/dst copy correctly.
-        layer.index_copy_(1, dst, layer.index_select(1, src))
+        pool.index_copy_(1, dst, pool.index_select(1, src))
+        return pool
 
-    def transfer_blocks(self, src_layer: torch.Tensor, src: torch.Tensor,
-                        dst_layer: torch.Tensor, dst: torch.Tensor) -> None:
+    def transfer_blocks(self, src_pool: torch.Tensor, src: torch.Tensor,
+                        dst_pool: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
-        s_dev, d_dev = src_layer.device, dst_layer.device
-        if s_dev == d_dev:
-            dst_layer.index_copy_(1, dst, src_layer.index_select(1, src))
-        elif d_dev.type == "cpu":
-            self._device_to_host(src_layer, src, dst_layer, dst)
-        elif s_dev.type == "cpu":
-            staging = torch.empty((2, src.numel(), *src_layer.shape[2:]),
-                                  dtype=src_layer.dtype, pin_memory=True)
-            torch.index_select(src_layer, 1, src, out=staging)
-            dst_layer.index_copy_(1, dst, staging.to(d_dev, non_blocking=True))
-        else:
-            moved = src_layer.index_select(1, src).to(d_dev, non_blocking=True)
-            dst_layer.index_copy_(1, dst, moved)
+        if src_pool.is_cuda or dst_pool.is_cuda:
+            return self._transfer_cuda([src_pool], src, [dst_pool], dst)[0]
+        dst_pool.index_copy_(1, dst, src_pool.index_select(1, src))
+        return dst_pool
 
-    def _device_to_host(self, src_layer: torch.Tensor, src: torch.Tensor,
-                        dst_layer: torch.Tensor, dst: torch.Tensor) -> None:
-        picked = src_layer.index_select(1, src)
-        staging = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
-        staging.copy_(picked, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(src_layer.device))
-        with self._pending_lock:
-            self._pending.append(_PendingHostScatter(done, staging, dst_layer, dst))
+    def transfer_blocks_layers(self, src_pools: Sequence[torch.Tensor], src: torch.Tensor,
+                               dst_pools: Sequence[torch.Tensor],
+                               dst: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer of a swap in one call: the chunks of all layers share two
+        pinned staging buffers, and the host lands each chunk while the next copies."""
+        if src_pools and (src_pools[0].is_cuda or dst_pools[0].is_cuda):
+            if self._pending:
+                self._finish_pending()
+            return self._transfer_cuda(src_pools, src, dst_pools, dst)
+        return super().transfer_blocks_layers(src_pools, src, dst_pools, dst)
+
+    def _transfer_cuda(self, src_pools: Sequence[torch.Tensor], src: torch.Tensor,
+                       dst_pools: Sequence[torch.Tensor], dst: torch.Tensor) -> list[torch.Tensor]:
+        """Chunked transfers with a GPU on at least one side (see :mod:`kvcore._staging`)."""
+        transfer = Transfer(self._staging_ops, self.transfer_chunk_bytes)
+        order = self._order
+        s_dev, d_dev = src_pools[0].device, dst_pools[0].device
+        try:
+            if d_dev.type == "cpu":  # swap out
+                ids = _cuda.host_ids(dst)
+                for s_pool, d_pool in zip(src_pools, dst_pools):
+                    stream = order.begin(s_pool, src)
+                    transfer.d2h(s_pool, src, d_pool, ids)
+                    order.end(s_pool, stream)
+            elif s_dev.type == "cpu":  # swap in
+                ids = _cuda.host_ids(src)
+                for s_pool, d_pool in zip(src_pools, dst_pools):
+                    stream = order.begin(d_pool, dst)
+                    transfer.h2d(s_pool, ids, d_pool, dst)
+                    order.end(d_pool, stream, transfer.last_event)
+            else:
+                for s_pool, d_pool in zip(src_pools, dst_pools):
+                    s_stream = order.begin(s_pool, src)
+                    d_stream = order.begin(d_pool, dst)
+                    transfer.d2d(s_pool, src, d_pool, dst, peer=s_dev != d_dev)
+                    order.end(d_pool, d_stream)
+                    order.end(s_pool, s_stream)
+        except BaseException as exc:
+            transfer.abort()
+            if isinstance(exc, torch.OutOfMemoryError) or (
+                    isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+                raise PoolAllocationError(
+                    f"torch ran out of memory moving {int(src.numel())} blocks per layer "
+                    f"from {s_dev} to {d_dev} in chunks of {self.transfer_chunk_bytes} "
+                    f"bytes: {exc}; the destination blocks hold partial data") from exc
+            raise
+        jobs = transfer.close()
+        if jobs:
+            with self._pending_lock:
+                self._pending.extend(jobs)
+        return list(dst_pools)
 
     def _finish_pending(self) -> None:
-        """Wait for in-flight GPU -> host copies and scatter them into their pools."""
+        """Wait for in-flight transfers and land GPU -> host copies in their pools."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
             for job in pending:
-                job.done.synchronize()
-                job.dst_layer.index_copy_(1, job.dst, job.staging)
+                job.finish(self._staging_ops)
 
     def synchronize(self, device: Device) -> None:
-        """Wait until every transfer to ``device`` has landed: the CUDA queue of a GPU
-        device, and the deferred host-side scatters of GPU -> host copies."""
+        """Wait until every operation this backend queued for ``device`` has run and
+        every transfer to it has landed: the last operation on each CUDA stream it used
+        there (the transfer's own event, never the whole device), and the deferred
+        host-side landings of GPU -> host copies."""
         if device.is_cuda and cuda_problem() is None:
-            torch.cuda.synchronize(_torch_device(device))
+            self._order.synchronize(device.index)
         if self._pending:
             self._finish_pending()
 
@@ -349,21 +440,22 @@ class TorchBackend(Backend):
     def describe(self, array: Any) -> tuple[tuple[int, ...], DType | None, Device]:
         if not isinstance(array, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor, got {type(array).__name__}")
-        device = _kv_device(array.device)
-        if device is None:
-            raise UnsupportedError(f"tensor is on device {str(array.device)!r}; kvcore "
-                                   "knows 'cpu' and 'cuda:N'")
-        return tuple(array.shape), _FROM_TORCH.get(array.dtype), device
+        return tuple(array.shape), _FROM_TORCH.get(array.dtype), _kv_device(array.device)
 
     def asarray(self, obj: Any, device: Device) -> torch.Tensor:
         """``obj`` as a tensor on ``device`` without copying.
 
-        Tensors pass through; anything else speaking DLPack (numpy, cupy, jax, a
-        :class:`~kvcore.TensorRef`) goes through ``torch.from_dlpack`` and shares its
-        memory.  Read-only numpy arrays are shared too (the cache only reads K/V).  One
-        exception: an array with negative strides (``a[::-1]``) is copied once first,
-        keeping its dtype, because DLPack import in torch cannot represent it.
+        Tensors (and :class:`~kvcore.TensorRef`s holding one) pass through; anything
+        else speaking DLPack (numpy, cupy, jax) goes through ``torch.from_dlpack`` and
+        shares its memory.  A CUDA producer is imported with its GPU made current, so
+        a ``cuda:1`` array imports while ``cuda:0`` is current, and the producer orders
+        its work before torch's current stream of that GPU.  Read-only numpy arrays are
+        shared too (the cache only reads K/V).  One exception: an array with negative
+        strides (``a[::-1]``) is copied once first, keeping its dtype, because DLPack
+        import in torch cannot represent it.
         """
+        if isinstance(obj, TensorRef) and isinstance(obj.native, torch.Tensor):
+            obj = obj.native
         if isinstance(obj, torch.Tensor):
             where = _kv_device(obj.device)
             if where != device:
@@ -382,14 +474,22 @@ class TorchBackend(Backend):
             # torch.from_dlpack aborts the process on negative strides (torch 2.x).
             obj = obj.copy()
         try:
+            if device.is_cuda:
+                with torch.cuda.device(device.index):
+                    return torch.from_dlpack(obj)
             return torch.from_dlpack(obj)
         except (BufferError, RuntimeError) as exc:
             if isinstance(obj, np.ndarray):  # e.g. a read-only array on numpy < 2
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # "not writable": we only read
                     return torch.as_tensor(obj)
+            dtype = str(getattr(obj, "dtype", ""))
+            if "Unsupported dtype" in str(exc) or "dtype" in str(exc).lower():
+                raise DtypeMismatchError(f"torch could not import the {type(obj).__name__} "
+                                         f"of dtype {dtype or '?'} through DLPack: "
+                                         f"{exc}") from exc
             raise TypeError(f"torch could not import the {type(obj).__name__} through "
-                            f"DLPack: {exc}") from exc
+                            f"DLPack: {type(exc).__name__}: {exc}") from exc
 
     def to_numpy(self, array: torch.Tensor) -> np.ndarray:
         """A host copy; ``bfloat16`` is widened to ``float32`` (numpy has no bf16)."""
@@ -397,6 +497,8 @@ class TorchBackend(Backend):
             raise TypeError(f"expected a torch.Tensor, got {type(array).__name__}")
         if self._pending:
             self._finish_pending()
+        if array.is_cuda:  # a pool: after this backend's last operation on it
+            self._order.begin(array)
         tensor = array.detach()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
@@ -408,3 +510,9 @@ class TorchBackend(Backend):
         # np.array copies: the result must not alias the caller's array.
         host = torch.from_numpy(np.array(array, copy=True, order="C"))
         return host.to(device=_torch_device(device), dtype=_TORCH_DTYPES[dtype])
+
+    def array_ops(self) -> ArrayOps:
+        return _OPS
+
+
+_OPS = TorchOps(torch)

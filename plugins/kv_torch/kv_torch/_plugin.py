@@ -10,7 +10,7 @@ def kvcore_backends() -> list[kvcore.BackendSpec]:
     return [kvcore.BackendSpec(
         name="torch",
         load="kv_torch._backend:TorchBackend",
-        api_version=1,
+        api_version=2,
         requires=("torch",),
         description="PyTorch tensors (cpu, cuda:N; float16, bfloat16, float32)",
         install_hint='pip install "kvcore[torch]"',

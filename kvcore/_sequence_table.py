@@ -1,0 +1,195 @@
+"""SequenceTables: every live sequence's state, as arrays indexed by a row number.
+
+A decode step touches every running sequence; keeping lengths, block tables,
+written counts and prefix-chain state in numpy arrays indexed by *row* (not in one
+Python object per sequence) lets the manager do a whole step in a fixed number of
+array operations, whatever the batch size.
+
+A row belongs to one sequence from allocation to deallocation.  Its ``version`` is
+bumped whenever the sequence's existing slots move (copy-on-write, fork, swap,
+truncate, release), so a :class:`~kvcore.SlotMapping` made before is recognised as
+stale; a released row keeps counting, so a mapping can never match a later owner of
+the same row.
+
+:class:`SequenceRecord` is the identity a handle holds: request id, row, cache id and
+validity.  The managed :class:`BlockTable` view reads the arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from ._block_table import BlockTable
+from .errors import CacheError
+
+__all__ = ["ManagedBlockTable", "SequenceRecord", "SequenceTables"]
+
+_ids = itertools.count()
+
+
+class SequenceTables:
+    """Per-row state of every live sequence of one manager (see the module docstring)."""
+
+    def __init__(self, block_size: int, num_layers: int, rows: int = 16,
+                 width: int = 8) -> None:
+        self.block_size = block_size
+        self.num_layers = num_layers
+        self._alloc(rows, width)
+        self._free_rows = list(range(rows - 1, -1, -1))
+
+    def _alloc(self, rows: int, width: int) -> None:
+        bs, layers = self.block_size, self.num_layers
+        #: Physical block ids in logical order (-1 past the end); swap-pool ids while
+        #: the sequence is swapped out.
+        self.blocks = np.full((rows, width), -1, dtype=np.int64)
+        self.num_blocks = np.zeros(rows, dtype=np.int64)
+        self.length = np.zeros(rows, dtype=np.int64)
+        #: Tokens whose K/V are written, per layer (a written prefix).
+        self.written = np.zeros((rows, layers), dtype=np.int64)
+        self.version = np.zeros(rows, dtype=np.int64)
+        #: Prompt tokens served from the prefix cache at allocation.
+        self.cached = np.zeros(rows, dtype=np.int64)
+        #: Blocks [0, joined) were shared while their prefill was still in flight;
+        #: reads check them until every layer is written.
+        self.joined = np.zeros(rows, dtype=np.int64)
+        self.swapped = np.zeros(rows, dtype=bool)
+        # The prefix chain: whether full blocks keep being recorded, how many are, the
+        # key of each, the salt, and the token ids known from the start.
+        self.hashing = np.zeros(rows, dtype=bool)
+        self.hashed = np.zeros(rows, dtype=np.int64)
+        self.chain_key = np.zeros((rows, width), dtype=np.uint64)
+        self.salt = np.zeros(rows, dtype=np.int64)
+        self.token_ids = np.zeros((rows, width * bs), dtype=np.int32)
+        self.known = np.zeros(rows, dtype=np.int64)
+        self.last_access = np.zeros(rows, dtype=np.float64)
+
+    _FIELDS = ("blocks", "num_blocks", "length", "written", "version", "cached", "joined",
+               "swapped", "hashing", "hashed", "chain_key", "salt", "token_ids", "known",
+               "last_access")
+    _WIDE = {"blocks": -1, "chain_key": 0, "token_ids": 0}
+
+    @property
+    def capacity(self) -> int:
+        return self.length.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Blocks a row can hold before the arrays widen."""
+        return self.blocks.shape[1]
+
+    # --- rows ---------------------------------------------------------------------
+
+    def take_row(self) -> int:
+        if not self._free_rows:
+            old = self.capacity
+            for name in self._FIELDS:
+                array = getattr(self, name)
+                grown = np.zeros((2 * old, *array.shape[1:]), dtype=array.dtype)
+                if name == "blocks":
+                    grown[:] = -1
+                grown[:old] = array
+                setattr(self, name, grown)
+            self._free_rows = list(range(2 * old - 1, old - 1, -1))
+        return self._free_rows.pop()
+
+    def release_row(self, row: int) -> None:
+        """Forget the row's sequence; its version moves on so old mappings stay stale."""
+        self.blocks[row] = -1
+        for name in ("num_blocks", "length", "cached", "joined", "hashed", "known", "salt"):
+            getattr(self, name)[row] = 0
+        self.written[row] = 0
+        self.swapped[row] = False
+        self.hashing[row] = False
+        self.version[row] += 1
+        self._free_rows.append(row)
+
+    def ensure_width(self, blocks: int) -> None:
+        """Make room for rows of ``blocks`` blocks."""
+        if blocks <= self.width:
+            return
+        new = max(blocks, 2 * self.width)
+        bs = self.block_size
+        for name, fill in self._WIDE.items():
+            array = getattr(self, name)
+            cols = new * bs if name == "token_ids" else new
+            grown = np.full((array.shape[0], cols), fill, dtype=array.dtype)
+            grown[:, :array.shape[1]] = array
+            setattr(self, name, grown)
+
+    def row_blocks(self, row: int) -> np.ndarray:
+        """The row's blocks in logical order (a view)."""
+        return self.blocks[row, :self.num_blocks[row]]
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row ``dst`` a copy of row ``src`` (fork)."""
+        for name in self._FIELDS:
+            if name != "version":
+                getattr(self, name)[dst] = getattr(self, name)[src]
+
+    def live_rows(self) -> Iterable[int]:
+        free = set(self._free_rows)
+        return (r for r in range(self.capacity) if r not in free)
+
+
+class SequenceRecord:
+    """A live (or ended) sequence: what a handle points to.  State lives in the
+    manager's :class:`SequenceTables` row ``row``."""
+
+    __slots__ = ("request_id", "row", "cache_id", "valid", "read_key", "read_index",
+                 "table")
+
+    def __init__(self, request_id: str, row: int, tables: SequenceTables,
+                 grow: Callable[[SequenceRecord, int], Any]) -> None:
+        self.request_id = request_id
+        self.row = row
+        self.cache_id = f"{request_id}#{next(_ids)}"
+        self.valid = True
+        #: (version, tokens) of the cached read index, and the index.
+        self.read_key: tuple[int, int] | None = None
+        self.read_index: Any = None
+        #: The live, guarded block table handed out by ``block_table_mut``.
+        self.table = ManagedBlockTable(tables, self, grow)
+
+
+class ManagedBlockTable(BlockTable):
+    """The live table of a managed sequence: reads the manager's arrays.  Growth is
+    routed through the manager so accounting and copy-on-write stay right; blocks
+    cannot be added by hand."""
+
+    __slots__ = ("_tables", "_seq", "_grow")
+
+    def __init__(self, tables: SequenceTables, seq: SequenceRecord,
+                 grow: Callable[[SequenceRecord, int], Any]) -> None:
+        self._block_size = tables.block_size
+        self._tables = tables
+        self._seq = seq
+        self._grow = grow
+
+    @property  # type: ignore[override]
+    def _blocks(self) -> list[int]:
+        if not self._seq.valid:
+            return []
+        return self._tables.row_blocks(self._seq.row).tolist()
+
+    @property  # type: ignore[override]
+    def _length(self) -> int:
+        return int(self._tables.length[self._seq.row]) if self._seq.valid else 0
+
+    def add_blocks(self, blocks: Iterable[int]) -> None:
+        raise CacheError("blocks of a managed cache come from its manager's pool; use "
+                         "KvCacheManager.extend(handle, num_tokens) to grow it")
+
+    def extend_sequence(self, num_tokens: int) -> None:
+        # Validate and refuse exactly as a plain table would, without changing it...
+        probe = self.copy()
+        probe.extend_sequence(num_tokens)
+        # ...then let the manager grow it (copy-on-write of a shared last block).
+        if probe.sequence_length != self._length:
+            self._grow(self._seq, probe.sequence_length - self._length)
+
+    def __reduce__(self) -> Any:
+        return (BlockTable, (self._block_size, self._blocks, self._length))

@@ -1,0 +1,236 @@
+"""Writing K/V into a sequence's slots and reading them back, copy-on-write safe.
+
+**One rule for every write path** (``write``, ``write_slots``, the decode fast path):
+a write goes into a block in place only if the prefix cache cannot serve that block
+and no other table holds it, except for the first write of the row that fills a
+block others joined while its prefill was in flight.  Otherwise ``write`` copies the
+block first (copy-on-write) and ``write_slots`` refuses the mapping as stale: its
+slots point into a block it may no longer change.
+
+A :class:`~kvcore.SlotMapping` is stale when it was made by another manager, when a
+sequence it covers moved its slots since (version), or when one of its blocks is no
+longer writable by the rule above.  The checks are vectorised over the mapping; for
+the mapping of the last decode step they run once per step, not once per layer
+(:class:`FastPath`), until anything moves.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ._coordinator import Coordinator
+from ._sequence_table import SequenceRecord
+from ._slot_mapping import SlotMapping
+from ._tensor_ref import TensorRef
+from .errors import OutOfBlocksError, PendingPrefixError, StaleSlotMappingError, WriteOrderError
+
+__all__ = ["FastPath", "prepare_fast_path", "read_layer", "settle", "write_mapping",
+           "write_range"]
+
+
+class FastPath:
+    """The last decode step's mapping with its checks done once.  Valid while the
+    coordinator's epoch is unchanged.  ``first[layer]`` says the layer is written
+    exactly up to the mapping's starts (so every slot is a first write into a block
+    the sequence may write in place) and has not been written through the fast path
+    yet.  What a fast write changes in the books (written counts, filled blocks) is
+    recorded in ``pending`` and applied by :func:`settle` before anything reads it,
+    so a write costs the scatter and a few attribute checks."""
+
+    __slots__ = ("mapping", "epoch", "first", "index", "rows", "tokens", "pending", "settled",
+                 "touched", "_row_set")
+
+    def __init__(self, mapping: SlotMapping, epoch: int, first: list[bool], index: Any) -> None:
+        self.mapping = mapping
+        self.epoch = epoch
+        self.first = first
+        self.index = index
+        self.rows = mapping.rows
+        self.tokens = mapping.num_tokens
+        #: Layers written through the fast path whose books are not updated yet, and
+        #: how many layers' books were updated so far.
+        self.pending: list[int] = []
+        self.settled = 0
+        #: Whether another write touched the mapping's sequences (their written counts
+        #: then say nothing about the next step).
+        self.touched = False
+        self._row_set: frozenset[int] | None = None
+
+    def wrote_every_layer(self, num_layers: int) -> bool:
+        """Every layer was written through the fast path and nothing else wrote these
+        sequences: each is now written exactly up to the mapping's ends."""
+        return self.settled == num_layers and not self.pending and not self.touched
+
+    def covers(self, row: int) -> bool:
+        if self._row_set is None:
+            self._row_set = frozenset(self.rows.tolist())
+        return row in self._row_set
+
+
+def settle(co: Coordinator, fast: FastPath) -> None:
+    """Apply the books of the fast writes so far: written counts, filled blocks."""
+    layers = np.asarray(fast.pending, dtype=np.int64)
+    fast.settled += layers.size
+    fast.pending = []
+    mapping = fast.mapping
+    co.tables.written[np.ix_(mapping.rows, layers)] = mapping.ends[:, None]
+    bs = co.block_size
+    done = mapping.slots[mapping.slots % bs == bs - 1] // bs
+    if done.size:
+        new = co.store.mark_filled(layers, done)
+        if new.size:
+            co.index.on_complete(new)
+
+
+def _complete_blocks(co: Coordinator, layer: int, slots: np.ndarray) -> None:
+    """Record blocks a write to ``layer`` filled.  Writes always extend a written
+    prefix, so writing a block's last slot means the whole block is there."""
+    bs = co.block_size
+    done = slots[slots % bs == bs - 1] // bs
+    new = co.store.mark_filled(layer, done)
+    if new.size:
+        co.index.on_complete(new)
+
+
+def write_range(co: Coordinator, row: int, request_id: str, layer: int, key: Any, value: Any,
+                n: int, start: int, fast: FastPath | None) -> None:
+    """Write ``n`` tokens of one sequence at positions ``[start, start + n)``; the
+    caller validated the arrays and the range.  Blocks that may not be written in
+    place are copied first."""
+    t, bs = co.tables, co.block_size
+    written = int(t.written[row, layer])
+    if start > written:
+        raise WriteOrderError(f"write at position {start} of layer {layer} would leave "
+                              f"positions {written}..{start - 1} unwritten")
+    lo, hi = start // bs, -(-(start + n) // bs)
+    logical = np.arange(lo, hi)
+    blocks = t.blocks[row, lo:hi]
+    first = np.maximum(start, logical * bs) >= written
+    ok = co.writable(np.full(blocks.size, row), blocks, first)
+    if not ok.all():
+        need = int(np.count_nonzero(~ok))
+        if need > co.pool.num_free:
+            co.counters.failures += 1
+            raise OutOfBlocksError(f"copy-on-write for request {request_id!r} needs {need} "
+                                   f"blocks but only {co.pool.num_free} are free")
+        co.copy_on_write(row, logical[~ok])
+    positions = np.arange(start, start + n)
+    slots = t.blocks[row, positions // bs] * bs + positions % bs
+    co.store.scatter(layer, co.store.index(slots), key, value)
+    t.written[row, layer] = max(written, start + n)
+    t.last_access[row] = time.time()
+    _complete_blocks(co, layer, slots)
+    if fast is not None and fast.covers(row):
+        fast.first[layer] = False  # this layer's written counts moved under the mapping
+        fast.touched = True
+
+
+def _stale(mapping: SlotMapping, rows_at_fault: np.ndarray, why: str) -> StaleSlotMappingError:
+    ids = [mapping.request_ids[i] for i in np.flatnonzero(rows_at_fault).tolist()]
+    return StaleSlotMappingError(f"the slot mapping of request(s) {ids} is stale: {why}; "
+                                 "make a new one with extend/extend_batch")
+
+
+def check_mapping(co: Coordinator, mapping: SlotMapping, layer: int) -> np.ndarray:
+    """Every check of a mapping before writing ``layer``; returns the written counts
+    of its sequences at ``layer``."""
+    t = co.tables
+    rows = mapping.rows
+    moved = t.version[rows] != mapping.versions
+    if moved.any():
+        raise _stale(mapping, moved, "their blocks moved (fork, copy-on-write, swap, "
+                     "truncate or deallocation) since it was made")
+    written = t.written[rows, layer]
+    gap = mapping.starts > written
+    if gap.any():
+        i = int(np.argmax(gap))
+        raise WriteOrderError(f"request {mapping.request_ids[i]!r}: write at position "
+                              f"{mapping.starts[i]} of layer {layer} would leave positions "
+                              f"{written[i]}..{mapping.starts[i] - 1} unwritten")
+    counts = mapping.ends - mapping.starts
+    slot_rows = np.repeat(rows, counts)
+    offsets = np.arange(mapping.slots.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    first = np.repeat(mapping.starts, counts) + offsets >= np.repeat(written, counts)
+    ok = co.writable(slot_rows, mapping.slots // co.block_size, first)
+    if not ok.all():
+        bad = np.zeros(rows.size, dtype=bool)
+        bad[np.repeat(np.arange(rows.size), counts)[~ok]] = True
+        raise _stale(mapping, bad, f"writing layer {layer} would change blocks that another "
+                     "sequence now shares or that the prefix cache serves")
+    return written
+
+
+def write_mapping(co: Coordinator, mapping: SlotMapping, layer: int, key: Any, value: Any,
+                  fast: FastPath | None) -> None:
+    """Write every token of ``mapping`` into ``layer`` after every check (arrays
+    validated by the caller, fast writes settled)."""
+    t = co.tables
+    written = check_mapping(co, mapping, layer)
+    co.store.scatter(layer, mapping.native(co.backend, co.config.device), key, value)
+    t.written[mapping.rows, layer] = np.maximum(written, mapping.ends)
+    _complete_blocks(co, layer, mapping.slots)
+    if fast is not None and (fast.mapping is mapping or
+                             any(fast.covers(r) for r in mapping.rows.tolist())):
+        fast.first[layer] = False
+        fast.touched = True
+
+
+def prepare_fast_path(co: Coordinator, mapping: SlotMapping, previous: FastPath | None, *,
+                      checked: bool = False) -> FastPath | None:
+    """The once-per-step checks of a decode step's mapping; ``None`` if no layer is
+    written exactly up to the starts, or a slot is not writable in place.
+    ``checked`` says the extension itself proved every slot writable (nothing was
+    shared since the batch was last checked: only its own fresh or private blocks).
+    ``previous`` is the last step's fast path, settled: when it covered the same
+    sequences and wrote every layer, every layer is written up to the new starts."""
+    t = co.tables
+    rows = mapping.rows
+    layers = co.config.num_layers
+    if checked and previous is not None and previous.rows is rows and \
+            previous.wrote_every_layer(layers):
+        first = [True] * layers
+    else:
+        first_arr = (t.written[rows] == mapping.starts[:, None]).all(axis=0)
+        if not first_arr.any():
+            return None
+        first = first_arr.tolist()
+    if not checked:
+        counts = mapping.ends - mapping.starts
+        ok = co.writable(np.repeat(rows, counts), mapping.slots // co.block_size,
+                         np.ones(mapping.slots.size, dtype=bool))
+        if not ok.all():
+            return None
+    return FastPath(mapping, co.epoch, first, mapping.native(co.backend, co.config.device))
+
+
+def read_layer(co: Coordinator, seq: SequenceRecord, layer: int,
+               plane: int) -> TensorRef | None:
+    """K (``plane=0``) or V (``plane=1``) of the tokens written to ``layer``, in
+    logical order, as a new array."""
+    t, c = co.tables, co.config
+    row, request_id = seq.row, seq.request_id
+    n = int(t.written[row, layer])
+    if n == 0:
+        return None
+    joined = int(t.joined[row])
+    if joined:
+        shared = t.blocks[row, :joined]
+        if not co.store.filled[shared, layer].all():
+            raise PendingPrefixError(f"request {request_id!r} joined a prefix whose prefill "
+                                     f"has not written layer {layer} yet; read it after "
+                                     "the writer's write of that layer")
+        if co.store.complete[shared].all():
+            t.joined[row] = 0
+    key = (int(t.version[row]), n)
+    if seq.read_key != key:  # the same index serves every layer, K and V
+        bs = co.block_size
+        positions = np.arange(n)
+        slots = t.blocks[row, positions // bs] * bs + positions % bs
+        seq.read_index = co.store.index(slots)
+        seq.read_key = key
+    array = co.store.gather(layer, plane, seq.read_index)
+    t.last_access[row] = time.time()
+    return TensorRef(array, (n, c.num_kv_heads, c.head_dim), c.dtype, c.device, co.backend)

@@ -16,8 +16,8 @@ parties can read reveals neither which prompts were cached nor how to aim a coll
 at one (issue 10; vLLM's GHSA-rm76-4mrf-v9r8 is the cautionary tale).  Processes that
 must share blocks must share ``hash_key`` (and keep it secret).
 
-Cost: one BLAKE2b call per block over ``4 * block_size + 40`` bytes, about 1 us for a
-16-token block on this machine (``kvcore bench -w store`` reports it).  Chaining makes
+Cost: one BLAKE2b call per block over ``4 * block_size + 40`` bytes, about 0.5 us for
+a 16-token block on this machine (``kvcore bench -w store`` reports it).  Chaining makes
 each key depend on the previous one, so the per-block loop cannot be vectorised; the
 token array is validated and converted to little-endian int32 in one numpy call each.
 """

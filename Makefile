@@ -10,7 +10,7 @@ STAMP := $(VENV)/.kvcore-installed
 # pull a multi-GB CUDA build, so pin it before anything can ask for torch.
 TORCH_PIN ?= torch==2.13.0
 INSTALL_DEPS := pyproject.toml plugins/kv_numpy/pyproject.toml plugins/kv_torch/pyproject.toml \
-	plugins/kv_cupy/pyproject.toml conformance/pyproject.toml requirements-dev.txt Makefile
+	plugins/kv_cupy/pyproject.toml plugins/kv_jax/pyproject.toml conformance/pyproject.toml requirements-dev.txt Makefile
 
 .PHONY: setup test demo bench backends conformance clean
 
@@ -20,7 +20,7 @@ $(STAMP): $(INSTALL_DEPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_PIN)"
 	$(PIP) install -e ".[transformers,plot]" -e plugins/kv_numpy -e plugins/kv_torch \
-		-e "plugins/kv_cupy[cuda12]" -e conformance -r requirements-dev.txt
+		-e "plugins/kv_cupy[cuda12]" -e plugins/kv_jax -e conformance -r requirements-dev.txt
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -36,7 +36,7 @@ backends: $(STAMP)
 	$(VENV)/bin/kvcore backends
 
 conformance: $(STAMP)
-	$(VENV)/bin/kvcore conformance numpy torch
+	$(VENV)/bin/kvcore conformance numpy torch jax
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info */*.egg-info plugins/*/*.egg-info .pytest_cache .hypothesis

@@ -41,7 +41,7 @@ from ._convert import JAX_DTYPES, from_jax_dtype, host_view, import_array, narro
 from ._devices import cpu_device, kv_device
 from ._handle import JaxKvCacheHandle
 from ._index import MAX_SLOTS, JaxIndex, pad_rows
-from ._kernels import KERNELS
+from ._kernels import Kernels, default_kernels
 from ._selfcheck import bit_exact_problems
 
 __all__ = ["JaxBackend"]
@@ -98,7 +98,9 @@ class JaxBackend(Backend):
     api_version = 2
     handle_class = JaxKvCacheHandle
 
-    def __init__(self) -> None:
+    def __init__(self, kernels: Kernels | None = None) -> None:
+        """``kernels`` replace the process-wide compiled kernels (tests)."""
+        self._k = kernels if kernels is not None else default_kernels()
         self._caps: BackendCapabilities | None = None
         self._caps_lock = threading.Lock()
         self._outstanding = _Outstanding()
@@ -157,8 +159,7 @@ class JaxBackend(Backend):
                                    f"slots ({shape[1]} blocks of {shape[2]}) exceeds "
                                    f"{MAX_SLOTS - 1}")
         try:
-            with jax.default_device(cpu_device()):
-                pool = KERNELS.zeros(tuple(int(s) for s in shape), JAX_DTYPES[dtype])
+            pool = self._k.zeros(tuple(int(s) for s in shape), JAX_DTYPES[dtype])
             # Allocation is asynchronous: surface an out-of-memory here, not later.
             return pool.block_until_ready()
         except (MemoryError, RuntimeError, ValueError) as exc:  # XlaRuntimeError: RuntimeError
@@ -184,7 +185,7 @@ class JaxBackend(Backend):
         prepared = self._planes(pool, idx, rows)
         if idx.size == 0:
             return pool
-        out = KERNELS.scatter(pool, idx.device, prepared)
+        out = self._k.scatter(pool, idx.device, prepared)
         self._outstanding.add((out,))
         return out
 
@@ -199,7 +200,7 @@ class JaxBackend(Backend):
         prepared = tuple(self._planes(p, idx, r) for p, r in zip(pools, rows))
         if idx.size == 0 or not pools:
             return list(pools)
-        out = KERNELS.scatter_layers(pools, idx.device, prepared)
+        out = self._k.scatter_layers(pools, idx.device, prepared)
         self._outstanding.add(out)
         return list(out)
 
@@ -214,7 +215,7 @@ class JaxBackend(Backend):
         tail = tuple(pool.shape[3:])
         if idx.size == 0:
             return jax.device_put(np.zeros(idx.shape + tail, pool.dtype), cpu_device())
-        out = KERNELS.gather(pool, int(plane), idx.device)
+        out = self._k.gather(pool, int(plane), idx.device)
         if idx.size == idx.bucket and len(idx.shape) == 1:
             return out.block_until_ready()
         # Drop the padding without compiling a slice for this length: a view of the
@@ -228,7 +229,7 @@ class JaxBackend(Backend):
         s, d = _block_pair(src, dst, pool, pool, "copy_blocks")
         if s.size == 0:
             return pool
-        out = KERNELS.copy_blocks(pool, s.device, d.device)
+        out = self._k.copy_blocks(pool, s.device, d.device)
         self._outstanding.add((out,))
         return out
 
@@ -241,7 +242,7 @@ class JaxBackend(Backend):
             s, d = _block_pair(src, dst, pool, pool, "copy_blocks_layers")
         if s.size == 0:
             return list(pools)
-        out = KERNELS.copy_blocks_layers(pools, s.device, d.device)
+        out = self._k.copy_blocks_layers(pools, s.device, d.device)
         self._outstanding.add(out)
         return list(out)
 
@@ -254,7 +255,7 @@ class JaxBackend(Backend):
         s, d = _block_pair(src, dst, src_pool, dst_pool, "transfer_blocks")
         if s.size == 0:
             return dst_pool
-        out = KERNELS.transfer_blocks(src_pool, s.device, dst_pool, d.device)
+        out = self._k.transfer_blocks(src_pool, s.device, dst_pool, d.device)
         self._outstanding.add((out,))
         return out
 
@@ -274,7 +275,7 @@ class JaxBackend(Backend):
             s, d = _block_pair(src, dst, a, b, "transfer_blocks_layers")
         if s.size == 0:
             return list(dsts)
-        out = KERNELS.transfer_blocks_layers(srcs, s.device, dsts, d.device)
+        out = self._k.transfer_blocks_layers(srcs, s.device, dsts, d.device)
         self._outstanding.add(out)
         return list(out)
 

@@ -24,12 +24,15 @@ only the dtypes that pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
-__all__ = ["COMPILER_OPTIONS", "KERNELS", "Kernels"]
+from ._devices import cpu_device
+
+__all__ = ["COMPILER_OPTIONS", "Kernels", "default_kernels"]
 
 #: Per-computation XLA options of every kernel (see the module docstring).
 COMPILER_OPTIONS = {"xla_disable_hlo_passes": "float-normalization-bf16"}
@@ -111,14 +114,19 @@ class Kernels:
         self.transfer_blocks = _jit(_move, donate_argnums=2)
         self.transfer_blocks_layers = _jit(_move_layers, donate_argnums=2)
         #: ``zeros(shape, dtype)``: a pool XLA owns (never one aliasing numpy memory,
-        #: which JAX could not donate).
-        self.zeros = jax.jit(_zeros, static_argnums=(0, 1))
+        #: which JAX could not donate), *committed* to the CPU device like every
+        #: kernel output, so the first write finds the executable the later ones use
+        #: (jit's cache tells committed and uncommitted arguments apart).
+        self.zeros = jax.jit(_zeros, static_argnums=(0, 1),
+                             out_shardings=jax.sharding.SingleDeviceSharding(cpu_device()))
 
     def cache_sizes(self) -> dict[str, int]:
         """Compiled executables per kernel (``jax.jit``'s own cache)."""
         return {name: fn._cache_size() for name, fn in vars(self).items()}
 
 
-#: The process-wide kernels: compiled executables are shared by every backend
-#: instance and every manager.
-KERNELS = Kernels()
+@functools.cache
+def default_kernels() -> Kernels:
+    """The process-wide kernels: compiled executables are shared by every backend
+    instance and every manager.  Made on first use (it needs JAX's CPU device)."""
+    return Kernels()

@@ -20,6 +20,10 @@ class JaxOps(NamespaceOps):
     def __init__(self) -> None:
         super().__init__(jnp, "jax")
 
+    @property
+    def array_modules(self) -> tuple[str, ...]:
+        return ("jax", "jaxlib")  # jax.Array's concrete type is jaxlib's ArrayImpl
+
     def from_host(self, host: np.ndarray, like: Any) -> Any:
         # A private copy: device_put may alias host memory, and the caller's array
         # may change after this returns.

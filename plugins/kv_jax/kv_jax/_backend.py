@@ -38,7 +38,8 @@ from kvcore.errors import (ArrayMismatchError, BackendUnavailableError, DeviceMi
 
 from ._array_ops import JaxOps
 from ._convert import JAX_DTYPES, from_jax_dtype, host_view, import_array, narrow, to_host
-from ._devices import cpu_device, kv_device
+from ._devices import CPU as _CPU
+from ._devices import cpu_device, device_of
 from ._handle import JaxKvCacheHandle
 from ._index import MAX_SLOTS, JaxIndex, pad_rows
 from ._kernels import Kernels, default_kernels
@@ -47,8 +48,19 @@ from ._selfcheck import bit_exact_problems
 __all__ = ["JaxBackend"]
 
 _Tracer = jax.core.Tracer
+
+
+def _array_type() -> type | None:
+    """The concrete array type (``jaxlib``'s ArrayImpl), for an exact-type fast path;
+    made on the CPU device so that importing this module never starts a GPU."""
+    try:
+        return type(jax.device_put(np.zeros(0, np.float32), cpu_device()))
+    except Exception:  # noqa: BLE001 - no CPU device: probe() reports JAX's reason
+        return None
+
+
+_ArrayImpl = _array_type()
 _ALL_DTYPES = (DType.float16, DType.bfloat16, DType.float32)
-_CPU = Device("cpu")
 #: Weak references kept for :meth:`JaxBackend.synchronize` before finished ones are
 #: pruned.
 _PRUNE_AT = 256
@@ -285,11 +297,11 @@ class JaxBackend(Backend):
             raise ShapeMismatchError(f"got rows for {len(rows)} planes, the pool has "
                                      f"{pool.shape[0]}")
         idx.check_bound(pool.shape[1] * pool.shape[2], "slot")
-        want = (idx.size,) + tuple(pool.shape[3:])
+        want = (idx.size,) + pool.shape[3:]
         out = []
         for plane, r in enumerate(rows):
             r = self.asarray(r, _CPU)
-            if tuple(r.shape) != want:
+            if r.shape != want:
                 raise ShapeMismatchError(f"rows of plane {plane} have shape {list(r.shape)}, "
                                          f"expected {list(want)}")
             if r.dtype != pool.dtype:
@@ -305,23 +317,23 @@ class JaxBackend(Backend):
     # --- arrays -------------------------------------------------------------------
 
     def describe(self, array: Any) -> tuple[tuple[int, ...], DType | None, Device]:
-        if isinstance(array, _Tracer) or not isinstance(array, jax.Array):
+        if not _concrete(array):
             raise TypeError(f"expected a concrete jax.Array, got {type(array).__name__}")
-        return tuple(array.shape), from_jax_dtype(array.dtype), _device_of(array)
+        return tuple(array.shape), from_jax_dtype(array.dtype), device_of(array)
 
     def asarray(self, obj: Any, device: Device) -> jax.Array:
         """``obj`` as a jax array on ``device``: jax arrays pass through as the very
         same object; numpy arrays and other DLPack producers on the CPU are copied
         once into a JAX-owned buffer (:mod:`kv_jax._convert` says why)."""
-        if isinstance(obj, _Tracer):
+        if type(obj) is not _ArrayImpl and isinstance(obj, _Tracer):
             raise TypeError("got a traced value (inside jax.jit, vmap or grad): the cache "
                             "stores concrete arrays, write it outside the traced function")
-        if isinstance(obj, jax.Array):
+        if type(obj) is _ArrayImpl or isinstance(obj, jax.Array):
             if obj.is_deleted():
                 raise TypeError("the jax.Array was deleted (donated to a jitted call or "
                                 ".delete()d): it holds no data any more")
-            where = _device_of(obj)
-            if where != device:
+            where = device_of(obj)
+            if where is not device and where != device:
                 raise DeviceMismatchError(f"jax array is on {where}, the cache is on {device}; "
                                           "move it first with jax.device_put")
             return obj
@@ -331,7 +343,7 @@ class JaxBackend(Backend):
 
     def to_numpy(self, array: Any) -> np.ndarray:
         """A host copy (bfloat16 widened to float32 exactly)."""
-        if not isinstance(array, jax.Array) or isinstance(array, _Tracer):
+        if not _concrete(array):
             raise TypeError(f"expected a jax.Array, got {type(array).__name__}")
         if array.is_deleted():
             raise ArrayMismatchError("to_numpy: the jax.Array was deleted (a pool is deleted "
@@ -350,16 +362,14 @@ class JaxBackend(Backend):
 _OPS = JaxOps()
 
 
-def _device_of(array: jax.Array) -> Device:
-    devices = array.sharding.device_set
-    if len(devices) != 1:
-        raise DeviceMismatchError(f"jax array is spread over {len(devices)} devices; the cache "
-                                  "lives on one, put it there with jax.device_put")
-    return kv_device(next(iter(devices)))
+def _concrete(obj: Any) -> bool:
+    """Whether ``obj`` is a concrete jax array (not a tracer); the common case first."""
+    return type(obj) is _ArrayImpl or (isinstance(obj, jax.Array)
+                                       and not isinstance(obj, _Tracer))
 
 
 def _live_pool(pool: Any, op: str) -> jax.Array:
-    if isinstance(pool, _Tracer) or not isinstance(pool, jax.Array):
+    if not _concrete(pool):
         raise TypeError(f"{op}: expected a pool (jax.Array), got {type(pool).__name__}")
     if pool.is_deleted():
         raise ArrayMismatchError(f"{op}: the pool was deleted: an earlier operation donated "

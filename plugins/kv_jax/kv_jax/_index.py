@@ -22,11 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 
 from ._convert import host_view
-from ._devices import cpu_device
+from ._devices import put_fixed
 
 __all__ = ["MAX_SLOTS", "JaxIndex", "bucket", "pad_rows"]
 
@@ -75,9 +74,9 @@ class JaxIndex:
         self.bucket = bucket(self.size)
         padded = np.full(self.bucket, _PAD, dtype=np.int32)
         padded[:self.size] = host.reshape(-1)
-        # ``padded`` is private: device_put may alias it (zero-copy on the CPU), and
-        # nothing ever writes to it again.
-        self.device = jax.device_put(padded, cpu_device())
+        # ``padded`` is private: the transfer may alias it (zero-copy on the CPU),
+        # and nothing ever writes to it again.
+        self.device = put_fixed(padded)
 
     def check_bound(self, limit: int, what: str) -> None:
         """Raise ``IndexError`` unless every index is below ``limit``."""
@@ -97,10 +96,10 @@ def pad_rows(rows: Any, length: int) -> Any:
 
     Done on the host so that no kernel is compiled for ``n``: a zero-copy numpy view
     of ``rows`` (which waits until they are computed), one copy into a fresh buffer,
-    and ``device_put`` of that private buffer.  The padding rows are dropped by the
+    and a transfer of that private buffer (compiled per bucket, not per length).  The padding rows are dropped by the
     write kernels; they are zero only so that nothing uninitialised exists.
     """
     host = host_view(rows)
     padded = np.zeros((length,) + host.shape[1:], dtype=host.dtype)
     padded[:host.shape[0]] = host
-    return jax.device_put(padded, cpu_device())
+    return put_fixed(padded)

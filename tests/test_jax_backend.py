@@ -19,7 +19,7 @@ import torch
 from kv_jax import JaxBackend, JaxKvCacheHandle
 from kv_jax._index import MAX_SLOTS, JaxIndex, bucket
 from kv_jax._kernels import Kernels
-from kv_jax._selfcheck import PATTERNS
+from kv_jax._selfcheck import PATTERNS, bit_exact_problems
 
 import kvcore
 from kvcore import AllocationRequest, CacheConfig, Device, DType, KvCacheManager
@@ -108,6 +108,11 @@ def test_devices_other_than_the_cpu_are_refused_with_the_name(be: JaxBackend) ->
     with pytest.raises(UnsupportedError, match="tpu"):
         KvCacheManager(CacheConfig(num_layers=1, num_kv_heads=H, head_dim=D, num_blocks=NB,
                                    block_size=BS, device="tpu"), backend=be)
+
+
+def test_self_check_passes_every_dtype_with_the_shipped_kernels(be: JaxBackend) -> None:
+    # The backend self-checks bfloat16 at start-up; float16 and float32 here.
+    assert bit_exact_problems(be, DTYPES) == {}
 
 
 def test_self_check_refuses_bfloat16_when_xla_normalises_it() -> None:

@@ -102,6 +102,18 @@ def test_discovery_and_plugin_import_do_not_import_jax() -> None:
     assert out.strip() == "[]"
 
 
+def test_unusable_jax_is_reported_unavailable_with_its_reason() -> None:
+    import os
+    code = ("import kvcore\n"
+            "try:\n    kvcore.get_backend('jax')\n"
+            "except kvcore.errors.BackendUnavailableError as exc:\n    print(exc)\n")
+    env = {**os.environ, "JAX_PLATFORMS": "tpu"}  # no TPU plugin here: JAX refuses
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120, env=env).stdout
+    assert "no usable CPU device" in out and "libtpu" in out  # JAX's own words
+    assert "JAX_PLATFORMS='tpu' must include 'cpu'" in out
+
+
 def test_devices_other_than_the_cpu_are_refused_with_the_name(be: JaxBackend) -> None:
     with pytest.raises(UnsupportedError, match="cuda:0"):
         be.allocate_layer(NB, BS, H, D, DType.float16, Device("cuda"))

@@ -131,8 +131,12 @@ class JaxBackend(Backend):
         try:
             cpu_device()
         except Exception as exc:  # noqa: BLE001 - RuntimeError, ValueError...: the reason
+            # JAX_PLATFORMS naming only a platform without its plugin fails inside JAX
+            # with a bare AssertionError: name the setting, the usual cause.
+            platforms = jax.config.jax_platforms
+            hint = f" (JAX_PLATFORMS={platforms!r} must include 'cpu')" if platforms else ""
             raise BackendUnavailableError(f"jax {jax.__version__} has no usable CPU device: "
-                                          f"{type(exc).__name__}: {exc}") from exc
+                                          f"{type(exc).__name__}: {exc}{hint}") from exc
 
     def capabilities(self) -> BackendCapabilities:
         """Declares bfloat16 only if its compiled kernels proved bit-exact on this

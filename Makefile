@@ -10,8 +10,8 @@ STAMP := $(VENV)/.kvcore-installed
 # pull a multi-GB CUDA build, so pin it before anything can ask for torch.
 TORCH_PIN ?= torch==2.13.0
 INSTALL_DEPS := pyproject.toml plugins/kv_numpy/pyproject.toml plugins/kv_torch/pyproject.toml \
-	plugins/kv_cupy/pyproject.toml plugins/kv_redis/pyproject.toml conformance/pyproject.toml \
-	requirements-dev.txt Makefile
+	plugins/kv_cupy/pyproject.toml plugins/kv_redis/pyproject.toml plugins/kv_jax/pyproject.toml \
+	conformance/pyproject.toml requirements-dev.txt Makefile
 
 .PHONY: setup test demo bench backends conformance gpu-check clean redis-server
 
@@ -38,7 +38,7 @@ $(STAMP): $(INSTALL_DEPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_PIN)"
 	$(PIP) install -e ".[transformers,plot,metrics]" -e plugins/kv_numpy -e plugins/kv_torch \
-		-e "plugins/kv_cupy[cuda12-sysctk]" -e plugins/kv_redis -e conformance \
+		-e "plugins/kv_cupy[cuda12-sysctk]" -e plugins/kv_redis -e plugins/kv_jax -e conformance \
 		-r requirements-dev.txt
 	touch $(STAMP)
 
@@ -55,7 +55,7 @@ backends: $(STAMP)
 	$(VENV)/bin/kvcore backends
 
 conformance: $(STAMP)
-	$(VENV)/bin/kvcore conformance numpy torch
+	$(VENV)/bin/kvcore conformance numpy torch jax
 
 # On a machine with an NVIDIA GPU: its own venv (.venv-gpu) with torch's CUDA build and
 # CuPy, `pytest -m gpu` with KVCORE_REQUIRE_GPU=1, the conformance suite on cuda, and a

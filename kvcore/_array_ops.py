@@ -26,6 +26,13 @@ class ArrayOps(abc.ABC):
     #: The library's import name (``"numpy"``, ``"torch"``...).
     name: str
 
+    @property
+    def array_modules(self) -> tuple[str, ...]:
+        """Top-level modules whose arrays belong to this library (what
+        ``type(a).__module__`` starts with): ``(name,)`` unless the array type lives
+        elsewhere (JAX arrays are ``jaxlib`` objects)."""
+        return (self.name,)
+
     @abc.abstractmethod
     def from_host(self, host: np.ndarray, like: Any) -> Any:
         """``host`` as an array of this library on ``like``'s device (a copy)."""

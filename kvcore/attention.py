@@ -249,7 +249,7 @@ def paged_attention(query: Any, kv_pool: Any, pages: Pages, seq_lens: Any = None
     if not hasattr(q, "shape"):
         raise TypeError(f"query must be a {ops.name} array like the pool, got "
                         f"{type(q).__name__}")
-    if q_library != ops.name:
+    if q_library not in ops.array_modules:
         raise ArrayMismatchError(f"query is a {q_library} array but kv_pool is a "
                                  f"{ops.name} array; use one library for both")
     if len(q.shape) != 4:

@@ -12,11 +12,15 @@ token ids equal the query's and its salt is the query's.  The whole chain is the
 proven identical, so two different prefixes can share a key (a collision, crafted or
 not) and cost a miss, never data.  Checks are vectorised over the run of candidates.
 
-Which copy owns a key: the first block recorded under it, until a block recorded
-under the same key becomes *complete* (K/V written for every layer) while the owner
-is not; then the complete one takes the key over.  A recorded block that is freed
-before it is complete loses its key at once.  So an aborted prefill never shadows a
-later, written copy of the same prompt.
+Which copy owns a key: the first block recorded under it whose parent is the root or
+registered itself (a lookup walks the chain from the root, so a block whose parent
+is not registered could never be reached, and would only keep a reachable copy
+computed later from registering).  The owner keeps the key until a *copy* of it (the
+same parent, tokens and salt) becomes *complete* (K/V written for every layer) while
+the owner is not; then the copy takes the key over, and the blocks recorded after
+the owner hang from the copy instead (the same content), so they stay reachable.  A
+recorded block that is freed before it is complete loses its key at once.  So an
+aborted prefill never shadows a later, written copy of the same prompt.
 
 ``complete`` is owned by the KV store (:mod:`kvcore._kv_store`); the index only reads it.
 """
@@ -115,19 +119,33 @@ class PrefixIndex:
                 self._claim(waiting)
 
     def _claim(self, blocks: np.ndarray) -> None:
-        """Register the blocks that may own their key.  A displaced holder is always
-        incomplete, hence in use (a block freed before completion loses its key at
-        once), so no free cached block is ever displaced."""
-        by_key, keyed, complete = self._by_key, self.keyed, self._complete
+        """Register the blocks that may own their key (see the module docstring); a
+        sequence's blocks come in logical order, so a parent is settled before its
+        children.  A displaced holder is always incomplete, hence in use (a block
+        freed before completion loses its key at once), so no free cached block is
+        ever displaced."""
+        by_key, keyed, complete, parent = self._by_key, self.keyed, self._complete, self.parent
         for block, key in zip(blocks.tolist(), self.key[blocks].tolist()):
+            up = int(parent[block])
             holder = by_key.get(key)
             if holder is None:
-                by_key[key] = block
-                keyed[block] = True
-            elif holder != block and not complete[holder] and complete[block]:
+                if up == ROOT or keyed[up]:
+                    by_key[key] = block
+                    keyed[block] = True
+            elif (holder != block and not complete[holder] and complete[block]
+                  and self._is_copy(block, holder)):
                 by_key[key] = block
                 keyed[block] = True
                 keyed[holder] = False
+                # Rare (two prefills of one prefix racing): a scan of the pool is fine.
+                parent[self.recorded & (parent == holder)] = block
+
+    def _is_copy(self, block: int, other: int) -> bool:
+        """Whether ``block`` holds what ``other`` holds (or will, once written): the
+        same parent block, the same salt, the same token ids."""
+        return bool(self.parent[block] == self.parent[other]
+                    and self.salt[block] == self.salt[other]
+                    and np.array_equal(self.tokens[block], self.tokens[other]))
 
     def forget(self, blocks: np.ndarray) -> None:
         """``blocks`` no longer hold what was recorded (freed unwritten, evicted,

@@ -136,6 +136,44 @@ def test_a_full_prefill_racing_a_chunked_one_does_not_break_the_chain():
     assert w.served("z2") == 12
 
 
+def test_a_block_that_only_shares_the_key_never_takes_a_prefill_over(monkeypatch):
+    """Keys that depend on the position only (every block collides with every block
+    at its position): a complete block with the holder's key and parent but other
+    tokens is no copy of the holder and must not take its key, else the holder's
+    later blocks would be served after the wrong tokens."""
+    from kvcore._chain_hash import ChainHasher
+    monkeypatch.setattr(ChainHasher, "keys", lambda self, blocks, parent: (
+        np.uint64(parent) + np.arange(1, blocks.shape[0] + 1, dtype=np.uint64)))
+    monkeypatch.setattr(ChainHasher, "step", lambda self, parents, blocks: (
+        parents.astype(np.uint64) + np.uint64(1)))
+    w = world()
+    x = prompt(w, 1, 2, 3)
+    w.allocate("x", x)
+    w.write("x", upto=4)  # x's first block only
+    w.allocate("y", prompt(w, 1, 5))  # served x's first block, its second collides
+    assert w.served("y") == 4
+    w.write("y")
+    w.write("x")
+    w.allocate("mixed", prompt(w, 1, 5, 3))  # y's two blocks, then x's third tokens
+    assert w.served("mixed") == 4  # x's third block follows x's second, not y's
+    w.allocate("again", x)
+    assert w.served("again") == 12
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 8, 9, 12])
+def test_the_last_token_rule_at_block_boundaries(n):
+    """A prompt of ``n`` tokens is served at most ``(n - 1) // 4`` full blocks; with
+    ``allow_full_hit`` every full block."""
+    w = world()
+    cached = w.tokens_of(1, 2, 3)
+    w.allocate("cached", cached + [99])
+    w.write("cached")
+    w.allocate("default", cached[:n])
+    w.allocate("storage", cached[:n], allow_full_hit=True)
+    assert w.served("default") == max(0, (n - 1) // 4) * 4
+    assert w.served("storage") == n // 4 * 4
+
+
 # --- 2. empty blocks first, cached blocks in LRU order ---------------------------------
 
 

@@ -125,18 +125,21 @@ class PrefixIndex:
         freed before completion loses its key at once), so no free cached block is
         ever displaced."""
         by_key, keyed, complete, parent = self._by_key, self.keyed, self._complete, self.parent
-        for block, key in zip(blocks.tolist(), self.key[blocks].tolist()):
-            up = int(parent[block])
+        last = ROOT  # the block registered just before: usually the next one's parent
+        for block, key, up in zip(blocks.tolist(), self.key[blocks].tolist(),
+                                  parent[blocks].tolist()):
             holder = by_key.get(key)
             if holder is None:
-                if up == ROOT or keyed[up]:
+                if up == last or up == ROOT or keyed[up]:
                     by_key[key] = block
                     keyed[block] = True
+                    last = block
             elif (holder != block and not complete[holder] and complete[block]
                   and self._is_copy(block, holder)):
                 by_key[key] = block
                 keyed[block] = True
                 keyed[holder] = False
+                last = block
                 # Rare (two prefills of one prefix racing): a scan of the pool is fine.
                 parent[self.recorded & (parent == holder)] = block
 

@@ -136,6 +136,34 @@ def test_a_full_prefill_racing_a_chunked_one_does_not_break_the_chain():
     assert w.served("z2") == 12
 
 
+def test_a_block_whose_parent_was_evicted_never_shadows_a_new_copy():
+    """A request served two cached blocks recomputes the second (an EAGLE engine
+    wanting its hidden states: the rewrite goes to a private copy) and computes a third
+    block after it; the served second block, now unreferenced, is evicted.  The third
+    block can no longer be reached, and must not keep the same prompt, computed again
+    later, from being served whole."""
+    w = world(num_blocks=12)
+    w.allocate("first", prompt(w, 1, 2))
+    w.write("first")
+    w.free("first")
+    p = prompt(w, 1, 2, 3)
+    w.allocate("again", p)
+    assert w.served("again") == 8
+    again = w.mgr.get_handle("again")
+    for layer in range(w.config.num_layers):
+        k, v = w.expected("again", layer, 8)
+        w.mgr.write(again, layer, k[4:], v[4:], start=4)
+    w.write("again")
+    w.allocate("filler", list(range(100, 132)))  # evicts the served second block
+    assert w.mgr.stats().evictions == 1
+    w.free("filler")
+    w.allocate("new", p)
+    assert w.served("new") == 4
+    w.write("new")
+    w.allocate("repeat", p)
+    assert w.served("repeat") == 12
+
+
 def test_a_block_that_only_shares_the_key_never_takes_a_prefill_over(monkeypatch):
     """Keys that depend on the position only (every block collides with every block
     at its position): a complete block with the holder's key and parent but other

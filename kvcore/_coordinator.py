@@ -65,6 +65,7 @@ class Coordinator:
         try:
             self.index = PrefixIndex(c.num_blocks, c.block_size, self.store.complete)
             self.pool = BlockPool(c.num_blocks, on_evict=self.index.forget)
+            self.index.on_drop = self.pool.uncache
             self.tables = SequenceTables(c.block_size, c.num_layers)
             self.swap = SwapSpace(config, backend) if c.swap_blocks else None
         except BaseException:

@@ -12,20 +12,31 @@ token ids equal the query's and its salt is the query's.  The whole chain is the
 proven identical, so two different prefixes can share a key (a collision, crafted or
 not) and cost a miss, never data.  Checks are vectorised over the run of candidates.
 
-Which copy owns a key: the first block recorded under it whose parent is the root or
-registered itself (a lookup walks the chain from the root, so a block whose parent
-is not registered could never be reached, and would only keep a reachable copy
-computed later from registering).  The owner keeps the key until a *copy* of it (the
-same parent, tokens and salt) becomes *complete* (K/V written for every layer) while
-the owner is not; then the copy takes the key over, and the blocks recorded after
-the owner hang from the copy instead (the same content), so they stay reachable.  A
-recorded block that is freed before it is complete loses its key at once.  So an
-aborted prefill never shadows a later, written copy of the same prompt.
+Which copy owns a key.  A lookup walks the chain from the root, so only a block whose
+parent is the root or registered (*reachable*) registers; one whose parent is not
+could never be served, and would only keep a reachable copy from registering.  The
+first reachable block recorded under a key owns it, until
+
+* a *copy* of the owner (the same parent, tokens and salt) becomes *complete* (K/V
+  written for every layer) while the owner is not: the copy takes the key over, and
+  the blocks recorded after the owner hang from the copy instead (the same content),
+  so they stay reachable; or
+* a reachable block is recorded under the key while the owner hangs from another
+  block: that block does not own the previous key any more (it was evicted, dropped
+  unwritten, or replaced), so no lookup can reach the owner; the new block takes the
+  key (with a colliding key, the owner's own prefix loses a hit, never data).
+
+A recorded block that is freed before it is complete loses its key at once.  So an
+aborted prefill never shadows a later, written copy of the same prompt, and no block
+that has become unreachable keeps a key from one that is.  A displaced owner that is
+free is handed to ``on_drop`` (the block pool makes it an empty block).
 
 ``complete`` is owned by the KV store (:mod:`kvcore._kv_store`); the index only reads it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -55,6 +66,9 @@ class PrefixIndex:
         self.tokens = np.zeros((n, block_size), dtype=np.int32)
         self._by_key: dict[int, int] = {}
         self._salts: dict[str | None, int] = {None: 0}
+        #: Called with blocks that lost their key to a reachable block (some may be
+        #: free and cached: the pool turns those into empty blocks).
+        self.on_drop: Callable[[np.ndarray], None] | None = None
 
     # --- queries ------------------------------------------------------------------
 
@@ -121,27 +135,31 @@ class PrefixIndex:
     def _claim(self, blocks: np.ndarray) -> None:
         """Register the blocks that may own their key (see the module docstring); a
         sequence's blocks come in logical order, so a parent is settled before its
-        children.  A displaced holder is always incomplete, hence in use (a block
-        freed before completion loses its key at once), so no free cached block is
-        ever displaced."""
+        children."""
         by_key, keyed, complete, parent = self._by_key, self.keyed, self._complete, self.parent
+        dropped = []
         last = ROOT  # the block registered just before: usually the next one's parent
         for block, key, up in zip(blocks.tolist(), self.key[blocks].tolist(),
                                   parent[blocks].tolist()):
             holder = by_key.get(key)
-            if holder is None:
-                if up == last or up == ROOT or keyed[up]:
-                    by_key[key] = block
-                    keyed[block] = True
-                    last = block
-            elif (holder != block and not complete[holder] and complete[block]
-                  and self._is_copy(block, holder)):
-                by_key[key] = block
-                keyed[block] = True
+            if not (up == last or up == ROOT or keyed[up]):
+                continue  # unreachable itself
+            if holder is not None:
+                if holder == block:
+                    continue
+                if parent[holder] != up:
+                    dropped.append(holder)  # unreachable: it hangs from a non-owner
+                elif not complete[holder] and complete[block] and self._is_copy(block, holder):
+                    # Rare (two prefills of one prefix racing): a scan is fine.
+                    parent[self.recorded & (parent == holder)] = block
+                else:
+                    continue
                 keyed[holder] = False
-                last = block
-                # Rare (two prefills of one prefix racing): a scan of the pool is fine.
-                parent[self.recorded & (parent == holder)] = block
+            by_key[key] = block
+            keyed[block] = True
+            last = block
+        if dropped and self.on_drop is not None:
+            self.on_drop(np.asarray(dropped, dtype=np.int64))
 
     def _is_copy(self, block: int, other: int) -> bool:
         """Whether ``block`` holds what ``other`` holds (or will, once written): the

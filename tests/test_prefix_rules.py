@@ -5,8 +5,8 @@ reset after new weights, and token counters read the way vLLM's are.
 
 K/V are derived from the token prefix and every step reads every live sequence back
 and checks the invariants (:mod:`tests._prefix_world`).  Block size 4 throughout:
-``P`` below is three full blocks and one more token, so the default last-token rule
-lets a repeat of ``P`` be served its three full blocks (12 tokens).
+``prompt(w, 1, 2, 3)`` is three full blocks and one more token, so the default
+last-token rule lets a repeat be served its three full blocks (12 tokens).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kvcore import AllocationRequest
-from kvcore.errors import ManagerClosedError, PendingPrefixError
+from kvcore.errors import ManagerClosedError, OutOfBlocksError, PendingPrefixError
 
 from ._prefix_world import World
 
@@ -436,7 +436,7 @@ def test_token_counters_follow_vllms_prefix_cache_metrics():
     s = w.mgr.stats()
     assert (s.prefix_cache_query_tokens, s.prefix_cache_hit_tokens) == (26, 12)
     assert (s.prefix_cache_queries, s.prefix_cache_hits) == (6, 3)
-    with pytest.raises(Exception):
+    with pytest.raises(OutOfBlocksError):
         w.mgr.allocate(AllocationRequest(request_id="too_big", prompt_token_ids=[7] * 40))
     w.allocate("full", w.tokens_of(1, 2, 3), allow_full_hit=True)
     s = w.mgr.stats()

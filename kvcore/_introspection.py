@@ -134,5 +134,11 @@ def check_invariants(co: Coordinator, seqs: Mapping[str, SequenceRecord]) -> Non
     co.index.check()
     servable = co.index.servable(np.arange(pool.num_blocks))
     pool.check(holders, servable)
+    # An empty block's next owner may never record it: stale chain facts would let it
+    # register, with new K/V, under its old prefix.
+    stale = (pool.ref == 0) & ~servable & co.index.recorded
+    if stale.any():
+        raise InvariantError(f"free block {int(np.flatnonzero(stale)[0])} is empty but keeps "
+                             "the chain facts of what it held")
     if co.swap is not None:
         co.swap.pool.check(swap_holders, np.zeros(co.swap.pool.num_blocks, dtype=bool))

@@ -164,6 +164,35 @@ def test_a_block_whose_parent_was_evicted_never_shadows_a_new_copy():
     assert w.served("repeat") == 12
 
 
+def test_an_unreachable_cached_block_giving_its_key_up_becomes_empty_and_forgotten():
+    """As above, with the request gone before the prompt is computed again: its
+    unreachable block, free and cached, gives its key up and becomes an empty block
+    that keeps nothing of its old prefix (its next owner may never record it, and must
+    not register it under that prefix with other K/V)."""
+    w = world(num_blocks=12)
+    w.allocate("first", prompt(w, 1, 2))
+    w.write("first")
+    w.free("first")
+    p = prompt(w, 1, 2, 3)
+    w.allocate("again", p)
+    again = w.mgr.get_handle("again")
+    for layer in range(w.config.num_layers):
+        k, v = w.expected("again", layer, 8)
+        w.mgr.write(again, layer, k[4:], v[4:], start=4)
+    w.write("again")
+    w.free("again")
+    w.allocate("filler", list(range(100, 140)))  # evicts the served second block only
+    assert w.mgr.stats().evictions == 1
+    w.free("filler")
+    cached = w.mgr.stats().cached_blocks
+    w.allocate("new", p)  # check_invariants() runs after this step
+    assert w.served("new") == 4
+    assert w.mgr.stats().cached_blocks == cached - 2  # first block served; third dropped
+    w.write("new")
+    w.allocate("repeat", p)
+    assert w.served("repeat") == 12
+
+
 def test_a_block_that_only_shares_the_key_never_takes_a_prefill_over(monkeypatch):
     """Keys that depend on the position only (every block collides with every block
     at its position): a complete block with the holder's key and parent but other

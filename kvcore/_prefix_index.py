@@ -12,24 +12,25 @@ token ids equal the query's and its salt is the query's.  The whole chain is the
 proven identical, so two different prefixes can share a key (a collision, crafted or
 not) and cost a miss, never data.  Checks are vectorised over the run of candidates.
 
-Which copy owns a key.  A lookup walks the chain from the root, so only a block whose
-parent is the root or registered (*reachable*) registers; one whose parent is not
-could never be served, and would only keep a reachable copy from registering.  The
-first reachable block recorded under a key owns it, until
+Which copy owns a key.  A lookup walks the chain from the root, so only a *reachable*
+block registers: its parent is the root, or is registered under the key it had when
+the block was recorded.  Any other could never be served, and would only keep a
+reachable copy from registering.  The first reachable block recorded under a key
+owns it, until
 
 * a *copy* of the owner (the same parent, tokens and salt) becomes *complete* (K/V
   written for every layer) while the owner is not: the copy takes the key over, and
   the blocks recorded after the owner hang from the copy instead (the same content),
   so they stay reachable; or
-* a reachable block is recorded under the key while the owner hangs from another
-  block: that block does not own the previous key any more (it was evicted, dropped
-  unwritten, or replaced), so no lookup can reach the owner; the new block takes the
-  key (with a colliding key, the owner's own prefix loses a hit, never data).
+* a reachable block is recorded under the key while the owner is not reachable any
+  more: its parent lost its key (evicted, dropped unwritten, displaced) or holds
+  something else now (its id reused), which the parent's key, remembered when the
+  owner was recorded, tells; the new block takes the key.
 
 A recorded block that is freed before it is complete loses its key at once.  So an
 aborted prefill never shadows a later, written copy of the same prompt, and no block
-that has become unreachable keeps a key from one that is.  A displaced owner that is
-free is handed to ``on_drop`` (the block pool makes it an empty block).
+that has become unreachable keeps a key from one that is.  A displaced unreachable
+owner is forgotten and handed to ``on_drop`` (the block pool makes a free one empty).
 
 ``complete`` is owned by the KV store (:mod:`kvcore._kv_store`); the index only reads it.
 """
@@ -62,6 +63,9 @@ class PrefixIndex:
         #: Registered: the block owns its key in the map.
         self.keyed = np.zeros(n, dtype=bool)
         self.parent = np.full(n, ROOT, dtype=np.int64)
+        #: The parent's key when the block was recorded: a parent whose block now holds
+        #: something else (evicted, its id reused) no longer leads here.
+        self.parent_key = np.zeros(n, dtype=np.uint64)
         self.salt = np.zeros(n, dtype=np.int64)
         self.tokens = np.zeros((n, block_size), dtype=np.int32)
         self._by_key: dict[int, int] = {}
@@ -113,13 +117,15 @@ class PrefixIndex:
 
     def record(self, blocks: np.ndarray, keys: np.ndarray, rows: np.ndarray,
                parents: np.ndarray, salts: np.ndarray | int) -> None:
-        """Record full blocks (chain facts) and register each whose key is free, or
-        held by an incomplete block while this one is complete."""
+        """Record full blocks (chain facts) and register those that may own their key
+        (see the module docstring)."""
         if not blocks.size:
             return
         self.key[blocks] = keys
         self.tokens[blocks] = rows
         self.parent[blocks] = parents
+        # (ROOT reads the last block's key: meaningless, and never looked at for ROOT.)
+        self.parent_key[blocks] = self.key[parents]
         self.salt[blocks] = salts
         self.recorded[blocks] = True
         self._claim(blocks)
@@ -141,14 +147,15 @@ class PrefixIndex:
         last = ROOT  # the block registered just before: usually the next one's parent
         for block, key, up in zip(blocks.tolist(), self.key[blocks].tolist(),
                                   parent[blocks].tolist()):
-            holder = by_key.get(key)
-            if not (up == last or up == ROOT or keyed[up]):
+            if not (up == last or up == ROOT or self._leads_here(up, block)):
                 continue  # unreachable itself
+            holder = by_key.get(key)
             if holder is not None:
                 if holder == block:
                     continue
-                if parent[holder] != up:
-                    dropped.append(holder)  # unreachable: it hangs from a non-owner
+                hup = int(parent[holder])
+                if hup != ROOT and not self._leads_here(hup, holder):
+                    dropped.append(holder)  # unreachable: its parent lost its key
                 elif not complete[holder] and complete[block] and self._is_copy(block, holder):
                     # Rare (two prefills of one prefix racing): a scan is fine.
                     parent[self.recorded & (parent == holder)] = block
@@ -158,8 +165,18 @@ class PrefixIndex:
             by_key[key] = block
             keyed[block] = True
             last = block
-        if dropped and self.on_drop is not None:
-            self.on_drop(np.asarray(dropped, dtype=np.int64))
+        if dropped:
+            # Unreachable for good: forget what they held, so a free one goes back empty
+            # with no chain facts a next owner could register under.
+            gone = np.asarray(dropped, dtype=np.int64)
+            self.recorded[gone] = False
+            if self.on_drop is not None:
+                self.on_drop(gone)
+
+    def _leads_here(self, up: int, block: int) -> bool:
+        """Whether ``up``, ``block``'s parent, is registered under the key it had when
+        ``block`` was recorded (so a lookup reaching ``up`` may go on to ``block``)."""
+        return bool(self.keyed[up] and self.key[up] == self.parent_key[block])
 
     def _is_copy(self, block: int, other: int) -> bool:
         """Whether ``block`` holds what ``other`` holds (or will, once written): the

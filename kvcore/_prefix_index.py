@@ -128,7 +128,7 @@ class PrefixIndex:
         self.parent_key[blocks] = self.key[parents]
         self.salt[blocks] = salts
         self.recorded[blocks] = True
-        self._claim(blocks)
+        self._claim(blocks, fresh=True)
 
     def on_complete(self, blocks: np.ndarray) -> None:
         """``blocks`` just became complete: a recorded one whose key is held by an
@@ -138,16 +138,17 @@ class PrefixIndex:
             if waiting.size:
                 self._claim(waiting)
 
-    def _claim(self, blocks: np.ndarray) -> None:
+    def _claim(self, blocks: np.ndarray, *, fresh: bool = False) -> None:
         """Register the blocks that may own their key (see the module docstring); a
         sequence's blocks come in logical order, so a parent is settled before its
-        children."""
+        children.  ``fresh``: recorded by this very call, so a parent registered just
+        before (the usual case) is known to lead to its child without reading it."""
         by_key, keyed, complete, parent = self._by_key, self.keyed, self._complete, self.parent
         dropped = []
-        last = ROOT  # the block registered just before: usually the next one's parent
+        last = ROOT  # the block registered just before
         for block, key, up in zip(blocks.tolist(), self.key[blocks].tolist(),
                                   parent[blocks].tolist()):
-            if not (up == last or up == ROOT or self._leads_here(up, block)):
+            if not (up == ROOT or (fresh and up == last) or self._leads_here(up, block)):
                 continue  # unreachable itself
             holder = by_key.get(key)
             if holder is not None:

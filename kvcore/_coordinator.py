@@ -69,6 +69,7 @@ class GroupParts:
         self.store = KvStore(config, layout, backend)
         self.prefix = PrefixIndex(layout.num_blocks, config.block_size, self.store.complete)
         self.pool = BlockPool(layout.num_blocks, on_evict=self.prefix.forget)
+        self.prefix.on_drop = self.pool.uncache
         self.table = table
         #: The row that fills each block: the one allowed to write a block others
         #: joined while its prefill was in flight.

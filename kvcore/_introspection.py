@@ -182,6 +182,14 @@ def check_invariants(co: Coordinator, seqs: Mapping[str, SequenceRecord]) -> Non
                                  f"{bool(g.store.complete[block])} but its layers say "
                                  f"{bool(complete[block])}")
         g.prefix.check()
-        g.pool.check(held, g.prefix.servable(np.arange(g.pool.num_blocks)))
+        servable = g.prefix.servable(np.arange(g.pool.num_blocks))
+        g.pool.check(held, servable)
+        # An empty block's next owner may never record it: stale chain facts would let it
+        # register, with new K/V, under its old prefix.
+        stale = (g.pool.ref == 0) & ~servable & g.prefix.recorded
+        if stale.any():
+            raise InvariantError(f"free block {int(np.flatnonzero(stale)[0])} of layer group "
+                                 f"{g.layout.index} is empty but keeps the chain facts of "
+                                 "what it held")
     for sg, held in zip(co.swap.groups if co.swap else [], swap_holders):
         sg.pool.check(held, np.zeros(sg.pool.num_blocks, dtype=bool))

@@ -268,7 +268,7 @@ def _slide(co: Coordinator, g: GroupParts, rows: np.ndarray, starts: np.ndarray)
     blocks = table.blocks[where, cols]
     table.blocks[where, cols] = -1
     table.released[rows] = keep_from
-    g.release(blocks)
+    g.release(blocks, unique=False)  # forks of one sequence give back the same block
     co.counters.window_releases += blocks.size
 
 
@@ -292,11 +292,14 @@ def extend_rows(co: Coordinator, rows: np.ndarray, n: int, token_ids: object | N
     slots: list[np.ndarray | None] = [None] * len(co.groups)
     for g in co.token_groups:
         slots[g.layout.index] = _grow_group(co, g, rows, lengths, n, steady)
-        if g.kind is GroupKind.sliding:
-            _slide(co, g, rows, lengths)
     t.length[rows] = lengths + n
     t.last_access[rows] = time.time()
+    # Blocks this step fills are recorded before a window gives their parents back,
+    # so the chain that reaches them is intact while it lasts.
     _continue_chains(co, rows, lengths, lengths + n, n, ids)
+    for g in co.token_groups:
+        if g.kind is GroupKind.sliding:
+            _slide(co, g, rows, lengths)
     return slots, lengths
 
 

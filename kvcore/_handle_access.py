@@ -17,7 +17,7 @@ from ._coordinator import Coordinator
 from ._directory import SequenceDirectory
 from ._sequence_table import SequenceRecord
 from ._tensor_ref import TensorRef
-from ._writes import read_layer
+from ._writes import held_range, read_layer
 from .models import CacheHandleStats
 
 __all__ = ["SequenceAccess"]
@@ -53,6 +53,11 @@ class SequenceAccess:
             self._settle()
             self._dir.require_live(seq, "num_written")
             return int(self._co.tables.written[seq.row, self._check_layer(layer)])
+
+    def first_position(self, seq: SequenceRecord, layer: int) -> int:
+        with self._lock:
+            self._dir.require_live(seq, "first_position")
+            return held_range(self._co, seq.row, self._check_layer(layer))[0]
 
     def lengths(self, seq: SequenceRecord) -> tuple[int, int, bool]:
         """(tokens, cached tokens, swapped) of a live sequence."""

@@ -112,6 +112,11 @@ class PagedKvCacheHandle(KvCacheHandle):
         """Tokens whose K/V have been written for ``layer`` (what a read returns)."""
         return self._manager._access.num_written(self._seq, layer)
 
+    def first_position(self, layer: int) -> int:
+        """The position of the first token ``key_cache(layer)`` returns: 0, except in a
+        sliding-window layer, whose window gave the blocks before it back."""
+        return self._manager._access.first_position(self._seq, layer)
+
     def token_ids(self) -> tuple[int, ...] | None:
         """The sequence's token ids, when every one was given (prompt and extends);
         ``None`` once a token was added without its id."""

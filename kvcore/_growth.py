@@ -89,8 +89,7 @@ def plan_allocation(co: Coordinator, request: AllocationRequest) -> AllocationPl
     total = -(-n // bs)
     salt = co.salt(request.extra_key)
     encoder = _encoder_tokens(co, request)
-    tokens = None if request.prompt_token_ids is None else \
-        np.asarray(request.prompt_token_ids, dtype=np.int32)
+    tokens = request.token_array()
     keys = None
     found: list[np.ndarray] = [_EMPTY] * len(co.groups)
     hits = 0
@@ -101,9 +100,8 @@ def plan_allocation(co: Coordinator, request: AllocationRequest) -> AllocationPl
         # vLLM's rule: the block holding the last prompt token is computed, not served,
         # so the engine always runs at least one token and gets its logits.
         limit = full if request.allow_full_hit else max(0, (n - 1) // bs)
-        query = keys[:limit].tolist()
         for g in co.token_groups:
-            found[g.layout.index] = g.prefix.lookup(query, rows[:limit], salt,
+            found[g.layout.index] = g.prefix.lookup(keys[:limit], rows[:limit], salt,
                                                     pending=request.join_pending)
         hits = min(found[g.layout.index].size for g in co.token_groups)
     plans = []

@@ -37,8 +37,10 @@ def handle_stats(co: Coordinator, row: int) -> CacheHandleStats:
 
 
 def _used_fraction(co: Coordinator) -> float:
-    used = sum(g.pool.num_used for g in co.groups)
-    return used / sum(g.pool.num_blocks for g in co.groups)
+    if len(co.groups) == 1:
+        pool = co.groups[0].pool
+        return pool.num_used / pool.num_blocks
+    return sum(g.pool.num_used for g in co.groups) / sum(g.pool.num_blocks for g in co.groups)
 
 
 def pressure_level(co: Coordinator) -> MemoryPressure:

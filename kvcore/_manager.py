@@ -540,7 +540,9 @@ class KvCacheManager:
             return self._level()
 
     def _after_change(self) -> None:
-        used = sum(g.pool.num_used for g in self._co.groups)
+        groups = self._co.groups
+        used = groups[0].pool.num_used if len(groups) == 1 else \
+            sum(g.pool.num_used for g in groups)
         if used == self._used:  # the level depends on the blocks in use only
             return
         self._used = used

@@ -24,8 +24,8 @@ owns it, until
   so they stay reachable; or
 * a reachable block is recorded under the key while the owner is not reachable any
   more: its parent lost its key (evicted, dropped unwritten, displaced) or holds
-  something else now (its id reused), which the parent's key, remembered when the
-  owner was recorded, tells; the new block takes the key.
+  something else now (its id reused), which the parent's generation, remembered
+  when the owner was recorded, tells; the new block takes the key.
 
 A recorded block that is freed before it is complete loses its key at once.  So an
 aborted prefill never shadows a later, written copy of the same prompt, and no block
@@ -66,9 +66,6 @@ class PrefixIndex:
         #: Registered: the block owns its key in the map.
         self.keyed = np.zeros(n, dtype=bool)
         self.parent = np.full(n, ROOT, dtype=np.int64)
-        #: The parent's key when the block was recorded: a parent whose block now holds
-        #: something else (evicted, its id reused) no longer leads here.
-        self.parent_key = np.zeros(n, dtype=np.uint64)
         #: Each block's generation, moved on whenever what was recorded of it is dropped
         #: (evicted, freed unwritten, truncated, reset), and the parent's generation when
         #: a block was recorded: "same parent" means the same block *and* generation,
@@ -90,28 +87,33 @@ class PrefixIndex:
         return self.keyed[blocks] & self._complete[blocks]
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        """Registered blocks (the key map may also hold stale entries of dropped ones)."""
+        return int(np.count_nonzero(self.keyed))
 
-    def lookup(self, keys: list[int], rows: np.ndarray, salt: int, *,
+    def lookup(self, keys: np.ndarray, rows: np.ndarray, salt: int, *,
                pending: bool = False) -> np.ndarray:
-        """The blocks of the longest leading run of ``keys`` that the index proves
-        identical to the query (``rows``: the blocks' token ids, ``[len(keys), bs]``).
-        Only complete blocks unless ``pending`` (joining a prefill in flight)."""
+        """The blocks of the longest leading run of ``keys`` (uint64) that the index
+        proves identical to the query (``rows``: the blocks' token ids,
+        ``[len(keys), bs]``).  Only complete blocks unless ``pending`` (joining a
+        prefill in flight)."""
         get = self._by_key.get
-        if not keys or get(keys[0]) is None:  # the usual miss: a prompt seen first
+        if not keys.size or get(int(keys[0])) is None:  # the usual miss: a prompt seen first
             return _EMPTY
-        found = list(map(get, keys))
+        found = list(map(get, keys.tolist()))
         if None in found:
             found = found[:found.index(None)]
         blocks = np.array(found, dtype=np.int64)
+        n = blocks.size
         parents = np.empty_like(blocks)
         parents[0] = ROOT
         parents[1:] = blocks[:-1]
         parent_gens = np.zeros_like(blocks)
         parent_gens[1:] = self.gen[blocks[:-1]]
-        ok = ((self.parent[blocks] == parents) & (self.parent_gen[blocks] == parent_gens)
-              & (self.salt[blocks] == salt)
-              & (self.tokens[blocks] == rows[:blocks.size]).all(axis=1))
+        # The key map keeps stale entries of dropped blocks: a live owner is registered
+        # under exactly this key.
+        ok = (self.keyed[blocks] & (self.key[blocks] == keys[:n])
+              & (self.parent[blocks] == parents) & (self.parent_gen[blocks] == parent_gens)
+              & (self.salt[blocks] == salt) & (self.tokens[blocks] == rows[:n]).all(axis=1))
         if not pending:
             ok &= self._complete[blocks]
         if not ok.all():
@@ -129,9 +131,7 @@ class PrefixIndex:
         self.key[blocks] = keys
         self.tokens[blocks] = rows
         self.parent[blocks] = parents
-        # (ROOT and UNREACHABLE read some block's key and generation: meaningless, and
-        # never looked at for them.)
-        self.parent_key[blocks] = self.key[parents]
+        # (UNREACHABLE reads some block's generation: meaningless, never looked at.)
         self.parent_gen[blocks] = np.where(parents == ROOT, 0, self.gen[parents])
         self.salt[blocks] = salts
         self.recorded[blocks] = True
@@ -151,6 +151,8 @@ class PrefixIndex:
         children.  ``fresh``: recorded by this very call, so a parent registered just
         before (the usual case) is known to lead to its child without reading it."""
         by_key, keyed, complete, parent = self._by_key, self.keyed, self._complete, self.parent
+        if fresh and self._claim_chain(blocks):
+            return
         dropped = []
         last = ROOT  # the block registered just before
         for block, key, up in zip(blocks.tolist(), self.key[blocks].tolist(),
@@ -159,6 +161,8 @@ class PrefixIndex:
                                          or self._leads_here(up, block)):
                 continue  # unreachable itself
             holder = by_key.get(key)
+            if holder is not None and not (keyed[holder] and self.key[holder] == key):
+                holder = None  # a stale entry of a dropped block
             if holder is not None:
                 if holder == block:
                     continue
@@ -177,6 +181,8 @@ class PrefixIndex:
             by_key[key] = block
             keyed[block] = True
             last = block
+        if len(by_key) > 4 * keyed.size:
+            self._purge()
         if dropped:
             # Unreachable for good: forget what they held, so a free one goes back empty
             # with no chain facts a next owner could register under.
@@ -186,12 +192,41 @@ class PrefixIndex:
             if self.on_drop is not None:
                 self.on_drop(gone)
 
+    def _claim_chain(self, blocks: np.ndarray) -> bool:
+        """The usual record: a new chain of blocks whose keys nobody holds, each the
+        parent of the next, the first reachable.  Registers them all at once and says
+        ``True``; ``False`` (nothing done) for anything else."""
+        keys = self.key[blocks].tolist()
+        if len(keys) > 1 and len(set(keys)) != len(keys):  # a key twice: the careful path
+            return False
+        by_key = self._by_key
+        if not by_key.keys().isdisjoint(keys):  # some key is in the map: live or stale?
+            for key in keys:
+                holder = by_key.get(key)
+                if holder is not None and self.keyed[holder] and self.key[holder] == key:
+                    return False
+        first = int(blocks[0])
+        up = int(self.parent[first])
+        if up == UNREACHABLE or not (up == ROOT or self._leads_here(up, first)):
+            return False
+        if blocks.size > 1 and not (self.parent[blocks[1:]] == blocks[:-1]).all():
+            return False
+        self._by_key.update(zip(keys, blocks.tolist()))
+        self.keyed[blocks] = True
+        if len(self._by_key) > 4 * self.keyed.size:
+            self._purge()
+        return True
+
+    def _purge(self) -> None:
+        """Drop the stale entries of the key map (amortised: once it holds 4x the pool)."""
+        keyed, key = self.keyed, self.key
+        self._by_key = {k: b for k, b in self._by_key.items() if keyed[b] and key[b] == k}
+
     def _leads_here(self, up: int, block: int) -> bool:
-        """Whether ``up``, ``block``'s parent, is registered under the key it had when
-        ``block`` was recorded, in the same generation (so a lookup reaching ``up`` may
-        go on to ``block``)."""
-        return bool(self.keyed[up] and self.key[up] == self.parent_key[block]
-                    and self.gen[up] == self.parent_gen[block])
+        """Whether ``up``, ``block``'s parent, is registered in the generation it had
+        when ``block`` was recorded (so it still holds what ``block`` was computed
+        after, and a lookup reaching ``up`` may go on to ``block``)."""
+        return bool(self.keyed[up] and self.gen[up] == self.parent_gen[block])
 
     def _is_copy(self, block: int, other: int) -> bool:
         """Whether ``block`` holds what ``other`` holds (or will, once written): the
@@ -206,12 +241,9 @@ class PrefixIndex:
         overwritten): drop their keys and chain facts."""
         if not blocks.size:
             return
-        keyed = blocks[self.keyed[blocks]]
-        if keyed.size:
-            by_key = self._by_key
-            for key in self.key[keyed].tolist():
-                del by_key[key]
-            self.keyed[keyed] = False
+        # The key map's entries go stale (no dict work per block): every reader checks
+        # the owner is still registered under the key.
+        self.keyed[blocks] = False
         self.recorded[blocks] = False
         self.gen[blocks] += 1
 
@@ -230,9 +262,8 @@ class PrefixIndex:
     def check(self) -> None:
         """Raise :class:`InvariantError` unless the map and the per-block facts agree."""
         keyed = np.flatnonzero(self.keyed)
-        if len(self._by_key) != keyed.size:
-            raise InvariantError(f"the key map holds {len(self._by_key)} keys but "
-                                 f"{keyed.size} blocks are registered")
+        if np.unique(self.key[keyed]).size != keyed.size:
+            raise InvariantError("two registered blocks share a key")
         for block in keyed.tolist():
             key = int(self.key[block])
             if self._by_key.get(key) != block:

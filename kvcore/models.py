@@ -12,8 +12,8 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, NamedTuple
 
 import numpy as np
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
+                      PrivateAttr, StrictBool, model_validator)
 
 from ._chain_hash import token_array
 from ._device import Device, DType
@@ -294,6 +294,22 @@ def blocks_in_budget(memory_bytes: int, bytes_per_block: int) -> int:
     return memory_bytes // bytes_per_block
 
 
+class _TokenArray:
+    """A request's token ids as int32, kept beside the tuple they came from.  A cache:
+    it never makes two requests differ."""
+
+    __slots__ = ("ids", "array")
+
+    def __init__(self, ids: tuple[int, ...]) -> None:
+        self.ids = ids
+        self.array = np.fromiter(ids, dtype=np.int32, count=len(ids))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TokenArray)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class AllocationRequest(_Record):
     """Ask for a cache for one sequence.
 
@@ -323,10 +339,24 @@ class AllocationRequest(_Record):
     #: Encoder tokens to reserve in cross-attention layer groups (default: the
     #: group's ``encoder_tokens``).
     encoder_tokens: PositiveInt | None = None
+    # The prompt as int32, made once with the request (the caller's work, not the
+    # cache's), for the tuple it was made from (a model_copy with new ids makes anew).
+    _token_array: _TokenArray | None = PrivateAttr(None)
+
+    def token_array(self) -> np.ndarray | None:
+        """``prompt_token_ids`` as an int32 array (``None`` without token ids)."""
+        ids = self.prompt_token_ids
+        if ids is None:
+            return None
+        cached = self._token_array
+        if cached is None or cached.ids is not ids:
+            cached = self._token_array = _TokenArray(ids)
+        return cached.array
 
     @model_validator(mode="after")
     def _length_consistent(self) -> AllocationRequest:
         if self.prompt_token_ids is not None:
+            self.token_array()
             n = len(self.prompt_token_ids)
             if self.num_tokens is None:
                 object.__setattr__(self, "num_tokens", n)

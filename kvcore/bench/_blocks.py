@@ -7,16 +7,20 @@ step extends the whole running batch by one token with one ``extend_batch`` call
 a sequence is freed after ``appends`` tokens.  The model shape is one layer of one
 head of one element: the workload measures book-keeping, not array traffic.
 
-Three variants run back to back in every repeat, on the same requests:
+Five variants run back to back in every repeat, on the same requests:
 
 * ``off``: unique prompts, prefix caching switched off;
 * ``on``: the same unique prompts with prefix caching on (a 0% hit rate: every
   block is hashed and registered, none is found), so ``on / off`` is what caching
   costs when it never pays;
 * ``shared``: half of the prompts start with one shared ``shared_prefix``-token
-  prefix, caching on; reports the hit rate.
+  prefix, caching on; reports the hit rate;
+* ``engine`` / ``engine_off``: the shared prompts again, and every decode step passes
+  the new tokens' ids (as vLLM and nano-vllm do, so full decode blocks are cached
+  too), with caching on and off: ``engine / engine_off`` is what an engine pays for
+  prefix caching.
 
-A fourth measurement times serving blocks from the prefix cache: ``hit_sequences``
+A further measurement times serving blocks from the prefix cache: ``hit_sequences``
 requests whose whole ``max_prompt``-token prompt is cached, against allocating the
 same blocks fresh with caching off.
 
@@ -83,8 +87,12 @@ def _prompt_kv(backend: Backend, p: BenchParams) -> tuple[Any, Any]:
 
 
 def _serve(backend: Backend, p: BenchParams, caching: bool, requests: list[AllocationRequest],
-           need: list[int], kv: tuple[Any, Any]) -> dict[str, float]:
+           need: list[int], kv: tuple[Any, Any],
+           step_ids: np.ndarray | None = None) -> dict[str, float]:
     """Run every request through allocate / ``appends`` x extend_batch / deallocate.
+    With ``step_ids`` (``[steps, sequences]`` token ids, made before the clock), every
+    decode step passes the new tokens' ids, as an engine does so that the blocks
+    decoding fills are prefix-cached too.
 
     Returns the seconds spent inside each manager call kind, and the counts needed to
     turn them into per-block and per-token costs."""
@@ -111,8 +119,9 @@ def _serve(backend: Backend, p: BenchParams, caching: bool, requests: list[Alloc
             owed.append(need[admitted])
             reserved += need[admitted]
             admitted += 1
+        ids = None if step_ids is None else step_ids[step % step_ids.shape[0], :len(running), None]
         t0 = clock()
-        mgr.extend_batch(running, 1)
+        mgr.extend_batch(running, 1, token_ids=ids)
         t_extend += clock() - t0
         step += 1
         # Sequences admitted together finish together, oldest first: a prefix.
@@ -200,14 +209,20 @@ def run_blocks(backend: Backend, p: BenchParams, progress: Progress) -> Workload
     build_s = clock() - t0
 
     kv = _prompt_kv(backend, p)
-    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": [], "shared": []}
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in ("off", "on", "shared",
+                                                               "engine_off", "engine")}
+    # The engine variants' decode token ids: random, made before the clock.
+    step_ids = np.random.default_rng(p.seed + 3).integers(
+        0, _VOCAB, (max(p.appends, 1), p.sequences), dtype=np.int64)
     # Repeat 0 is a warm-up; variants alternate so drift hits all of them alike.
     for rep in range(p.repeats + 1):
         label = "warm-up" if rep == 0 else f"repeat {rep}/{p.repeats}"
-        for variant, caching, reqs in (("off", False, unique), ("on", True, unique),
-                                       ("shared", True, shared)):
+        for variant, caching, reqs, ids in (
+                ("off", False, unique, None), ("on", True, unique, None),
+                ("shared", True, shared, None), ("engine_off", False, shared, step_ids),
+                ("engine", True, shared, step_ids)):
             progress(f"[{backend.name}] blocks: {label}, {variant}")
-            out = _serve(backend, p, caching, reqs, need, kv)
+            out = _serve(backend, p, caching, reqs, need, kv, ids)
             if rep:
                 runs[variant].append(out)
     progress(f"[{backend.name}] blocks: prefix-cache hits")
@@ -249,6 +264,13 @@ def run_blocks(backend: Backend, p: BenchParams, progress: Progress) -> Workload
                       med("on", "manager_s") / med("off", "manager_s"), "off / on"))
     result.add(Figure("shared_prefix_hit_rate", med("shared", "hit_rate"), "",
                       med("on", "hit_rate"), "unique prompts (caching on)"))
+    engine = median([e["manager_s"] / o["manager_s"]
+                     for e, o in zip(runs["engine"], runs["engine_off"])])
+    result.add(Figure("engine_caching_s", med("engine", "manager_s"), "s",
+                      med("engine_off", "manager_s"), "same engine run, caching off", engine,
+                      "on / off (paired medians)", "<= 1.5x off", engine <= 1.5))
+    result.add(Figure("engine_hit_rate", med("engine", "hit_rate"), "",
+                      med("shared", "hit_rate"), "shared prompts, no decode ids"))
     result.add(Figure("shared_prefix_ops_per_s", ops / med("shared", "manager_s"), "op/s",
                       ops / med("on", "manager_s"), "unique prompts (caching on)",
                       med("on", "manager_s") / med("shared", "manager_s"), "shared / unique"))

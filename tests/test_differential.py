@@ -40,6 +40,7 @@ from . import _diff_model as model
 from . import _diff_ops as ops
 from ._diff_driver import Driver, run_differential
 from ._diff_model import DifferentialFailure, HypothesisChoices
+from ._planted_faults import allow_every_write, lookup_own_tokens_only, own_tokens_key
 
 # torch is part of the CI install: the import above fails the module if it is missing,
 # and the torch runs below are never skipped.
@@ -99,10 +100,6 @@ def test_hypothesis_chosen_operations_agree_with_the_reference(backend, data):
 # --- the test has teeth: planted faults make it fail -------------------------------------
 
 
-def _allow_every_write(rows, blocks, first):
-    return np.ones(np.shape(blocks), dtype=bool)
-
-
 @pytest.fixture
 def no_copy_on_write_check_in_write_slots(monkeypatch):
     """write_slots (its check and its once-per-step fast path) no longer asks whether a
@@ -111,47 +108,25 @@ def no_copy_on_write_check_in_write_slots(monkeypatch):
     real_check, real_prepare = writes.check_mapping, writes.prepare_fast_path
 
     def check_mapping(co, mapping, layer):
-        with mock.patch.object(co, "writable", _allow_every_write):
+        with mock.patch.object(co, "writable", allow_every_write):
             return real_check(co, mapping, layer)
 
     def prepare_fast_path(co, mapping):
-        with mock.patch.object(co, "writable", _allow_every_write):
+        with mock.patch.object(co, "writable", allow_every_write):
             return real_prepare(co, mapping)
 
     monkeypatch.setattr(writes, "check_mapping", check_mapping)
     monkeypatch.setattr(writes, "prepare_fast_path", prepare_fast_path)
 
 
-def _own_tokens_key(self, blocks, parent=None):
-    """A weak key: the block's own token ids only, no parent, no salt."""
-    return blocks.astype(np.uint64) @ self._weights
-
-
-def _lookup_own_tokens_only(self, keys, rows, salt, *, pending=False):
-    """The old verification: a candidate's own token ids, not its parent or salt."""
-    get = self._by_key.get
-    if not keys or get(keys[0]) is None:
-        return np.zeros(0, dtype=np.int64)
-    found = list(map(get, keys))
-    if None in found:
-        found = found[:found.index(None)]
-    if len(set(found)) < len(found):  # a block once per table, whatever the key says
-        found = found[:next(i for i, b in enumerate(found) if b in found[:i])]
-    blocks = np.array(found, dtype=np.int64)
-    ok = (self.tokens[blocks] == rows[:blocks.size]).all(axis=1)
-    if not pending:
-        ok &= self._complete[blocks]
-    return blocks[:int(np.argmin(ok))] if not ok.all() else blocks
-
-
 @pytest.fixture
 def weak_prefix_verification(monkeypatch):
     """Prefix hits proven by own tokens under a weak, unchained key (issue 10, defect 2)."""
-    monkeypatch.setattr(ChainHasher, "keys", lambda self, blocks, parent: _own_tokens_key(
+    monkeypatch.setattr(ChainHasher, "keys", lambda self, blocks, parent: own_tokens_key(
         self, blocks))
-    monkeypatch.setattr(ChainHasher, "step", lambda self, parents, blocks: _own_tokens_key(
+    monkeypatch.setattr(ChainHasher, "step", lambda self, parents, blocks: own_tokens_key(
         self, blocks))
-    monkeypatch.setattr(PrefixIndex, "lookup", _lookup_own_tokens_only)
+    monkeypatch.setattr(PrefixIndex, "lookup", lookup_own_tokens_only)
 
 
 @pytest.fixture

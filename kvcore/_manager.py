@@ -351,6 +351,13 @@ class KvCacheManager:
         with self._lock:
             seqs = self._batch(handles, "extend")
             co = self._co
+            if n > self._config.max_tokens:
+                # No sequence can ever hold it; and lengths are int64, so checking room
+                # for it would wrap around instead of refusing.
+                co.counters.failures += 1
+                raise OutOfBlocksError(f"extending {len(seqs)} sequence(s) by {n} tokens can "
+                                       f"never fit: the pool holds {self._config.max_tokens} "
+                                       "tokens in all")
             rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
             slots, starts = extend_rows(co, rows, n, token_ids)
             mapping = SlotMapping(slots=slots, rows=rows, starts=starts, ends=starts + n,

@@ -190,7 +190,12 @@ class KvCacheManager:
             if swapped[seq.row]:
                 self._require_resident(seq, op)
         if len(set(map(id, seqs))) != len(seqs):
-            raise ValueError(f"{op}: a sequence appears more than once in the batch")
+            seen: set[int] = set()
+            for seq in seqs:
+                if id(seq) in seen:
+                    raise ValueError(f"{op}: request {seq.request_id!r} appears more than "
+                                     "once in the batch")
+                seen.add(id(seq))
         return seqs
 
     @staticmethod

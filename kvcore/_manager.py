@@ -616,6 +616,9 @@ class KvCacheManager:
             intro.check_invariants(self._co, self._seqs)
 
     def _rows_of(self, handles: Sequence[Handle], op: str) -> np.ndarray:
+        if isinstance(handles, (str, bytes)) or not isinstance(handles, Sequence):
+            raise TypeError(f"{op}: expected a list of handles or request ids, got "
+                            f"{type(handles).__name__}")
         seqs = [self._seq_of(h, op) for h in handles]
         for seq in seqs:
             self._require_resident(seq, op)
@@ -632,6 +635,10 @@ class KvCacheManager:
     def vllm_block_table(self, handles: Sequence[Handle], *,
                          pad_value: int = 0) -> VllmBlockTable:
         """The batch's pages as vLLM's padded ``block_tables`` plus ``seq_lens``."""
+        if isinstance(pad_value, bool) or not isinstance(pad_value, (int, np.integer)):
+            raise TypeError(f"pad_value must be an int, got {pad_value!r}")
+        if not -2**31 <= pad_value < 2**31:
+            raise ValueError(f"pad_value must fit the int32 table, got {pad_value}")
         with self._lock:
             rows = self._rows_of(handles, "page table")
             t = self._co.tables

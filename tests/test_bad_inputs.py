@@ -524,6 +524,8 @@ CASES: list[Bad] = [
         TypeError, "pad_value", "'x'"),
     bad("vllm_block_table-pad-float", lambda x: x.mgr.vllm_block_table([x.a], pad_value=1.5),
         TypeError, "pad_value", "1.5"),
+    bad("vllm_block_table-pad-2**40", lambda x: x.mgr.vllm_block_table([x.a], pad_value=2**40),
+        ValueError, "pad_value", str(2**40)),
     bad("layer_pool-bool", lambda x: x.mgr.layer_pool(True), TypeError, "True"),
     bad("layer_pool-too-big", lambda x: x.mgr.layer_pool(2), LayerIndexError, "layer 2"),
     bad("copy-manager", lambda x: copy.copy(x.mgr), NotCopyableError, "fork"),

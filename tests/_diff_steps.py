@@ -127,7 +127,8 @@ def extend(d: Driver, seqs: list[RefSeq], n: int, ids: list[list[int]] | None, *
     grow = sum(-(-(s.length + n) // BS) + (s.length // -BS) for s in seqs)
     names = [d.handle(s) for s in seqs]
     if single and d.c.chance(0.5):
-        fn = lambda: d.mgr.extend(names[0], n, token_ids=None if ids is None else ids[0])  # noqa: E731
+        one = None if ids is None else ids[0]
+        fn = lambda: d.mgr.extend(names[0], n, token_ids=one)  # noqa: E731
     else:
         fn = lambda: d.mgr.extend_batch(names, n, token_ids=ids)  # noqa: E731
     room = d.room()

@@ -38,6 +38,7 @@ from kvcore._prefix_index import PrefixIndex
 
 from . import _diff_model as model
 from . import _diff_ops as ops
+from . import _diff_scenarios as scenarios
 from ._diff_driver import Driver, run_differential
 from ._diff_model import DifferentialFailure, HypothesisChoices
 from ._planted_faults import allow_every_write, lookup_own_tokens_only, own_tokens_key
@@ -164,10 +165,14 @@ def test_it_fails_on_data_alone_when_write_slots_skips_copy_on_write(
         no_copy_on_write_check_in_write_slots, monkeypatch):
     """Without the rule that names which mappings must be refused, the corrupted K/V
     of the request sharing the block is caught by the reads."""
-    real_reuse = ops.reuse
+    real_reuse = scenarios.reuse
+
+    def reuse_without_rules(d, rec, layer, must_refuse=False):
+        return real_reuse(d, rec, layer)
+
     monkeypatch.setattr(model.MapRec, "must_be_stale", lambda self: False)
-    monkeypatch.setattr(ops, "reuse", lambda d, rec, layer, must_refuse=False:
-                        real_reuse(d, rec, layer))
+    monkeypatch.setattr(ops, "reuse", reuse_without_rules)
+    monkeypatch.setattr(scenarios, "reuse", reuse_without_rules)
     message = _fails("numpy", seed=4, operations=3000)
     assert "differs at position" in message or "differ from what it wrote" in message, message
 

@@ -35,8 +35,11 @@ class Driver:
     be refused), the reference, and the operations in :mod:`tests._diff_ops`."""
 
     def __init__(self, backend: str, choices: RandomChoices, data_seed: int, *,
-                 config: Any = None) -> None:
+                 config: Any = None, exact_hits: bool = True) -> None:
         self.backend = backend
+        #: Whether a chain nobody else has is always served in full (false when a test
+        #: forces keys to collide: a collision may cost a hit, never data).
+        self.exact_hits = exact_hits
         self.cfg = config or make_config()
         self.mgr = KvCacheManager(self.cfg, backend)
         self.other = KvCacheManager(self.cfg, backend)
@@ -322,11 +325,13 @@ class Driver:
 
 
 def run_differential(backend: str, seed: int, operations: int, *,
-                     choices: RandomChoices | None = None) -> Counter[str]:
+                     choices: RandomChoices | None = None,
+                     exact_hits: bool = True) -> Counter[str]:
     """``operations`` random operations on a fresh manager of ``backend`` (choices from
     ``seed`` unless given, K/V bits always from ``seed``); raises
     :class:`DifferentialFailure` at the first disagreement.  Returns what ran."""
-    driver = Driver(backend, choices or RandomChoices(seed), data_seed=seed)
+    driver = Driver(backend, choices or RandomChoices(seed), data_seed=seed,
+                    exact_hits=exact_hits)
     try:
         for _ in range(operations):
             driver.step()

@@ -79,11 +79,14 @@ def op_stale_scenario(d: Driver) -> Touched:
         if r is None:
             return touched
         touched.append(r)
-        if r.cached != a.length:
+        if d.exact_hits and r.cached != a.length:
             raise d.fail(f"{r.rid} repeats the written chain of {a.rid} ({a.length} tokens) "
                          f"but was served {r.cached}")
+        # Forced key collisions may cost hits; then nothing says the mapping is stale.
+        tables = d.tables()
+        must = int(tables[a.rid][-1]) in set(tables[r.rid].tolist())
         if event == "cow" and write(d, a, c.int(0, LAYERS - 1), a.length - 1, 1):
-            if a.moves == rec.moves[0]:
+            if must and a.moves == rec.moves[0]:
                 raise d.fail(f"overwriting {a.rid}'s block shared with {r.rid} made no copy")
     elif event == "swap":
         if not swap_out(d, a):
@@ -123,9 +126,11 @@ def op_join_pending(d: Driver) -> Touched:
     j.cached = hj.num_cached_tokens()
     j.written = [j.cached] * LAYERS
     d.ref.live[j.rid] = j
-    if j.cached != shared * BS:
+    if j.cached != shared * BS and (d.exact_hits or j.cached > shared * BS):
         raise d.fail(f"{j.rid} joined {j.cached} pending tokens of {w.rid}; expected "
                      f"{shared * BS}")
+    if not j.cached:  # forced key collisions cost the hit: nothing is pending
+        return [w, j]
     d.counts["join-pending"] += 1
     d.refuse("read of a joined prefix before its writer wrote it",
              lambda: hj.key_cache(0), PendingPrefixError)

@@ -16,6 +16,8 @@ The planted-fault tests at the end prove the run fails when the copy-on-write ch
 ``write_slots`` is removed, when prefix verification trusts a weak own-tokens key, and
 when salts stop separating tenants.
 
+The same runs on keys forced to collide prove that a collision costs hits, never data.
+
 Profiles: CI runs 2 seeds x 10,000 operations per backend.  ``KVCORE_THOROUGH=1``
 runs 8 seeds x 50,000 and a longer hypothesis search (see docs/trust.md).
 """
@@ -41,7 +43,8 @@ from . import _diff_ops as ops
 from . import _diff_scenarios as scenarios
 from ._diff_driver import Driver, run_differential
 from ._diff_model import DifferentialFailure, HypothesisChoices
-from ._planted_faults import allow_every_write, lookup_own_tokens_only, own_tokens_key
+from ._planted_faults import (allow_every_write, constant_key, lookup_own_tokens_only,
+                              own_tokens_key)
 
 # torch is part of the CI install: the import above fails the module if it is missing,
 # and the torch runs below are never skipped.
@@ -78,6 +81,19 @@ def test_random_operations_agree_with_a_dense_reference_bit_for_bit(backend, see
     counts = run_differential(backend, seed, OPERATIONS)
     assert counts["operations"] == OPERATIONS
     _assert_it_exercised_everything(counts, OPERATIONS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", [constant_key, own_tokens_key], ids=["one-key", "own-tokens-key"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_operations_on_colliding_keys_never_read_another_prefix(backend, key,
+                                                                       monkeypatch):
+    """Keys forced to collide (every block on one key, or on its own tokens only): a
+    collision may cost hits, never data."""
+    monkeypatch.setattr(ChainHasher, "keys", lambda self, blocks, parent: key(self, blocks))
+    monkeypatch.setattr(ChainHasher, "step", lambda self, parents, blocks: key(self, blocks))
+    counts = run_differential(backend, 3, OPERATIONS // 3, exact_hits=False)
+    assert counts["prefix-hit"] > 0 and counts["refused:StaleSlotMappingError"] > 0
 
 
 @pytest.mark.slow

@@ -165,6 +165,35 @@ def test_identical_prefixes_hit_in_full_when_only_crafted_blocks_collide(backend
     assert world.allocate(T0 + U0 + TAIL).num_cached_tokens() == BS
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_a_recycled_parent_block_never_vouches_for_its_old_children(backend, own_tokens_key):
+    """A cached block records its parent by physical block id.  When the parent is
+    evicted and its id reused for another chain, a child recorded under the old
+    parent must not be accepted after the new one: ``[U0, T1]`` must not be served
+    the ``T1`` computed after ``T0`` because ``U0`` now sits where ``T0`` was."""
+    mgr = KvCacheManager(config(num_blocks=8), backend)
+    world = World(mgr)
+    victim = world.allocate(T0 + T1 + TAIL)
+    t0_block, t1_block = victim.block_table().physical_blocks[:2]
+    # A fork that rewrites position 0 gets its own copy of T0's block and keeps T1's:
+    # T1's block now outlives the block recorded as its parent.
+    fork = mgr.fork(victim, "fork")
+    world.live["fork"] = (None, T0 + T1 + TAIL, fork)
+    k, v = canonical(None, T0 + T1 + TAIL, 0, 1, 0)
+    mgr.write(fork, 0, _f32(k), _f32(v), start=0)
+    assert fork.block_table().physical_blocks[1] == t1_block
+    world.free(next(rid for rid, (_, _, h) in world.live.items() if h is victim))
+    # T0's block is evicted (no empty block is left) and reused for U0.
+    filler = mgr.allocate(AllocationRequest(request_id="filler",
+                                            num_tokens=4 * mgr.stats().free_blocks))
+    reused = world.allocate(U0)
+    assert reused.block_table().physical_blocks == (t0_block,)
+    mgr.deallocate(filler)
+    attacker = world.allocate(U0 + T1 + [14])  # World checks what it reads
+    assert attacker.num_cached_tokens() == BS
+    assert t1_block not in attacker.block_table().physical_blocks
+
+
 def _random_prompts(rng: random.Random, count: int) -> list[tuple[list[int], str | None]]:
     """Prompts from a handful of blocks and their one-token variants, so that chains
     share blocks, share prefixes, and differ only before a shared block or only in a

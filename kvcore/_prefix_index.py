@@ -12,6 +12,13 @@ token ids equal the query's and its salt is the query's.  The whole chain is the
 proven identical, so two different prefixes can share a key (a collision, crafted or
 not) and cost a miss, never data.  Checks are vectorised over the run of candidates.
 
+A parent is a physical block id, and ids are reused.  So each block also has a
+*generation*, moved on whenever it stops holding what was recorded of it
+(:meth:`PrefixIndex.forget`: evicted, freed unwritten, truncated, reset), and a
+child records its parent's generation with its id: a child that outlived its parent
+(a fork copied the parent and kept the child) is never vouched for by the chain that
+reuses the parent's id.
+
 Which copy owns a key: the first block recorded under it, until a block recorded
 under the same key becomes *complete* (K/V written for every layer) while the owner
 is not; then the complete one takes the key over.  A recorded block that is freed
@@ -47,6 +54,10 @@ class PrefixIndex:
         #: Registered: the block owns its key in the map.
         self.keyed = np.zeros(n, dtype=bool)
         self.parent = np.full(n, ROOT, dtype=np.int64)
+        #: Moves on when a block stops holding what was recorded; a child records its
+        #: parent's generation with the parent's id.
+        self.generation = np.zeros(n, dtype=np.int64)
+        self.parent_generation = np.zeros(n, dtype=np.int64)
         self.salt = np.zeros(n, dtype=np.int64)
         self.tokens = np.zeros((n, block_size), dtype=np.int32)
         self._by_key: dict[int, int] = {}
@@ -85,6 +96,7 @@ class PrefixIndex:
         parents[1:] = blocks[:-1]
         ok = ((self.parent[blocks] == parents) & (self.salt[blocks] == salt)
               & (self.tokens[blocks] == rows[:blocks.size]).all(axis=1))
+        ok[1:] &= self.parent_generation[blocks[1:]] == self.generation[blocks[:-1]]
         if not pending:
             ok &= self._complete[blocks]
         if not ok.all():
@@ -102,6 +114,8 @@ class PrefixIndex:
         self.key[blocks] = keys
         self.tokens[blocks] = rows
         self.parent[blocks] = parents
+        self.parent_generation[blocks] = np.where(
+            np.asarray(parents) == ROOT, 0, self.generation[np.maximum(parents, 0)])
         self.salt[blocks] = salts
         self.recorded[blocks] = True
         self._claim(blocks)
@@ -134,6 +148,7 @@ class PrefixIndex:
         overwritten): drop their keys and chain facts."""
         if not blocks.size:
             return
+        self.generation[blocks] += 1  # children recorded under what it held are orphans
         keyed = blocks[self.keyed[blocks]]
         if keyed.size:
             by_key = self._by_key
@@ -146,6 +161,7 @@ class PrefixIndex:
         """Drop every key: nothing recorded so far is served again (new model
         weights).  Returns the blocks that were registered."""
         registered = np.flatnonzero(self.keyed)
+        self.generation[self.recorded] += 1
         self._by_key.clear()
         self.keyed[:] = False
         self.recorded[:] = False

@@ -25,6 +25,7 @@ from ._handle import KvCacheHandle
 from ._hookspecs import BackendSpec, hookimpl, hookspec
 from ._manager import KvCacheManager
 from ._paged_handle import PagedKvCacheHandle
+from ._cache_file import CacheFileInfo, CacheLayout, SavedSequence, inspect_cache_file
 from ._registry import (BackendRecord, get_backend, list_backends, refresh_backends,
                         register_backend, unregister_backend)
 from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
@@ -42,8 +43,10 @@ __all__ = [
     "BackendSpec",
     "BlockTable",
     "CacheConfig",
+    "CacheFileInfo",
     "CacheGcStats",
     "CacheHandleStats",
+    "CacheLayout",
     "CacheManagerStats",
     "DType",
     "Device",
@@ -52,6 +55,7 @@ __all__ = [
     "KvCacheManager",
     "MemoryPressure",
     "PagedKvCacheHandle",
+    "SavedSequence",
     "SlotMapping",
     "TensorRef",
     "VllmBlockTable",
@@ -62,6 +66,7 @@ __all__ = [
     "get_backend",
     "hookimpl",
     "hookspec",
+    "inspect_cache_file",
     "list_backends",
     "refresh_backends",
     "register_backend",

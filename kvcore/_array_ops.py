@@ -12,6 +12,7 @@ one from ``array_ops()``; for a library following the Python array API standard,
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,13 @@ class ArrayOps(abc.ABC):
 
     #: The library's import name (``"numpy"``, ``"torch"``...).
     name: str
+
+    @property
+    def array_modules(self) -> tuple[str, ...]:
+        """Top-level modules whose arrays belong to this library (what
+        ``type(a).__module__`` starts with): ``(name,)`` unless the array type lives
+        elsewhere (JAX arrays are ``jaxlib`` objects)."""
+        return (self.name,)
 
     @abc.abstractmethod
     def from_host(self, host: np.ndarray, like: Any) -> Any:
@@ -67,7 +75,15 @@ class ArrayOps(abc.ABC):
 
     @abc.abstractmethod
     def device_key(self, a: Any) -> str:
-        """A string naming ``a``'s device, for caches keyed by device."""
+        """A string naming ``a``'s device (and, for libraries with streams, the current
+        stream), for caches of arrays copied there."""
+
+    def device_scope(self, like: Any) -> contextlib.AbstractContextManager[Any]:
+        """A context in which this library's operators (``@``, ``*``, comparisons)
+        launch on ``like``'s device.  Libraries that run an operation on its operands'
+        device anyway (numpy, torch) keep this default; cupy launches on the *current*
+        device, so its ops make ``like``'s device current."""
+        return contextlib.nullcontext()
 
 
 class NamespaceOps(ArrayOps):

@@ -246,6 +246,20 @@ class Backend(abc.ABC):
     def from_numpy(self, array: np.ndarray, dtype: DType, device: Device) -> Any:
         """A new native array of ``dtype`` on ``device`` holding ``array``'s values."""
 
+    def from_bits(self, bits: np.ndarray, dtype: DType, device: Device) -> Any:
+        """A new native array of ``dtype`` on ``device`` whose elements have exactly the
+        bit patterns ``bits``: unsigned integers of the dtype's width (``uint16`` for
+        ``float16`` and ``bfloat16``, ``uint32`` for ``float32``), any shape.  Loading a
+        saved cache uses it, so what comes back is what was saved, bit for bit.
+
+        Optional.  The default goes through :meth:`from_numpy`: exact for ``float16``
+        and ``float32``; a ``bfloat16`` element travels widened to ``float32``, exact
+        for every value, but a library's float32 -> bfloat16 conversion may
+        canonicalise NaN payloads.  A backend holding ``bfloat16`` overrides it to
+        reinterpret the bits instead (``kv_torch`` does, with a view)."""
+        host = bits_as_host(bits, dtype)
+        return self.from_numpy(host, dtype, device)
+
     def synchronize(self, device: Device) -> None:
         """Wait until every operation this backend queued for ``device`` has finished
         and its results are visible to any reader (GPU backends); a no-op on the CPU."""
@@ -259,3 +273,31 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r}>"
+
+
+#: The unsigned integer type holding one element's bits, per dtype.
+BITS_DTYPES = {DType.float16: np.dtype(np.uint16), DType.bfloat16: np.dtype(np.uint16),
+               DType.float32: np.dtype(np.uint32)}
+
+
+def check_bits(bits: Any, dtype: DType) -> np.ndarray:
+    """``bits`` as a C-contiguous numpy array of the dtype's bit type, else a typed error."""
+    want = BITS_DTYPES[DType.parse(dtype)]
+    if not isinstance(bits, np.ndarray):
+        raise TypeError(f"bits must be a numpy array of {want}, got {type(bits).__name__}")
+    if bits.dtype != want:
+        raise TypeError(f"the bits of a {DType.parse(dtype).value} array are {want}, got an "
+                        f"array of {bits.dtype}")
+    return np.ascontiguousarray(bits)
+
+
+def bits_as_host(bits: Any, dtype: DType) -> np.ndarray:
+    """The host array :meth:`Backend.from_numpy` takes for ``bits``: a float16 or
+    float32 view, or for bfloat16 the float32 whose upper half is the bits (exact)."""
+    dtype = DType.parse(dtype)
+    bits = check_bits(bits, dtype)
+    if dtype is DType.float16:
+        return bits.view(np.float16)
+    if dtype is DType.float32:
+        return bits.view(np.float32)
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)

@@ -10,7 +10,11 @@ import numpy as np
 
 from .errors import CapacityError
 
-__all__ = ["BlockTable"]
+__all__ = ["BlockTable", "NULL_BLOCK"]
+
+#: A logical block a sliding window gave back: the table keeps its place (logical
+#: positions stay aligned) but no physical block holds it any more.
+NULL_BLOCK = -1
 
 
 def _check_count(name: str, value: Any) -> int:
@@ -105,11 +109,13 @@ class BlockTable:
     # --- mutation -----------------------------------------------------------------
 
     def add_blocks(self, blocks: Iterable[int]) -> None:
-        """Append physical blocks to the end of the table."""
-        new = [_check_count("physical block id", b) for b in blocks]
+        """Append physical blocks to the end of the table (:data:`NULL_BLOCK` marks a
+        place whose block was given back)."""
+        new = [b if (b == NULL_BLOCK and not isinstance(b, bool) and isinstance(b, int))
+               else _check_count("physical block id", b) for b in blocks]
         seen = set(self._blocks)
         for b in new:
-            if b in seen:
+            if b in seen and b != NULL_BLOCK:
                 raise ValueError(f"physical block {b} is already in this table")
             seen.add(b)
         self._blocks.extend(new)
@@ -139,6 +145,13 @@ class BlockTable:
         return _slots_of(self._blocks, self._block_size, positions)
 
     # --- value semantics ----------------------------------------------------------
+
+    @classmethod
+    def snapshot(cls, block_size: int, blocks: list[int], length: int) -> BlockTable:
+        """A table of a manager's sequence, taken as it is (already consistent)."""
+        new = cls.__new__(cls)
+        new._block_size, new._blocks, new._length = block_size, blocks, length
+        return new
 
     def copy(self) -> BlockTable:
         new = BlockTable.__new__(BlockTable)

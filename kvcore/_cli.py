@@ -20,6 +20,7 @@ from typing import Any
 from ._registry import BackendRecord, list_backends
 from ._version import __version__
 from .errors import KvCoreError
+from .stores import _cli as _stores_cli
 
 __all__ = ["main"]
 
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=_CONFORMANCE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("backends", nargs="+", metavar="NAME", help="backend names")
+    _stores_cli.add_parser(sub)
     return parser
 
 
@@ -132,7 +134,8 @@ def _run(argv: list[str]) -> int:
             return _cmd_conformance(args, rest)
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return {"backends": _cmd_backends, "demo": _cmd_demo}[args.command](args)
+        return {"backends": _cmd_backends, "demo": _cmd_demo,
+                "stores": _stores_cli.run}[args.command](args)
     except KvCoreError as exc:
         print(f"kvcore: error: {exc}", file=sys.stderr)
         return 1

@@ -1,23 +1,26 @@
 """Coordinator: the parts of one manager, and the block moves that span several.
 
-The manager is a facade over these parts, each owning its state:
+The manager is a facade over these parts, each owning its state.  Per layer group
+(a config without ``layer_groups`` has one, of every layer):
 
 * :class:`~kvcore._block_pool.BlockPool`: reference counts, empty and cached free
   blocks, eviction order;
 * :class:`~kvcore._prefix_index.PrefixIndex`: recorded chains and the key map, exact
   verification of hits;
-* :class:`~kvcore._sequence_table.SequenceTables`: every sequence's blocks, lengths,
-  written counts, versions and prefix chain, as arrays by row;
 * :class:`~kvcore._kv_store.KvStore`: the pools on the backend, writes, reads, block
   copies, which blocks are written for which layer;
-* :class:`~kvcore._swap.SwapSpace` (optional): the swap pool.
+* a :class:`~kvcore._sequence_table.GroupTable`: every sequence's blocks.
 
-The coordinator holds them together with the prefix hasher and the counters, and
-implements the few moves that must keep several parts in step: taking fresh blocks
-(pool + store + writer), releasing blocks (pool + index), copy-on-write (pool +
-store + tables + index) and recording a sequence's full blocks in the prefix index
-(tables + hasher + index).  Operations that change where a sequence's existing
-slots are bump ``epoch``, which invalidates every remembered slot-mapping check.
+Shared by the groups: :class:`~kvcore._sequence_table.SequenceTables` (lengths,
+written counts, versions and the prefix chain of every sequence, as arrays by row),
+the prefix hasher, the counters and the optional :class:`~kvcore._swap.SwapSpace`.
+
+The coordinator implements the few moves that must keep several parts in step:
+taking fresh blocks (pool + store + writer), releasing blocks (pool + index),
+copy-on-write (pool + store + table + index) and recording a sequence's full blocks
+in every group's prefix index (tables + hasher + index).  Operations that change
+where a sequence's existing slots are bump ``epoch``, which invalidates every
+remembered slot-mapping check.
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ from ._backend import Backend
 from ._block_pool import BlockPool
 from ._chain_hash import ChainHasher
 from ._kv_store import KvStore
-from ._prefix_index import ROOT, PrefixIndex
-from ._sequence_table import SequenceTables
+from ._prefix_index import ROOT, UNREACHABLE, PrefixIndex
+from ._sequence_table import GroupTable, SequenceTables
 from ._swap import SwapSpace
-from .models import CacheConfig
+from .models import CacheConfig, GroupKind, GroupLayout
 
-__all__ = ["Coordinator", "Counters"]
+__all__ = ["Coordinator", "Counters", "GroupParts"]
 
 
 @dataclass
@@ -51,49 +54,33 @@ class Counters:
     allocations: int = 0
     failures: int = 0
     cow: int = 0
+    #: Blocks a sliding window gave back while their sequence went on.
+    window_releases: int = 0
 
 
-class Coordinator:
-    """The parts of one manager (see the module docstring)."""
+class GroupParts:
+    """One layer group's pool, prefix index, store, table and block writers."""
 
-    def __init__(self, config: CacheConfig, backend: Backend) -> None:
-        c = config
-        self.config = config
-        self.backend = backend
-        self.block_size = c.block_size
-        self.store = KvStore(config, backend)
-        try:
-            self.index = PrefixIndex(c.num_blocks, c.block_size, self.store.complete)
-            self.pool = BlockPool(c.num_blocks, on_evict=self.index.forget)
-            self.tables = SequenceTables(c.block_size, c.num_layers)
-            self.swap = SwapSpace(config, backend) if c.swap_blocks else None
-        except BaseException:
-            self.store.close()
-            raise
-        self.hasher = ChainHasher(c.block_size, c.hash_seed)
+    def __init__(self, config: CacheConfig, layout: GroupLayout, backend: Backend,
+                 table: GroupTable) -> None:
+        self.layout = layout
+        self.kind = layout.kind
+        self.window = layout.window
+        self.store = KvStore(config, layout, backend)
+        self.prefix = PrefixIndex(layout.num_blocks, config.block_size, self.store.complete)
+        self.pool = BlockPool(layout.num_blocks, on_evict=self.prefix.forget)
+        self.table = table
         #: The row that fills each block: the one allowed to write a block others
         #: joined while its prefill was in flight.
-        self.writer = np.full(c.num_blocks, -1, dtype=np.int64)
-        self.counters = Counters()
-        self.epoch = 0
-        self._roots = np.array([self.hasher.root(None)], dtype=np.uint64)
-        self._salt_names: list[str | None] = [None]
+        self.writer = np.full(layout.num_blocks, -1, dtype=np.int64)
 
-    # --- salts ----------------------------------------------------------------------
-
-    def salt(self, extra_key: str | None) -> int:
-        """The salt id of ``extra_key`` (its chain root is remembered)."""
-        sid = self.index.salt_id(extra_key)
-        if sid >= self._roots.size:
-            self._salt_names.append(extra_key)
-            self._roots = np.append(self._roots, np.uint64(self.hasher.root(extra_key)))
-        return sid
-
-    # --- blocks -----------------------------------------------------------------------
+    @property
+    def token_based(self) -> bool:
+        return self.kind is not GroupKind.cross
 
     def take(self, count: int, rows: np.ndarray | int) -> np.ndarray:
-        """``count`` fresh blocks (nothing of anyone's in them), filled by ``rows``
-        (one row, or one per block).  The caller checked there is room."""
+        """``count`` fresh blocks (nothing of anyone's in them), filled by ``rows`` (one
+        row, or one per block).  The caller checked there is room."""
         blocks = self.pool.allocate(count)
         if blocks.size:
             self.store.reset_blocks(blocks)
@@ -105,10 +92,10 @@ class Coordinator:
         when the index can serve them, otherwise lose whatever was recorded of them."""
         if not blocks.size:
             return
-        keep = self.index.servable(blocks)
+        keep = self.prefix.servable(blocks)
         freed = self.pool.free(blocks, keep, unique=unique)
         if freed.size:
-            self.index.forget(freed[~self.index.servable(freed)])
+            self.prefix.forget(freed[~self.prefix.servable(freed)])
 
     def writable(self, rows: np.ndarray, blocks: np.ndarray, first: np.ndarray) -> np.ndarray:
         """Whether ``rows[i]`` may write into ``blocks[i]`` in place; ``first[i]`` says
@@ -118,32 +105,88 @@ class Coordinator:
         (the others joined that prefill)."""
         shared = self.pool.ref[blocks] > 1
         mine = first & (self.writer[blocks] == rows) & ~self.store.complete[blocks]
-        return ~self.index.servable(blocks) & (~shared | mine)
+        return ~self.prefix.servable(blocks) & (~shared | mine)
 
-    def copy_on_write(self, row: int, logical: np.ndarray) -> None:
-        """Give ``row`` its own copy of its blocks at ``logical`` positions (the caller
-        checked there is room); its slots there move, so its version changes."""
-        if not logical.size:
-            return
-        tables = self.tables
-        old = tables.blocks[row, logical].copy()
-        new = self.take(logical.size, row)
-        self.store.copy_blocks(old, new)
-        tables.blocks[row, logical] = new
-        self.release(old)
-        self.counters.cow += logical.size
-        tables.version[row] += 1
-        self.epoch += 1
 
-    # --- the prefix chain ---------------------------------------------------------------
+class Coordinator:
+    """The parts of one manager (see the module docstring)."""
+
+    def __init__(self, config: CacheConfig, backend: Backend) -> None:
+        c = config
+        self.config = config
+        self.backend = backend
+        self.block_size = c.block_size
+        self.layouts = c.groups
+        self.tables = SequenceTables(c.block_size, c.num_layers, len(self.layouts))
+        self.groups: list[GroupParts] = []
+        self.swap: SwapSpace | None = None
+        try:
+            for layout in self.layouts:
+                self.groups.append(GroupParts(c, layout, backend,
+                                              self.tables.groups[layout.index]))
+            if c.swap_blocks:
+                self.swap = SwapSpace(c, backend, [g.store for g in self.groups])
+        except BaseException:
+            self.close()
+            raise
+        #: For each layer: its group and its index among the group's layers.
+        self.layer_group = [0] * c.num_layers
+        self.layer_local = [0] * c.num_layers
+        for g in self.groups:
+            for local, layer in enumerate(g.layout.layers):
+                self.layer_group[layer] = g.layout.index
+                self.layer_local[layer] = local
+        self.token_groups = [g for g in self.groups if g.token_based]
+        self.cross_groups = [g for g in self.groups if not g.token_based]
+        #: The group a sequence's ``block_table()`` shows: the first that keeps every
+        #: token (full or latent), else the first token group.
+        self.primary = next((g for g in self.groups if g.kind in (GroupKind.full,
+                                                                  GroupKind.latent)),
+                            self.token_groups[0] if self.token_groups else self.groups[0])
+        self.hasher = ChainHasher(c.block_size, c.hash_seed)
+        self.counters = Counters()
+        self.epoch = 0
+        self._roots = np.array([self.hasher.root(None)], dtype=np.uint64)
+        self._salts: dict[str | None, int] = {None: 0}
+
+    # --- salts ----------------------------------------------------------------------
+
+    def salt(self, extra_key: str | None) -> int:
+        """The salt id of ``extra_key`` (its chain root is remembered)."""
+        sid = self._salts.get(extra_key)
+        if sid is None:
+            sid = self._salts[extra_key] = len(self._salts)
+            self._roots = np.append(self._roots, np.uint64(self.hasher.root(extra_key)))
+        return sid
 
     def root_key(self, salt: int) -> int:
         return int(self._roots[salt])
 
+    # --- blocks -----------------------------------------------------------------------
+
+    def copy_on_write(self, row: int, group: GroupParts, logical: np.ndarray) -> None:
+        """Give ``row`` its own copy of its blocks of ``group`` at ``logical`` positions
+        (the caller checked there is room); its slots there move, so its version
+        changes."""
+        if not logical.size:
+            return
+        table = group.table
+        old = table.blocks[row, logical].copy()
+        new = group.take(logical.size, row)
+        group.store.copy_blocks(old, new)
+        table.blocks[row, logical] = new
+        group.release(old)
+        self.counters.cow += logical.size
+        self.tables.version[row] += 1
+        self.epoch += 1
+
+    # --- the prefix chain ---------------------------------------------------------------
+
     def record_chain(self, row: int, first: int, stop: int,
                      keys: np.ndarray | None = None) -> None:
         """Remember the keys of ``row``'s full blocks ``[first, stop)`` (computed from
-        its known token ids unless given) and record the blocks in the prefix index."""
+        its known token ids unless given) and record the blocks in every group's
+        prefix index."""
         if stop <= first:
             return
         t, bs = self.tables, self.block_size
@@ -154,10 +197,23 @@ class Coordinator:
             keys = self.hasher.keys(tokens, parent_key)
         t.chain_key[row, first:stop] = keys
         t.hashed[row] = stop
-        physical = t.blocks[row, first:stop]
-        parents = t.blocks[row, first - 1:stop - 1] if first else \
-            np.concatenate([[ROOT], t.blocks[row, :stop - 1]])
-        self.index.record(physical, keys, tokens, parents, int(t.salt[row]))
+        salt = int(t.salt[row])
+        for g in self.token_groups:
+            blocks = g.table.blocks[row]
+            physical = blocks[first:stop]
+            parents = blocks[first - 1:stop - 1] if first else \
+                np.concatenate([[ROOT], blocks[:stop - 1]])
+            # A predecessor a sliding window gave back (-1 in the table) can never be
+            # proven again; only the first block's parent is the root.
+            parents = np.where(parents < 0, UNREACHABLE, parents)
+            if first == 0:
+                parents[0] = ROOT
+            held = physical >= 0  # a sliding window may have released the oldest
+            if not held.all():
+                physical, parents = physical[held], parents[held]
+                g.prefix.record(physical, keys[held], tokens[held], parents, salt)
+            else:
+                g.prefix.record(physical, keys, tokens, parents, salt)
 
     def record_step(self, rows: np.ndarray) -> None:
         """Each of ``rows`` just filled one more full block (the one after its last
@@ -174,16 +230,21 @@ class Coordinator:
         keys = self.hasher.step(parent_keys, tokens)
         t.chain_key[rows, logical] = keys
         t.hashed[rows] = logical + 1
-        physical = t.blocks[rows, logical]
-        parents = np.where(has_parent, t.blocks[rows, prev], ROOT)
-        self.index.record(physical, keys, tokens, parents, t.salt[rows])
+        salts = t.salt[rows]
+        for g in self.token_groups:
+            blocks = g.table.blocks
+            physical = blocks[rows, logical]
+            before = blocks[rows, prev]
+            parents = np.where(has_parent, np.where(before >= 0, before, UNREACHABLE), ROOT)
+            g.prefix.record(physical, keys, tokens, parents, salts)
 
     # --- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
         """Release every pool (main and swap) through the backend."""
         try:
-            self.store.close()
+            for g in self.groups:
+                g.store.close()
         finally:
             if self.swap is not None:
                 self.swap.close()

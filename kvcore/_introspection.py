@@ -23,19 +23,26 @@ __all__ = ["check_invariants", "collect_garbage", "handle_stats", "manager_stats
 
 
 def handle_stats(co: Coordinator, row: int) -> CacheHandleStats:
-    t = co.tables
-    blocks = int(t.num_blocks[row])
+    t, c = co.tables, co.config
+    held = [int(g.table.num_blocks[row] - g.table.released[row]) for g in co.groups]
+    released = sum(int(g.table.released[row]) for g in co.groups)
+    memory = sum(n * c.group_bytes_per_block(g.layout.index) for n, g in zip(held, co.groups))
     length = int(t.length[row])
-    capacity = blocks * co.block_size
+    capacity = int(co.primary.table.num_blocks[row]) * co.block_size
     return CacheHandleStats(
-        memory_bytes=blocks * co.config.bytes_per_block, blocks_allocated=blocks,
-        tokens_stored=length, utilization=length / capacity if capacity else 0.0,
+        memory_bytes=memory, blocks_allocated=sum(held), blocks_released=released,
+        tokens_stored=length, utilization=min(1.0, length / capacity) if capacity else 0.0,
         last_access=datetime.fromtimestamp(float(t.last_access[row]), timezone.utc))
 
 
+def _used_fraction(co: Coordinator) -> float:
+    used = sum(g.pool.num_used for g in co.groups)
+    return used / sum(g.pool.num_blocks for g in co.groups)
+
+
 def pressure_level(co: Coordinator) -> MemoryPressure:
-    c, pool = co.config, co.pool
-    used = pool.num_used / pool.num_blocks
+    c = co.config
+    used = _used_fraction(co)
     if used >= c.pressure_critical:
         return MemoryPressure.critical
     if used >= c.pressure_high:
@@ -46,59 +53,72 @@ def pressure_level(co: Coordinator) -> MemoryPressure:
 
 
 def manager_stats(co: Coordinator, seqs: Mapping[str, SequenceRecord]) -> CacheManagerStats:
-    pool, c, n = co.pool, co.config, co.counters
-    swap = co.swap.pool if co.swap is not None else None
+    """Every group's pool summed (one group without ``layer_groups``)."""
+    c, n = co.config, co.counters
+    pools = [g.pool for g in co.groups]
+    swap = [sg.pool for sg in co.swap.groups] if co.swap is not None else []
     swapped = sum(1 for s in seqs.values() if co.tables.swapped[s.row])
+    used_bytes = sum(g.pool.num_used * c.group_bytes_per_block(g.layout.index)
+                     for g in co.groups)
+    total = sum(p.num_blocks for p in pools)
+    used = sum(p.num_used for p in pools)
     return CacheManagerStats(
-        total_blocks=pool.num_blocks,
-        free_blocks=pool.num_empty,
-        cached_blocks=pool.num_cached_free,
-        used_blocks=pool.num_used,
+        total_blocks=total,
+        free_blocks=sum(p.num_empty for p in pools),
+        cached_blocks=sum(p.num_cached_free for p in pools),
+        used_blocks=used,
         block_size=c.block_size,
         memory_bytes=c.total_bytes,
-        used_memory_bytes=pool.num_used * c.bytes_per_block,
+        used_memory_bytes=used_bytes,
         active_caches=len(seqs) - swapped,
         swapped_caches=swapped,
-        swap_total_blocks=swap.num_blocks if swap else 0,
-        swap_free_blocks=swap.num_free if swap else 0,
+        swap_total_blocks=sum(p.num_blocks for p in swap),
+        swap_free_blocks=sum(p.num_free for p in swap),
         prefix_cache_queries=n.queries,
         prefix_cache_hits=n.hits,
         prefix_cache_hit_rate=n.hits / n.queries if n.queries else 0.0,
         prefix_cache_query_tokens=n.query_tokens,
         prefix_cache_hit_tokens=n.hit_tokens,
-        evictions=pool.evictions,
+        evictions=sum(p.evictions for p in pools),
         allocations=n.allocations,
         allocation_failures=n.failures,
         copy_on_write_copies=n.cow,
+        window_released_blocks=n.window_releases,
         pressure=pressure_level(co),
-        utilization=pool.num_used / pool.num_blocks)
+        utilization=used / total)
 
 
 def collect_garbage(co: Coordinator) -> CacheGcStats:
     """Drop the cache entries of every free cached block (they become empty)."""
     began = time.perf_counter()
-    cached = co.pool.cached_free_blocks()
-    co.index.forget(cached)
-    co.pool.uncache(cached)
+    freed = nbytes = 0
+    for g in co.groups:
+        cached = g.pool.cached_free_blocks()
+        g.prefix.forget(cached)
+        g.pool.uncache(cached)
+        freed += cached.size
+        nbytes += cached.size * co.config.group_bytes_per_block(g.layout.index)
     co.epoch += 1
-    return CacheGcStats(blocks_freed=int(cached.size),
-                        bytes_freed=int(cached.size) * co.config.bytes_per_block,
+    return CacheGcStats(blocks_freed=int(freed), bytes_freed=int(nbytes),
                         duration_s=time.perf_counter() - began)
 
 
 def reset_prefix_cache(co: Coordinator) -> int:
     """Drop every key; free cached blocks become empty.  Returns the keys dropped."""
-    dropped = co.index.reset()
-    co.pool.uncache(co.pool.cached_free_blocks())
+    dropped = 0
+    for g in co.groups:
+        dropped += g.prefix.reset().size
+        g.pool.uncache(g.pool.cached_free_blocks())
     co.epoch += 1
-    return int(dropped.size)
+    return int(dropped)
 
 
 def check_invariants(co: Coordinator, seqs: Mapping[str, SequenceRecord]) -> None:
     """Raise :class:`InvariantError` at the first inconsistency found."""
-    t, bs, pool = co.tables, co.block_size, co.pool
-    holders = np.zeros(pool.num_blocks, dtype=np.int64)
-    swap_holders = np.zeros(co.swap.pool.num_blocks if co.swap else 0, dtype=np.int64)
+    t, bs = co.tables, co.block_size
+    holders = [np.zeros(g.pool.num_blocks, dtype=np.int64) for g in co.groups]
+    swap_holders = [np.zeros(sg.pool.num_blocks, dtype=np.int64)
+                    for sg in (co.swap.groups if co.swap else [])]
     rows = set()
     for rid, seq in seqs.items():
         row = seq.row
@@ -107,32 +127,44 @@ def check_invariants(co: Coordinator, seqs: Mapping[str, SequenceRecord]) -> Non
         if row in rows:
             raise InvariantError(f"request {rid!r} shares row {row} with another request")
         rows.add(row)
-        blocks = t.row_blocks(row)
         length = int(t.length[row])
-        if np.unique(blocks).size != blocks.size:
-            raise InvariantError(f"request {rid!r} holds a block twice: {blocks.tolist()}")
-        if blocks.size != -(-length // bs) or (t.blocks[row, blocks.size:] != -1).any():
-            raise InvariantError(f"request {rid!r} has {blocks.size} blocks for {length} "
-                                 f"tokens of block size {bs}")
-        if (t.written[row] > length).any():
-            raise InvariantError(f"request {rid!r} has more tokens written "
-                                 f"({int(t.written[row].max())}) than it holds ({length})")
+        for g in co.groups:
+            table = g.table
+            n = int(table.num_blocks[row])
+            released = int(table.released[row])
+            expected = -(-(length if g.token_based else int(t.encoder[row])) // bs)
+            if n != expected or (table.blocks[row, n:] != -1).any():
+                raise InvariantError(f"request {rid!r} has {n} blocks in layer group "
+                                     f"{g.layout.index} for {expected * bs} tokens' worth")
+            if (table.blocks[row, :released] != -1).any():
+                raise InvariantError(f"request {rid!r} still points at blocks its sliding "
+                                     "window gave back")
+            blocks = table.held(row)
+            if (blocks < 0).any() or np.unique(blocks).size != blocks.size:
+                raise InvariantError(f"request {rid!r} holds a block twice or a missing "
+                                     f"block in layer group {g.layout.index}: {blocks.tolist()}")
+            limit = length if g.token_based else int(t.encoder[row])
+            if (t.written[row, list(g.layout.layers)] > limit).any():
+                raise InvariantError(f"request {rid!r} has more tokens written than it holds "
+                                     f"({limit}) in layer group {g.layout.index}")
+            if t.swapped[row]:
+                if co.swap is None:
+                    raise InvariantError(f"request {rid!r} is swapped out but there is no "
+                                         "swap pool")
+                np.add.at(swap_holders[g.layout.index], blocks, 1)
+            else:
+                np.add.at(holders[g.layout.index], blocks, 1)
         if t.known[row] > length or t.hashed[row] * bs > t.known[row]:
             raise InvariantError(f"request {rid!r}: {int(t.hashed[row])} blocks recorded from "
                                  f"{int(t.known[row])} known token ids of {length}")
-        if t.swapped[row]:
-            if co.swap is None:
-                raise InvariantError(f"request {rid!r} is swapped out but there is no swap pool")
-            np.add.at(swap_holders, blocks, 1)
-        else:
-            np.add.at(holders, blocks, 1)
-    complete = co.store.filled.all(axis=1)
-    if (complete != co.store.complete).any():
-        block = int(np.flatnonzero(complete != co.store.complete)[0])
-        raise InvariantError(f"block {block}: complete={bool(co.store.complete[block])} but "
-                             f"its layers say {bool(complete[block])}")
-    co.index.check()
-    servable = co.index.servable(np.arange(pool.num_blocks))
-    pool.check(holders, servable)
-    if co.swap is not None:
-        co.swap.pool.check(swap_holders, np.zeros(co.swap.pool.num_blocks, dtype=bool))
+    for g, held in zip(co.groups, holders):
+        complete = g.store.filled.all(axis=1)
+        if (complete != g.store.complete).any():
+            block = int(np.flatnonzero(complete != g.store.complete)[0])
+            raise InvariantError(f"block {block} of layer group {g.layout.index}: complete="
+                                 f"{bool(g.store.complete[block])} but its layers say "
+                                 f"{bool(complete[block])}")
+        g.prefix.check()
+        g.pool.check(held, g.prefix.servable(np.arange(g.pool.num_blocks)))
+    for sg, held in zip(co.swap.groups if co.swap else [], swap_holders):
+        sg.pool.check(held, np.zeros(sg.pool.num_blocks, dtype=bool))

@@ -1,13 +1,20 @@
-"""KvStore: the K/V pools on the backend, and everything that moves array data.
+"""KvStore: one layer group's K/V pools on the backend, and everything that moves
+array data.
 
-One pool per layer, ``[2, num_blocks, block_size, kv_heads, head_dim]`` (K at plane
-0, V at plane 1), made by the backend when the manager is built and released by
-:meth:`KvStore.close`.  Every pool-changing backend call returns the pool that now
-holds the data (contract version 2) and the store keeps what it gets back, so
-immutable array libraries work like mutable ones.
+Each layer of the group keeps its K/V in one or more pools
+``[planes, num_blocks, block_size, heads, dim]`` made by the backend when the manager
+is built and released by :meth:`KvStore.close`, as its :class:`LayerLayout` says:
+
+* a K/V layer: one pool of two planes (K at 0, V at 1), the layout vLLM writes;
+* a layer whose V is narrower or wider than K: one pool per plane;
+* a latent (MLA) layer: one pool of one plane, one vector per token.
+
+Every pool-changing backend call returns the pool that now holds the data (contract
+version 2) and the store keeps what it gets back, so immutable array libraries work
+like mutable ones.
 
 The store also knows, per physical block and layer, whether the block holds all its
-``block_size`` tokens (``filled``), and whether it does for every layer
+``block_size`` tokens (``filled``), and whether it does for every layer of the group
 (``complete``).  Only complete blocks are served from the prefix cache, so a request
 never reads K/V nobody has written yet; the prefix index reads ``complete``.
 
@@ -18,30 +25,70 @@ shape; anything else is a typed error naming what was given and what was expecte
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ._backend import Backend
 from ._tensor_ref import TensorRef
 from .errors import (DeviceMismatchError, DtypeMismatchError, KvCoreError, PoolAllocationError,
-                     ShapeMismatchError)
-from .models import CacheConfig
+                     ShapeMismatchError, UnsupportedError)
+from .models import CacheConfig, GroupKind, GroupLayout
 
-__all__ = ["KvStore"]
+__all__ = ["KvStore", "LayerLayout", "PoolSpec"]
+
+
+class PoolSpec(NamedTuple):
+    planes: int
+    heads: int
+    dim: int
+
+
+class LayerLayout:
+    """How one layer of a group stores what a write gives it: its pools, and where
+    each plane (0 is K or the latent vector, 1 is V) lives."""
+
+    def __init__(self, group: GroupLayout) -> None:
+        heads, k_dim, v_dim = group.num_kv_heads, group.k_dim, group.v_dim
+        if v_dim is None:  # latent: one plane
+            self.pools: tuple[PoolSpec, ...] = (PoolSpec(1, heads, k_dim),)
+            self.sources: tuple[tuple[int, int], ...] = ((0, 0),)
+        elif v_dim == k_dim:
+            self.pools = (PoolSpec(2, heads, k_dim),)
+            self.sources = ((0, 0), (0, 1))
+        else:
+            self.pools = (PoolSpec(1, heads, k_dim), PoolSpec(1, heads, v_dim))
+            self.sources = ((0, 0), (1, 0))
+        self.planes = len(self.sources)
+        self.row_shapes = tuple((heads, self.pools[p].dim) for p, _ in self.sources)
+
+    def rows_per_pool(self, planes: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """The arrays to scatter into each pool, from one array per plane."""
+        if len(self.pools) == 1:
+            return [planes]
+        return [(planes[0],), (planes[1],)]
 
 
 class KvStore:
-    """The pools of one manager (see the module docstring)."""
+    """The pools of one layer group (see the module docstring)."""
 
-    def __init__(self, config: CacheConfig, backend: Backend) -> None:
+    def __init__(self, config: CacheConfig, group: GroupLayout, backend: Backend) -> None:
         self.config = config
+        self.group = group
         self.backend = backend
-        c = config
-        self.pools: list[Any] = allocate_pools(backend, c, c.num_blocks, c.device)
-        self.filled = np.zeros((c.num_blocks, c.num_layers), dtype=bool)
-        self.complete = np.zeros(c.num_blocks, dtype=bool)
+        self.layout = LayerLayout(group)
+        self.num_blocks = group.num_blocks
+        self.layers = group.layers
+        #: ``pools[local layer][i]``: the layer's i-th pool (see :class:`LayerLayout`).
+        self.pools: list[list[Any]] = allocate_pools(backend, config, self.layout,
+                                                     len(group.layers), group.num_blocks,
+                                                     config.device)
+        self.filled = np.zeros((group.num_blocks, len(group.layers)), dtype=bool)
+        self.complete = np.zeros(group.num_blocks, dtype=bool)
         self.closed = False
+        # For fast_kv: the backend's own array type, and the row shape expected.
+        self._native_type = type(self.pools[0][0])
+        self._shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
 
     # --- indices ------------------------------------------------------------------
 
@@ -49,14 +96,27 @@ class KvStore:
         """Slot or block ids as the backend's index on the cache's device."""
         return self.backend.index_array(ids, self.config.device)
 
+    def flat_pools(self) -> list[Any]:
+        return [pool for pools in self.pools for pool in pools]
+
+    def set_flat_pools(self, flat: list[Any]) -> None:
+        it = iter(flat)
+        self.pools = [[next(it) for _ in pools] for pools in self.pools]
+
     # --- validation ---------------------------------------------------------------
 
-    def native_kv(self, key: Any, value: Any, tokens: int | None) -> tuple[Any, Any, int]:
-        """K and V as backend arrays of the cache's dtype and ``[n, heads, dim]`` shape
-        (``n == tokens`` when given, else any ``n >= 1``, the same for both)."""
-        be, c = self.backend, self.config
+    def native_kv(self, key: Any, value: Any, tokens: int | None) -> tuple[tuple[Any, ...], int]:
+        """K and V (or the latent vector, with ``value`` None) as backend arrays of the
+        cache's dtype and ``[n, heads, dim]`` shapes (``n == tokens`` when given, else
+        any ``n >= 1``, the same for every plane)."""
+        be, c, layout = self.backend, self.config, self.layout
+        if layout.planes == 1 and value is not None:
+            raise TypeError(f"a latent ('{GroupKind.latent.value}') layer keeps one vector per "
+                            "token: pass it as key and value=None")
+        if layout.planes == 2 and value is None:
+            raise TypeError("value is None; this layer keeps K and V")
         out = []
-        for what, obj in (("key", key), ("value", value)):
+        for what, obj, (heads, dim) in zip(("key", "value"), (key, value), layout.row_shapes):
             try:
                 native = be.asarray(obj, c.device)
             except (KvCoreError, TypeError):
@@ -71,31 +131,58 @@ class KvStore:
                 seen = dtype.value if dtype is not None else str(getattr(native, "dtype", "?"))
                 raise DtypeMismatchError(f"{what} has dtype {seen}, the cache holds "
                                          f"{c.dtype.value}; kvcore does not cast, convert it first")
-            want = (tokens if tokens is not None else (shape[0] if shape else -1),
-                    c.num_kv_heads, c.head_dim)
+            want = (tokens if tokens is not None else (shape[0] if shape else -1), heads, dim)
             if len(shape) != 3 or tuple(shape) != want or want[0] < 1:
-                expect = (f"[{tokens if tokens is not None else 'n >= 1'}, {c.num_kv_heads}, "
-                          f"{c.head_dim}]")
+                expect = f"[{tokens if tokens is not None else 'n >= 1'}, {heads}, {dim}]"
                 raise ShapeMismatchError(f"{what} has shape {list(shape)}, expected {expect} "
-                                         "(tokens, num_kv_heads, head_dim)")
+                                         "(tokens, heads, dim)")
             out.append(native)
             tokens = shape[0]
-        return out[0], out[1], int(tokens)  # type: ignore[arg-type]
+        return tuple(out), int(tokens)  # type: ignore[arg-type]
+
+    def fast_kv(self, key: Any, value: Any, tokens: int) -> bool:
+        """Whether ``key`` and ``value`` are the backend's own arrays with exactly the
+        cache's dtype, device and shapes: the common case, checked without converting
+        anything.  ``False`` means "use :meth:`native_kv`" (which converts, or names
+        what is wrong).  K/V layers only."""
+        native = self._native_type
+        if type(key) is not native or type(value) is not native:
+            return False
+        shapes = self._shapes.get(tokens)
+        if shapes is None:
+            shapes = self._shapes[tokens] = tuple((tokens, *shape)
+                                                  for shape in self.layout.row_shapes)
+        if len(shapes) != 2:
+            return False
+        describe, c = self.backend.describe, self.config
+        k_shape, k_dtype, k_device = describe(key)
+        v_shape, v_dtype, v_device = describe(value)
+        return (tuple(k_shape) == shapes[0] and tuple(v_shape) == shapes[1]
+                and k_dtype is c.dtype and v_dtype is c.dtype
+                and k_device == c.device and v_device == c.device)
 
     # --- data ---------------------------------------------------------------------
 
-    def scatter(self, layer: int, index: Any, key: Any, value: Any) -> None:
-        self.pools[layer] = self.backend.scatter(self.pools[layer], index, (key, value))
+    def scatter(self, local: int, index: Any, planes: tuple[Any, ...]) -> None:
+        """Write one array per plane of layer ``local`` at the slots of ``index``."""
+        pools = self.pools[local]
+        scatter = self.backend.scatter
+        if len(pools) == 1:
+            pools[0] = scatter(pools[0], index, planes)
+            return
+        for i, rows in enumerate(self.layout.rows_per_pool(planes)):
+            pools[i] = scatter(pools[i], index, rows)
 
-    def gather(self, layer: int, plane: int, index: Any) -> Any:
-        return self.backend.gather(self.pools[layer], plane, index)
+    def gather(self, local: int, plane: int, index: Any) -> Any:
+        pool, pool_plane = self.layout.sources[plane]
+        return self.backend.gather(self.pools[local][pool], pool_plane, index)
 
     def copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Copy whole blocks (every layer, K and V) and their written state."""
+        """Copy whole blocks (every layer, every plane) and their written state."""
         if not src.size:
             return
-        self.pools = list(self.backend.copy_blocks_layers(self.pools, self.index(src),
-                                                          self.index(dst)))
+        self.set_flat_pools(list(self.backend.copy_blocks_layers(
+            self.flat_pools(), self.index(src), self.index(dst))))
         self.filled[dst] = self.filled[src]
         self.complete[dst] = self.complete[src]
 
@@ -105,56 +192,68 @@ class KvStore:
             self.filled[blocks] = False
             self.complete[blocks] = False
 
-    def mark_filled(self, layer: int, blocks: np.ndarray) -> np.ndarray:
-        """``layer`` now holds every token of ``blocks``; returns the blocks that just
-        became complete (every layer)."""
+    def mark_filled(self, local: int | np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """Layer ``local`` (one, or an array of local layers) now holds every token of
+        ``blocks``; returns the blocks that just became complete (every layer)."""
         if not blocks.size:
             return blocks
-        self.filled[blocks, layer] = True
+        if isinstance(local, np.ndarray):
+            self.filled[np.ix_(blocks, local)] = True
+        else:
+            self.filled[blocks, local] = True
         now = self.filled[blocks].all(axis=1)
         new = blocks[now & ~self.complete[blocks]]
         self.complete[blocks] = now
         return new
 
-    def unfill(self, blocks: np.ndarray) -> None:
-        """``blocks`` will be written again (a truncated tail): not complete for any
-        layer until they are."""
-        self.reset_blocks(blocks)
-
-    def layer_pool(self, layer: int) -> TensorRef:
+    def layer_pools(self, local: int) -> tuple[TensorRef, ...]:
         c = self.config
-        return TensorRef(self.pools[layer],
-                         (2, c.num_blocks, c.block_size, c.num_kv_heads, c.head_dim),
-                         c.dtype, c.device, self.backend)
+        return tuple(TensorRef(pool, (spec.planes, self.num_blocks, c.block_size, spec.heads,
+                                      spec.dim), c.dtype, c.device, self.backend)
+                     for pool, spec in zip(self.pools[local], self.layout.pools))
+
+    def layer_pool(self, local: int) -> TensorRef:
+        if len(self.layout.pools) != 1:
+            raise UnsupportedError(f"layer {self.layers[local]} keeps K and V of different "
+                                   "widths in two pools; use layer_pools(layer)")
+        return self.layer_pools(local)[0]
 
     def close(self) -> None:
         """Release every pool through the backend; the store is unusable afterwards."""
         if self.closed:
             return
         self.closed = True
-        pools, self.pools = self.pools, []
+        pools, self.pools = self.flat_pools(), []
         release_pools(self.backend, pools)
 
 
-def allocate_pools(backend: Backend, config: CacheConfig, num_blocks: int, device: Any, *,
-                   pinned: bool = False) -> list[Any]:
-    """One zero-filled pool per layer, all or nothing: if any allocation fails, the
-    pools made so far are released and :class:`PoolAllocationError` names the bytes."""
+def allocate_pools(backend: Backend, config: CacheConfig, layout: LayerLayout, layers: int,
+                   num_blocks: int, device: Any, *, pinned: bool = False) -> list[list[Any]]:
+    """The pools of ``layers`` layers of one layout, zero-filled, all or nothing: if any
+    allocation fails, the pools made so far are released and
+    :class:`PoolAllocationError` names the bytes."""
     c = config
-    pools: list[Any] = []
+    made: list[Any] = []
+    pools: list[list[Any]] = []
     try:
-        for _ in range(c.num_layers):
-            pools.append(backend.allocate_layer(num_blocks, c.block_size, c.num_kv_heads,
-                                                c.head_dim, c.dtype, device, pinned=pinned))
+        for _ in range(layers):
+            layer = []
+            for spec in layout.pools:
+                layer.append(backend.allocate_layer(num_blocks, c.block_size, spec.heads,
+                                                    spec.dim, c.dtype, device, pinned=pinned,
+                                                    planes=spec.planes))
+                made.append(layer[-1])
+            pools.append(layer)
     except BaseException as exc:
-        release_pools(backend, pools)
+        release_pools(backend, made)
         if isinstance(exc, KvCoreError) or not isinstance(exc, (MemoryError, RuntimeError,
                                                                  ValueError, OverflowError)):
             raise
-        nbytes = c.bytes_per_block // c.num_layers * num_blocks
+        per_layer = sum(s.planes * s.heads * s.dim for s in layout.pools) \
+            * c.dtype.itemsize * c.block_size * num_blocks
         raise PoolAllocationError(f"backend {backend.name!r} could not allocate a pool of "
-                                  f"{nbytes} bytes per layer ({c.num_layers} layers, "
-                                  f"{nbytes * c.num_layers} bytes in all) on {device}: "
+                                  f"{per_layer} bytes per layer ({layers} layers, "
+                                  f"{per_layer * layers} bytes in all) on {device}: "
                                   f"{type(exc).__name__}: {exc}") from exc
     return pools
 

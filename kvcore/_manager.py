@@ -13,9 +13,11 @@ exactly as it was.
 
 from __future__ import annotations
 
+import operator
+import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,13 +26,14 @@ from . import _introspection as intro
 from ._backend import Backend
 from ._block_table import BlockTable
 from ._coordinator import Coordinator
-from ._growth import commit_allocation, extend_rows, plan_allocation, room_for, truncate_row
+from ._growth import commit_allocation, extend_rows, plan_allocation, truncate_row
 from ._paged_handle import PagedKvCacheHandle
+from . import _persist
 from ._registry import get_backend, list_backends
 from ._sequence_table import SequenceRecord
 from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
 from ._tensor_ref import TensorRef
-from ._writes import FastPath, prepare_fast_path, read_layer, write_mapping, write_range
+from ._writes import FastPath, prepare_fast_path, read_layer, settle, write_mapping, write_range
 from .errors import (CacheError, CapacityError, DuplicateRequestError, HandleSwappedError,
                      InvalidHandleError, LayerIndexError, ManagerClosedError, NotCopyableError,
                      OutOfBlocksError, PendingPrefixError, StaleSlotMappingError,
@@ -78,9 +81,13 @@ class KvCacheManager:
         self._token = object()  # the identity every SlotMapping of this manager carries
         self._seqs: dict[str, SequenceRecord] = {}
         self._fast: FastPath | None = None
+        # The last batch extend_batch checked: (epoch, handles, rows, request ids).
+        self._last_batch: tuple[int, tuple[Any, ...], np.ndarray, tuple[str, ...]] | None = None
+        self._num_layers = config.num_layers
         self._lock = threading.RLock()
         self._on_pressure = on_pressure
         self._pressure = MemoryPressure.low
+        self._used = 0
         self._closed = False
 
     # --- properties ---------------------------------------------------------------
@@ -115,6 +122,7 @@ class KvCacheManager:
                 seq.valid = False
             self._seqs.clear()
             self._fast = None
+            self._last_batch = None
             self._co.close()
 
     def __enter__(self) -> KvCacheManager:
@@ -126,8 +134,8 @@ class KvCacheManager:
     def __copy__(self) -> KvCacheManager:
         raise NotCopyableError("a KvCacheManager owns device memory and a lock and is not "
                                "copied or pickled: fork sequences with manager.fork(...), "
-                               "or save them with manager.save(...) and load them into "
-                               "another manager")
+                               "or save them with manager.save(path, handles) and load "
+                               "them into another manager with its load(path)")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KvCacheManager:
         return self.__copy__()
@@ -138,8 +146,17 @@ class KvCacheManager:
     # --- lookups ------------------------------------------------------------------
 
     def _check_open(self, op: str) -> None:
+        """Refuse calls on a closed manager, and bring the books up to date first (every
+        locked public method starts here)."""
         if self._closed:
             raise ManagerClosedError(f"{op}: the manager was closed; its pools are released")
+        self._settle()
+
+    def _settle(self) -> None:
+        """Apply the books of fast-path writes (see :class:`~kvcore._writes.FastPath`)."""
+        fast = self._fast
+        if fast is not None and fast.pending:
+            settle(self._co, fast)
 
     def _h_require_live(self, seq: SequenceRecord, op: str) -> None:
         if not seq.valid:
@@ -172,7 +189,7 @@ class KvCacheManager:
     def _batch(self, handles: Any, op: str) -> list[SequenceRecord]:
         """The live, resident, distinct sequences of ``handles`` (a list or tuple of
         handles or request ids).  The common case, this manager's own handles, costs
-        a few attribute reads per handle."""
+        a few attribute reads per handle and a few array operations per batch."""
         if isinstance(handles, (str, bytes)) or not isinstance(handles, Sequence):
             raise TypeError(f"{op}: expected a list of handles or request ids, got "
                             f"{type(handles).__name__}")
@@ -185,17 +202,15 @@ class KvCacheManager:
                 append(h._seq)
             else:
                 append(self._seq_of(h, op))
-        swapped = self._co.tables.swapped
-        for seq in seqs:
-            if swapped[seq.row]:
-                self._require_resident(seq, op)
-        if len(set(map(id, seqs))) != len(seqs):
-            seen: set[int] = set()
-            for seq in seqs:
-                if id(seq) in seen:
-                    raise ValueError(f"{op}: request {seq.request_id!r} appears more than "
-                                     "once in the batch")
-                seen.add(id(seq))
+        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+        swapped = self._co.tables.swapped[rows]
+        if swapped.any():
+            self._require_resident(seqs[int(np.argmax(swapped))], op)
+        if np.unique(rows).size != rows.size:
+            values, counts = np.unique(rows, return_counts=True)
+            twice = seqs[int(np.flatnonzero(rows == values[counts > 1][0])[0])]
+            raise ValueError(f"{op}: request {twice.request_id!r} appears more than once in "
+                             "the batch")
         return seqs
 
     @staticmethod
@@ -243,8 +258,7 @@ class KvCacheManager:
             self._check_open("can_allocate")
             if request.request_id in self._seqs:
                 return False
-            plan = plan_allocation(self._co, request)
-            return plan.new_blocks <= room_for(self._co, plan)
+            return plan_allocation(self._co, request).fits(self._co)
 
     def allocate(self, request: AllocationRequest) -> PagedKvCacheHandle:
         """Reserve a cache for ``request.num_tokens`` tokens and return its handle.
@@ -263,16 +277,17 @@ class KvCacheManager:
             if rid in self._seqs:
                 raise DuplicateRequestError(f"request id {rid!r} already has a live cache")
             plan = plan_allocation(co, request)
-            free = room_for(co, plan)
-            if plan.new_blocks > free:
-                co.counters.failures += 1
-                raise OutOfBlocksError(
-                    f"request {rid!r} needs {plan.new_blocks} new blocks ({request.num_tokens} "
-                    f"tokens, {plan.hits.size} blocks from the prefix cache) but only {free} "
-                    "are free")
+            for g, (need, free) in zip(co.groups, plan.room_needed(co)):
+                if need > free:
+                    co.counters.failures += 1
+                    where = f" in layer group {g.layout.index}" if len(co.groups) > 1 else ""
+                    raise OutOfBlocksError(
+                        f"request {rid!r} needs {need} new blocks{where} "
+                        f"({request.num_tokens} tokens, {plan.hits} blocks from the prefix "
+                        f"cache) but only {free} are free")
             row = co.tables.take_row()
             commit_allocation(co, plan, row, request.num_tokens or 0)
-            seq = SequenceRecord(rid, row, co.tables, self._grow)
+            seq = SequenceRecord(rid, row, co.tables, self._grow, co.primary.layout.index)
             self._seqs[rid] = seq
             self._after_change()
             return self._handle(seq)
@@ -299,11 +314,12 @@ class KvCacheManager:
             t = co.tables
             row = t.take_row()
             t.copy_row(parent.row, row)
-            co.pool.acquire(t.row_blocks(row))
+            for g in co.groups:
+                g.pool.acquire(g.table.held(row))
             t.version[parent.row] += 1  # its reserved slots now point at shared blocks
             co.counters.allocations += 1
             co.epoch += 1
-            child = SequenceRecord(new_request_id, row, t, self._grow)
+            child = SequenceRecord(new_request_id, row, t, self._grow, co.primary.layout.index)
             self._seqs[new_request_id] = child
             self._after_change()
             return self._handle(child)
@@ -320,11 +336,12 @@ class KvCacheManager:
             seq = self._seq_of(handle, "deallocate")
             co = self._co
             t = co.tables
-            blocks = t.row_blocks(seq.row).copy()
-            if t.swapped[seq.row]:
-                co.swap.pool.free(blocks)  # type: ignore[union-attr]
-            else:
-                co.release(blocks)
+            for g in co.groups:
+                blocks = g.table.held(seq.row).copy()
+                if t.swapped[seq.row]:
+                    co.swap.free(g.layout.index, blocks)  # type: ignore[union-attr]
+                else:
+                    g.release(blocks)
             del self._seqs[seq.request_id]
             seq.valid = False
             t.release_row(seq.row)
@@ -352,24 +369,40 @@ class KvCacheManager:
         whole step is a fixed number of array operations and, when blocks are
         shared, one backend copy per layer, however many sequences it spans.
         """
-        n = _positive("num_tokens", num_tokens)
+        n = num_tokens if type(num_tokens) is int and num_tokens > 0 else \
+            _positive("num_tokens", num_tokens)
         with self._lock:
-            seqs = self._batch(handles, "extend")
+            self._check_open("extend")
             co = self._co
+            last = self._last_batch
+            # A decode loop passes the same handles step after step: while nothing
+            # moved (same epoch), they are still live, resident and distinct, and no
+            # block they hold became shared, so the checks of the last step hold.
+            steady = (last is not None and last[0] == co.epoch
+                      and isinstance(handles, (list, tuple)) and len(last[1]) == len(handles)
+                      and all(map(operator.is_, handles, last[1])))
+            if steady:
+                rows, request_ids = last[2], last[3]  # type: ignore[index]
+            else:
+                seqs = self._batch(handles, "extend")
+                rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
+                request_ids = tuple([s.request_id for s in seqs])
             if n > self._config.max_tokens:
                 # No sequence can ever hold it; and lengths are int64, so checking room
                 # for it would wrap around instead of refusing.
                 co.counters.failures += 1
-                raise OutOfBlocksError(f"extending {len(seqs)} sequence(s) by {n} tokens can "
+                raise OutOfBlocksError(f"extending {rows.size} sequence(s) by {n} tokens can "
                                        f"never fit: the pool holds {self._config.max_tokens} "
                                        "tokens in all")
-            rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-            slots, starts = extend_rows(co, rows, n, token_ids)
-            mapping = SlotMapping(slots=slots, rows=rows, starts=starts, ends=starts + n,
-                                  versions=co.tables.version[rows].copy(),
-                                  request_ids=tuple([s.request_id for s in seqs]),
-                                  owner=self._token)
-            self._fast = prepare_fast_path(co, mapping) if rows.size else None
+            group_slots, starts = extend_rows(co, rows, n, token_ids, steady=steady)
+            first = next((s for s in group_slots if s is not None), _NO_SLOTS)
+            mapping = SlotMapping(slots=first, rows=rows, starts=starts, ends=starts + n,
+                                  versions=co.tables.version[rows], request_ids=request_ids,
+                                  owner=self._token, group_slots=tuple(group_slots))
+            if not steady or last[0] != co.epoch:  # type: ignore[index]
+                self._last_batch = (co.epoch, tuple(handles), rows, request_ids)
+            self._fast = prepare_fast_path(co, mapping, self._fast, checked=steady) \
+                if rows.size else None
             self._after_change()
             return mapping
 
@@ -398,25 +431,33 @@ class KvCacheManager:
 
         They land at positions ``[start, start + n)``; by default the last ``n``
         positions (what the last ``extend`` reserved).  ``key`` and ``value`` are
-        ``[n, num_kv_heads, head_dim]`` arrays of the cache's dtype and device, in the
-        backend's library or any library speaking DLPack.  Blocks shared with other
-        sequences, or served by the prefix cache, are copied first.
+        ``[n, heads, dim]`` arrays of the cache's dtype and device, in the backend's
+        library or any library speaking DLPack (a latent layer takes its vectors as
+        ``key`` and ``value=None``; a cross-attention layer takes the encoder's tokens,
+        at positions below the encoder length reserved at allocation).  Blocks shared
+        with other sequences, or served by the prefix cache, are copied first.
         """
         with self._lock:
             seq = self._seq_of(handle, "write")
             self._require_resident(seq, "write")
             layer = self._check_layer(layer)
             co = self._co
-            k, v, n = co.store.native_kv(key, value, None)
-            length = int(co.tables.length[seq.row])
+            g = co.groups[co.layer_group[layer]]
+            planes, n = g.store.native_kv(key, value, None)
+            t = co.tables
+            length = int(t.length[seq.row] if g.token_based else t.encoder[seq.row])
             if start is None:
                 start = length - n
             if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
                 raise TypeError(f"start must be an int, got {start!r}")
             if start < 0 or start + n > length:
+                what = "sequence" if g.token_based else "encoder part (cross-attention)"
                 raise CapacityError(f"writing {n} tokens at position {start} overruns the "
-                                    f"sequence of {length} tokens; extend it first")
-            write_range(co, seq.row, seq.request_id, layer, k, v, n, int(start), self._fast)
+                                    f"{what} of {length} tokens; extend it first"
+                                    if g.token_based else
+                                    f"writing {n} tokens at position {start} overruns the "
+                                    f"{what} of {length} tokens reserved at allocation")
+            write_range(co, seq.row, seq.request_id, layer, planes, n, int(start), self._fast)
 
     def write_slots(self, layer: int, slots: SlotMapping, key: Any, value: Any) -> None:
         """Write K/V for every token of a :class:`SlotMapping` into ``layer``: one
@@ -424,21 +465,37 @@ class KvCacheManager:
         ``reshape_and_cache``).  ``key``/``value`` are ``[slots.num_tokens, heads, dim]``.
         A mapping made by another manager, or stale, is refused with
         :class:`~kvcore.errors.StaleSlotMappingError` before anything is written."""
-        if not isinstance(slots, SlotMapping):
-            raise TypeError(f"slots must be a SlotMapping from extend/extend_batch, got "
-                            f"{type(slots).__name__}")
         with self._lock:
+            fast = self._fast
+            co = self._co
+            # The decode step's own mapping, first write of this layer, nothing moved
+            # since the step was checked, arrays exactly as the cache holds them.
+            if (fast is not None and slots is fast.mapping and fast.epoch == co.epoch
+                    and type(layer) is int and 0 <= layer < self._num_layers
+                    and fast.first[layer]):
+                g = co.groups[co.layer_group[layer]]
+                if g.store.fast_kv(key, value, fast.tokens):
+                    g.store.scatter(co.layer_local[layer], fast.indices[g.layout.index],
+                                    (key, value))
+                    fast.first[layer] = False
+                    fast.pending.append(layer)
+                    return
+            if not isinstance(slots, SlotMapping):
+                raise TypeError(f"slots must be a SlotMapping from extend/extend_batch, got "
+                                f"{type(slots).__name__}")
             self._check_open("write_slots")
             if slots.owner is not self._token:
                 raise StaleSlotMappingError(f"the slot mapping of request(s) "
                                             f"{list(slots.request_ids)} was made by a "
                                             "different manager; this manager refuses it")
             layer = self._check_layer(layer)
-            k, v, _ = self._co.store.native_kv(key, value, slots.num_tokens)
-            write_mapping(self._co, slots, layer, k, v, self._fast)
+            g = co.groups[co.layer_group[layer]]
+            planes, _ = g.store.native_kv(key, value, slots.num_tokens)
+            write_mapping(co, slots, layer, planes, self._fast)
 
     def _h_read(self, seq: SequenceRecord, layer: int, plane: int) -> TensorRef | None:
         with self._lock:
+            self._settle()
             self._require_resident(seq, "key_cache" if plane == 0 else "value_cache")
             return read_layer(self._co, seq, self._check_layer(layer), plane)
 
@@ -450,6 +507,7 @@ class KvCacheManager:
 
     def _h_num_written(self, seq: SequenceRecord, layer: int) -> int:
         with self._lock:
+            self._settle()
             self._h_require_live(seq, "num_written")
             return int(self._co.tables.written[seq.row, self._check_layer(layer)])
 
@@ -473,7 +531,8 @@ class KvCacheManager:
         with self._lock:
             self._h_require_live(seq, "block_table")
             t = self._co.tables
-            return BlockTable(self.block_size, t.row_blocks(seq.row).tolist(),
+            return BlockTable.snapshot(self.block_size,
+                                       self._co.primary.table.row_blocks(seq.row).tolist(),
                               int(t.length[seq.row]))
 
     def _h_live_table(self, seq: SequenceRecord) -> BlockTable:
@@ -485,11 +544,43 @@ class KvCacheManager:
             self._h_require_live(seq, "stats")
             return intro.handle_stats(self._co, seq.row)
 
+    # --- save and load (kvcore._persist) ---------------------------------------------
+
+    def save(self, path: str | os.PathLike[str], handles: Sequence[Handle], *,
+             metadata: Mapping[str, str] | None = None) -> None:
+        """Write the K/V (every layer) and token ids of ``handles`` to ``path`` as a
+        safetensors file whose header fingerprints the layout; never a pickle.
+
+        Every layer must hold every token of each sequence.  ``metadata`` adds your
+        own string entries to the header (keys starting ``kvcore.`` are reserved).
+        The file is replaced atomically.  Load it with :meth:`load`, inspect it with
+        :func:`kvcore.inspect_cache_file`.
+        """
+        _persist.save(self, path, handles, metadata)
+
+    def load(self, path: str | os.PathLike[str], *, request_ids: Sequence[str] | None = None,
+             extra_key: str | None = None) -> list[PagedKvCacheHandle]:
+        """Load the sequences :meth:`save` wrote; one handle each, in file order.
+
+        The file's layers, KV heads, head size and dtype must be this manager's
+        (:class:`~kvcore.errors.LayoutMismatchError` names both layouts; the block size
+        may differ).  Sequences get their saved request ids unless ``request_ids``
+        names new ones.  Those with token ids are allocated with them (salted with
+        ``extra_key``), so their full blocks join the prefix cache, and blocks it
+        already holds for the same tokens are shared instead of written.
+
+        All or nothing: a file that is not a readable kvcore cache
+        (:class:`~kvcore.errors.CacheFileError`), a duplicate request id, or a load
+        that does not fit (:class:`~kvcore.errors.OutOfBlocksError`) changes nothing.
+        """
+        return _persist.load(self, path, request_ids, extra_key)
+
     # --- swap ---------------------------------------------------------------------------
 
     def swap_out(self, handle: Handle) -> None:
         """Move a sequence's blocks to the swap pool (on ``config.swap_device``) and
-        release them here.  Its handles stay valid; data access waits for ``swap_in``."""
+        release them here.  Its handles stay valid; data access waits for ``swap_in``.
+        All or nothing, over every layer group."""
         with self._lock:
             co = self._co
             swap = self._require_swap()
@@ -497,23 +588,39 @@ class KvCacheManager:
             self._require_resident(seq, "swap_out")
             t = co.tables
             row = seq.row
-            if t.joined[row] and not co.store.complete[t.blocks[row, :t.joined[row]]].all():
+            if t.joined[row] and not self._joined_complete(row):
                 raise PendingPrefixError(f"swap_out: request {seq.request_id!r} shares a prefix "
                                          "whose prefill is still being written; swap it out "
                                          "after that prefill")
-            blocks = t.row_blocks(row).copy()
-            if blocks.size > swap.pool.num_free:
+            held = [g.table.held(row).copy() for g in co.groups]
+            for g, blocks in zip(co.groups, held):
+                if blocks.size > swap.room(g.layout.index):
+                    co.counters.failures += 1
+                    raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {blocks.size} "
+                                           f"swap blocks, {swap.room(g.layout.index)} are free")
+            moved: list[np.ndarray] = []
+            try:
+                for g, blocks in zip(co.groups, held):  # each gives its blocks back on failure
+                    moved.append(swap.swap_out(g.store, g.layout.index, blocks))
+            except BaseException:
+                for g, dst in zip(co.groups, moved):
+                    swap.free(g.layout.index, dst)
                 co.counters.failures += 1
-                raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {blocks.size} "
-                                       f"swap blocks, {swap.pool.num_free} are free")
-            dst = swap.swap_out(co.store, blocks)
-            co.release(blocks)
-            t.blocks[row, :blocks.size] = dst
+                raise
+            for g, blocks, dst in zip(co.groups, held, moved):
+                g.release(blocks)
+                g.table.blocks[row, int(g.table.released[row]):int(g.table.num_blocks[row])] = dst
             t.swapped[row] = True
             self._moved(row)
 
+    def _joined_complete(self, row: int) -> bool:
+        joined = int(self._co.tables.joined[row])
+        return all(g.store.complete[g.table.held(row)[:max(0, joined - int(g.table.released[row]))]]
+                   .all() for g in self._co.token_groups)
+
     def swap_in(self, handle: Handle) -> None:
-        """Bring a swapped-out sequence back into the main pool, bit-identical."""
+        """Bring a swapped-out sequence back into the main pool, bit-identical.  All or
+        nothing, over every layer group."""
         with self._lock:
             co = self._co
             swap = self._require_swap()
@@ -522,25 +629,34 @@ class KvCacheManager:
             row = seq.row
             if not t.swapped[row]:
                 raise CacheError(f"swap_in: request {seq.request_id!r} is not swapped out")
-            src = t.row_blocks(row).copy()
-            if src.size > co.pool.num_free:
-                co.counters.failures += 1
-                raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {src.size} "
-                                       f"blocks, {co.pool.num_free} are free")
-            dst = co.take(src.size, row)
+            held = [g.table.held(row).copy() for g in co.groups]
+            for g, src in zip(co.groups, held):
+                if src.size > g.pool.num_free:
+                    co.counters.failures += 1
+                    raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {src.size} "
+                                           f"blocks, {g.pool.num_free} are free")
+            taken: list[np.ndarray] = []
             try:
-                swap.swap_in(co.store, src, dst)
-            except BaseException:
-                co.release(dst)
+                for g, src in zip(co.groups, held):
+                    taken.append(g.take(src.size, row))
+                    swap.swap_in(g.store, g.layout.index, src, taken[-1])
+            except BaseException:  # all or nothing: the sequence stays swapped out
+                for g, dst in zip(co.groups, taken):
+                    g.release(dst)
+                co.counters.failures += 1
                 raise
-            t.blocks[row, :src.size] = dst
+            bs = self.block_size
+            for g, src, dst in zip(co.groups, held, taken):
+                swap.free(g.layout.index, src)
+                first = int(g.table.released[row])
+                g.table.blocks[row, first:int(g.table.num_blocks[row])] = dst
+                # The copies are written wherever the sequence was written.
+                ends = (np.arange(first, first + dst.size) + 1) * bs
+                written = t.written[row, list(g.layout.layers)]
+                g.store.filled[dst] = ends[:, None] <= written[None, :]
+                g.store.complete[dst] = g.store.filled[dst].all(axis=1)
             t.swapped[row] = False
             t.joined[row] = 0
-            # The copies are written wherever the sequence was written.
-            bs = self.block_size
-            ends = (np.arange(src.size) + 1) * bs
-            co.store.filled[dst] = ends[:, None] <= t.written[row][None, :]
-            co.store.complete[dst] = co.store.filled[dst].all(axis=1)
             self._moved(row)
 
     def _require_swap(self) -> Any:
@@ -589,6 +705,10 @@ class KvCacheManager:
             return self._level()
 
     def _after_change(self) -> None:
+        used = sum(g.pool.num_used for g in self._co.groups)
+        if used == self._used:  # the level depends on the blocks in use only
+            return
+        self._used = used
         level = self._level()
         if level is self._pressure:
             return
@@ -624,35 +744,69 @@ class KvCacheManager:
             self._require_resident(seq, op)
         return np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
 
-    def flashinfer_page_table(self, handles: Sequence[Handle]) -> FlashInferPageTable:
-        """The batch's pages as FlashInfer's ``indptr`` / ``indices`` / ``last_page_len``."""
+    def _group_of(self, group: Any) -> Any:
+        co = self._co
+        if group is None:
+            return co.primary
+        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) \
+                or not 0 <= group < len(co.groups):
+            raise ValueError(f"group must be a layer group index 0..{len(co.groups) - 1}, "
+                             f"got {group!r}")
+        return co.groups[int(group)]
+
+    def flashinfer_page_table(self, handles: Sequence[Handle], *,
+                              group: int | None = None) -> FlashInferPageTable:
+        """The batch's pages as FlashInfer's ``indptr`` / ``indices`` / ``last_page_len``,
+        in layer group ``group`` (default: the first full-attention group).  Pages a
+        sliding window gave back are ``-1``."""
         with self._lock:
             rows = self._rows_of(handles, "page table")
-            t = self._co.tables
-            return FlashInferPageTable.from_arrays(t.blocks[rows], t.num_blocks[rows],
-                                                   t.length[rows], self.block_size)
+            g = self._group_of(group)
+            return FlashInferPageTable.from_arrays(g.table.blocks[rows], g.table.num_blocks[rows],
+                                                   self._co.tables.length[rows], self.block_size)
 
-    def vllm_block_table(self, handles: Sequence[Handle], *,
-                         pad_value: int = 0) -> VllmBlockTable:
-        """The batch's pages as vLLM's padded ``block_tables`` plus ``seq_lens``."""
+    def vllm_block_table(self, handles: Sequence[Handle], *, pad_value: int = 0,
+                         group: int | None = None) -> VllmBlockTable:
+        """The batch's pages as vLLM's padded ``block_tables`` plus ``seq_lens``, in layer
+        group ``group`` (default: the first full-attention group).  Pages a sliding
+        window gave back are ``pad_value``, like the padding."""
         if isinstance(pad_value, bool) or not isinstance(pad_value, (int, np.integer)):
             raise TypeError(f"pad_value must be an int, got {pad_value!r}")
         if not -2**31 <= pad_value < 2**31:
             raise ValueError(f"pad_value must fit the int32 table, got {pad_value}")
         with self._lock:
             rows = self._rows_of(handles, "page table")
-            t = self._co.tables
-            return VllmBlockTable.from_arrays(t.blocks[rows], t.num_blocks[rows],
-                                              t.length[rows], self.block_size, pad_value)
+            g = self._group_of(group)
+            table = VllmBlockTable.from_arrays(g.table.blocks[rows], g.table.num_blocks[rows],
+                                               self._co.tables.length[rows], self.block_size,
+                                               pad_value)
+            table.block_tables[table.block_tables < 0] = pad_value
+            return table
 
     def layer_pool(self, layer: int) -> TensorRef:
         """The current pool of ``layer``: ``[2, num_blocks, block_size, heads, dim]`` (K
-        at index 0, V at 1), for attention kernels.  With a mutable backend it is shared
-        with the cache; with an immutable one (``mutable_pools=False``) it is the pool
-        as of now, and a later call gives the pool after later writes."""
+        at index 0, V at 1; one plane for a latent layer), for attention kernels.
+        With a mutable backend it is shared with the cache; with an immutable one
+        (``mutable_pools=False``) it is the pool as of now, and a later call gives the
+        pool after later writes.  A layer whose K and V widths differ keeps two pools:
+        use :meth:`layer_pools`."""
         with self._lock:
             self._check_open("layer_pool")
-            return self._co.store.layer_pool(self._check_layer(layer))
+            layer = self._check_layer(layer)
+            co = self._co
+            return co.groups[co.layer_group[layer]].store.layer_pool(co.layer_local[layer])
+
+    def layer_pools(self, layer: int) -> tuple[TensorRef, ...]:
+        """Every pool of ``layer`` (one, or K's and V's when their widths differ)."""
+        with self._lock:
+            self._check_open("layer_pools")
+            layer = self._check_layer(layer)
+            co = self._co
+            return co.groups[co.layer_group[layer]].store.layer_pools(co.layer_local[layer])
+
+    def layer_group(self, layer: int) -> int:
+        """The index of the layer group ``layer`` belongs to (``config.groups``)."""
+        return self._co.layer_group[self._check_layer(layer)]
 
     def __repr__(self) -> str:
         c = self._config
@@ -660,6 +814,9 @@ class KvCacheManager:
         return (f"KvCacheManager(backend={self._backend.name!r}, layers={c.num_layers}, "
                 f"kv_heads={c.num_kv_heads}, head_dim={c.head_dim}, dtype={c.dtype.value}, "
                 f"blocks={c.num_blocks}x{c.block_size}, device={c.device}, {state})")
+
+
+_NO_SLOTS = np.zeros(0, dtype=np.int64)
 
 
 def _positive(name: str, value: Any) -> int:

@@ -147,7 +147,9 @@ class PagedKvCacheHandle(KvCacheHandle):
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise NotCopyableError("a kvcore handle cannot be pickled: it refers to a live "
-                               "manager; save the sequence with manager.save(...) instead")
+                               "manager; use handle.clone_handle() for a second reference, "
+                               "manager.fork(handle, new_id) for a copy-on-write copy, or "
+                               "save the sequence with manager.save(path, [handle])")
 
     def __repr__(self) -> str:
         seq = self._seq

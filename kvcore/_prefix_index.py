@@ -34,10 +34,13 @@ import numpy as np
 
 from .errors import InvariantError
 
-__all__ = ["PrefixIndex", "ROOT"]
+__all__ = ["PrefixIndex", "ROOT", "UNREACHABLE"]
 
 #: The parent of a sequence's first block.
 ROOT = -1
+#: The parent of a block whose predecessor was already given back (a sliding window):
+#: matches no block and not the root, so such a block is never accepted by a lookup.
+UNREACHABLE = -2
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
@@ -61,16 +64,8 @@ class PrefixIndex:
         self.salt = np.zeros(n, dtype=np.int64)
         self.tokens = np.zeros((n, block_size), dtype=np.int32)
         self._by_key: dict[int, int] = {}
-        self._salts: dict[str | None, int] = {None: 0}
 
     # --- queries ------------------------------------------------------------------
-
-    def salt_id(self, salt: str | None) -> int:
-        """A small int standing for ``salt`` (interned)."""
-        sid = self._salts.get(salt)
-        if sid is None:
-            sid = self._salts[salt] = len(self._salts)
-        return sid
 
     def servable(self, blocks: np.ndarray) -> np.ndarray:
         """Per block: registered and complete, i.e. a lookup may hand it out."""

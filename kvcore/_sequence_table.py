@@ -26,29 +26,80 @@ import numpy as np
 from ._block_table import BlockTable
 from .errors import CacheError
 
-__all__ = ["ManagedBlockTable", "SequenceRecord", "SequenceTables"]
+__all__ = ["GroupTable", "ManagedBlockTable", "SequenceRecord", "SequenceTables"]
 
 _ids = itertools.count()
 
 
-class SequenceTables:
-    """Per-row state of every live sequence of one manager (see the module docstring)."""
+class GroupTable:
+    """One layer group's block table of every row: physical block ids in logical
+    order (-1 past the end, and for blocks a sliding window released), how many
+    logical blocks each row has, and how many leading ones were released."""
 
-    def __init__(self, block_size: int, num_layers: int, rows: int = 16,
-                 width: int = 8) -> None:
+    def __init__(self, rows: int, width: int) -> None:
+        self.blocks = np.full((rows, width), -1, dtype=np.int64)
+        self.num_blocks = np.zeros(rows, dtype=np.int64)
+        #: Leading logical blocks given back (sliding window): ``blocks[:released]`` is -1.
+        self.released = np.zeros(rows, dtype=np.int64)
+
+    @property
+    def width(self) -> int:
+        return self.blocks.shape[1]
+
+    def grow_rows(self, rows: int) -> None:
+        old = self.blocks.shape[0]
+        blocks = np.full((rows, self.width), -1, dtype=np.int64)
+        blocks[:old] = self.blocks
+        self.blocks = blocks
+        for name in ("num_blocks", "released"):
+            array = np.zeros(rows, dtype=np.int64)
+            array[:old] = getattr(self, name)
+            setattr(self, name, array)
+
+    def ensure_width(self, blocks: int) -> None:
+        if blocks <= self.width:
+            return
+        grown = np.full((self.blocks.shape[0], max(blocks, 2 * self.width)), -1,
+                        dtype=np.int64)
+        grown[:, :self.width] = self.blocks
+        self.blocks = grown
+
+    def row_blocks(self, row: int) -> np.ndarray:
+        """The row's blocks in logical order, released ones included as -1 (a view)."""
+        return self.blocks[row, :self.num_blocks[row]]
+
+    def held(self, row: int) -> np.ndarray:
+        """The blocks the row holds (a view, released ones left out)."""
+        return self.blocks[row, self.released[row]:self.num_blocks[row]]
+
+    def release_row(self, row: int) -> None:
+        self.blocks[row] = -1
+        self.num_blocks[row] = 0
+        self.released[row] = 0
+
+    def copy_row(self, src: int, dst: int) -> None:
+        self.blocks[dst] = self.blocks[src]
+        self.num_blocks[dst] = self.num_blocks[src]
+        self.released[dst] = self.released[src]
+
+
+class SequenceTables:
+    """Per-row state of every live sequence of one manager (see the module docstring):
+    what all layer groups share, and one :class:`GroupTable` per group."""
+
+    def __init__(self, block_size: int, num_layers: int, num_groups: int = 1,
+                 rows: int = 16, width: int = 8) -> None:
         self.block_size = block_size
         self.num_layers = num_layers
         self._alloc(rows, width)
+        self.groups = [GroupTable(rows, width) for _ in range(num_groups)]
         self._free_rows = list(range(rows - 1, -1, -1))
 
     def _alloc(self, rows: int, width: int) -> None:
         bs, layers = self.block_size, self.num_layers
-        #: Physical block ids in logical order (-1 past the end); swap-pool ids while
-        #: the sequence is swapped out.
-        self.blocks = np.full((rows, width), -1, dtype=np.int64)
-        self.num_blocks = np.zeros(rows, dtype=np.int64)
         self.length = np.zeros(rows, dtype=np.int64)
-        #: Tokens whose K/V are written, per layer (a written prefix).
+        #: Tokens whose K/V are written, per layer (a written prefix; encoder tokens
+        #: for cross-attention layers).
         self.written = np.zeros((rows, layers), dtype=np.int64)
         self.version = np.zeros(rows, dtype=np.int64)
         #: Prompt tokens served from the prefix cache at allocation.
@@ -57,6 +108,8 @@ class SequenceTables:
         #: reads check them until every layer is written.
         self.joined = np.zeros(rows, dtype=np.int64)
         self.swapped = np.zeros(rows, dtype=bool)
+        #: Encoder tokens reserved (cross-attention groups).
+        self.encoder = np.zeros(rows, dtype=np.int64)
         # The prefix chain: whether full blocks keep being recorded, how many are, the
         # key of each, the salt, and the token ids known from the start.
         self.hashing = np.zeros(rows, dtype=bool)
@@ -67,19 +120,18 @@ class SequenceTables:
         self.known = np.zeros(rows, dtype=np.int64)
         self.last_access = np.zeros(rows, dtype=np.float64)
 
-    _FIELDS = ("blocks", "num_blocks", "length", "written", "version", "cached", "joined",
-               "swapped", "hashing", "hashed", "chain_key", "salt", "token_ids", "known",
-               "last_access")
-    _WIDE = {"blocks": -1, "chain_key": 0, "token_ids": 0}
+    _FIELDS = ("length", "written", "version", "cached", "joined", "swapped", "encoder",
+               "hashing", "hashed", "chain_key", "salt", "token_ids", "known", "last_access")
+    _WIDE = ("chain_key", "token_ids")
 
     @property
     def capacity(self) -> int:
         return self.length.shape[0]
 
     @property
-    def width(self) -> int:
-        """Blocks a row can hold before the arrays widen."""
-        return self.blocks.shape[1]
+    def chain_width(self) -> int:
+        """Blocks of token ids and chain keys a row can hold before the arrays widen."""
+        return self.chain_key.shape[1]
 
     # --- rows ---------------------------------------------------------------------
 
@@ -89,17 +141,18 @@ class SequenceTables:
             for name in self._FIELDS:
                 array = getattr(self, name)
                 grown = np.zeros((2 * old, *array.shape[1:]), dtype=array.dtype)
-                if name == "blocks":
-                    grown[:] = -1
                 grown[:old] = array
                 setattr(self, name, grown)
+            for group in self.groups:
+                group.grow_rows(2 * old)
             self._free_rows = list(range(2 * old - 1, old - 1, -1))
         return self._free_rows.pop()
 
     def release_row(self, row: int) -> None:
         """Forget the row's sequence; its version moves on so old mappings stay stale."""
-        self.blocks[row] = -1
-        for name in ("num_blocks", "length", "cached", "joined", "hashed", "known", "salt"):
+        for group in self.groups:
+            group.release_row(row)
+        for name in ("length", "cached", "joined", "encoder", "hashed", "known", "salt"):
             getattr(self, name)[row] = 0
         self.written[row] = 0
         self.swapped[row] = False
@@ -107,32 +160,26 @@ class SequenceTables:
         self.version[row] += 1
         self._free_rows.append(row)
 
-    def ensure_width(self, blocks: int) -> None:
-        """Make room for rows of ``blocks`` blocks."""
-        if blocks <= self.width:
+    def ensure_chain_width(self, blocks: int) -> None:
+        """Make room for ``blocks`` blocks of token ids and chain keys per row."""
+        if blocks <= self.chain_width:
             return
-        new = max(blocks, 2 * self.width)
+        new = max(blocks, 2 * self.chain_width)
         bs = self.block_size
-        for name, fill in self._WIDE.items():
+        for name in self._WIDE:
             array = getattr(self, name)
             cols = new * bs if name == "token_ids" else new
-            grown = np.full((array.shape[0], cols), fill, dtype=array.dtype)
+            grown = np.zeros((array.shape[0], cols), dtype=array.dtype)
             grown[:, :array.shape[1]] = array
             setattr(self, name, grown)
-
-    def row_blocks(self, row: int) -> np.ndarray:
-        """The row's blocks in logical order (a view)."""
-        return self.blocks[row, :self.num_blocks[row]]
 
     def copy_row(self, src: int, dst: int) -> None:
         """Make row ``dst`` a copy of row ``src`` (fork)."""
         for name in self._FIELDS:
             if name != "version":
                 getattr(self, name)[dst] = getattr(self, name)[src]
-
-    def live_rows(self) -> Iterable[int]:
-        free = set(self._free_rows)
-        return (r for r in range(self.capacity) if r not in free)
+        for group in self.groups:
+            group.copy_row(src, dst)
 
 
 class SequenceRecord:
@@ -143,16 +190,16 @@ class SequenceRecord:
                  "table")
 
     def __init__(self, request_id: str, row: int, tables: SequenceTables,
-                 grow: Callable[[SequenceRecord, int], Any]) -> None:
+                 grow: Callable[[SequenceRecord, int], Any], group: int = 0) -> None:
         self.request_id = request_id
         self.row = row
         self.cache_id = f"{request_id}#{next(_ids)}"
         self.valid = True
-        #: (version, tokens) of the cached read index, and the index.
-        self.read_key: tuple[int, int] | None = None
+        #: (version, group, first, stop) of the cached read index, and the index.
+        self.read_key: tuple[int, int, int, int] | None = None
         self.read_index: Any = None
         #: The live, guarded block table handed out by ``block_table_mut``.
-        self.table = ManagedBlockTable(tables, self, grow)
+        self.table = ManagedBlockTable(tables, self, grow, group)
 
 
 class ManagedBlockTable(BlockTable):
@@ -160,20 +207,21 @@ class ManagedBlockTable(BlockTable):
     routed through the manager so accounting and copy-on-write stay right; blocks
     cannot be added by hand."""
 
-    __slots__ = ("_tables", "_seq", "_grow")
+    __slots__ = ("_tables", "_seq", "_grow", "_group")
 
     def __init__(self, tables: SequenceTables, seq: SequenceRecord,
-                 grow: Callable[[SequenceRecord, int], Any]) -> None:
+                 grow: Callable[[SequenceRecord, int], Any], group: int = 0) -> None:
         self._block_size = tables.block_size
         self._tables = tables
         self._seq = seq
         self._grow = grow
+        self._group = group
 
     @property  # type: ignore[override]
     def _blocks(self) -> list[int]:
         if not self._seq.valid:
             return []
-        return self._tables.row_blocks(self._seq.row).tolist()
+        return self._tables.groups[self._group].row_blocks(self._seq.row).tolist()
 
     @property  # type: ignore[override]
     def _length(self) -> int:

@@ -41,14 +41,18 @@ class SlotMapping:
     request_ids: tuple[str, ...]
     #: The identity of the manager that made it; every other manager refuses it.
     owner: object = field(default=None, repr=False)
+    #: Per layer group of the manager: the slots of the same tokens in that group's
+    #: pools (``None`` for a cross-attention group).  ``slots`` is the first one's.
+    group_slots: tuple[np.ndarray | None, ...] = field(default=(), repr=False)
     _native: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         # These arrays decide where write_slots writes and what it checks; edited in
         # place (a buffer an engine reuses) they would aim writes at another request's
         # blocks past every check, so they are read-only.
-        for name in ("slots", "rows", "starts", "ends", "versions"):
-            array = getattr(self, name)
+        arrays = [getattr(self, name) for name in ("slots", "rows", "starts", "ends",
+                                                   "versions")]
+        for array in [*arrays, *self.group_slots]:
             if isinstance(array, np.ndarray):
                 array.flags.writeable = False
 
@@ -64,12 +68,14 @@ class SlotMapping:
                                "not pickled; call extend/extend_batch in the process that "
                                "writes")
 
-    def native(self, backend: Backend, device: Device) -> Any:
-        """The slots as ``backend``'s index array on ``device`` (cached)."""
-        key = (backend.name, str(device))
+    def native(self, backend: Backend, device: Device, group: int = 0) -> Any:
+        """The slots of layer group ``group`` as ``backend``'s index array on ``device``
+        (cached)."""
+        key = (backend.name, device, group)
         index = self._native.get(key)
         if index is None:
-            index = backend.index_array(self.slots, device)
+            slots = self.group_slots[group] if self.group_slots else self.slots
+            index = backend.index_array(slots, device)
             self._native[key] = index
         return index
 

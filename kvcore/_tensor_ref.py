@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._device import Device, DType
 
 if TYPE_CHECKING:
-    from ._backend import Backend
+    from ._array_ops import ArrayOps
 
-__all__ = ["TensorRef"]
+
+class ArrayOpsSource(Protocol):
+    """What a TensorRef needs of the backend that made its array (a
+    :class:`~kvcore.Backend`): its array operations, for generic code."""
+
+    name: str
+
+    def array_ops(self) -> ArrayOps: ...
+
+
+__all__ = ["ArrayOpsSource", "TensorRef"]
 
 
 class TensorRef:
@@ -24,7 +34,7 @@ class TensorRef:
     __slots__ = ("_native", "_shape", "_dtype", "_device", "_backend")
 
     def __init__(self, native: Any, shape: tuple[int, ...], dtype: DType, device: Device,
-                 backend: Backend | None = None):
+                 backend: ArrayOpsSource | None = None):
         self._native = native
         self._shape = tuple(int(s) for s in shape)
         self._dtype = DType.parse(dtype)
@@ -32,7 +42,7 @@ class TensorRef:
         self._backend = backend
 
     @property
-    def backend(self) -> Backend | None:
+    def backend(self) -> ArrayOpsSource | None:
         """The backend that made the array (``None`` when built by hand)."""
         return self._backend
 

@@ -63,7 +63,9 @@ class PagedLayout:
     at column 0 (``left_padded=False``) or ending at the last column
     (``left_padded=True``, the layout Hugging Face ``generate`` uses).  ``valid`` marks
     the columns that hold a token.  Build one per batch step and reuse it for every
-    layer: the device copies of the indices are made once per library and device.
+    layer: the device copies of the indices and of the attention mask are made once
+    per library, device and stream (through pinned memory, without blocking the
+    host, on torch and cupy), not once per layer.
     """
 
     def __init__(self, block_tables: Any, seq_lens: Any, block_size: int, *,
@@ -106,6 +108,7 @@ class PagedLayout:
         self.left_padded = left_padded
         self.max_block = int(blocks[valid].max(initial=-1))
         self._native: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._masks: dict[tuple[Any, ...], Any] = {}
 
     @property
     def batch_size(self) -> int:
@@ -147,6 +150,26 @@ class PagedLayout:
             cached = (ops.from_host(self.slots.reshape(-1), like),
                       ops.from_host(self.valid, like))
             self._native[key] = cached
+        return cached
+
+    def mask(self, like: Any, ops: ArrayOps, q_len: int, query_lens: np.ndarray,
+             causal: bool) -> Any:
+        """The attention mask ``[batch, 1, 1, q_len, width]`` (True where query ``j``
+        of sequence ``i`` may read key ``t``) on ``like``'s device, made once per
+        query shape and reused for every layer: a host -> device copy per layer would
+        cost a launch each, and a blocking one on libraries that copy synchronously."""
+        key = (ops.name, ops.device_key(like), q_len, causal, query_lens.tobytes())
+        cached = self._masks.get(key)
+        if cached is None:
+            lens = self.seq_lens
+            t = np.arange(self.width)[None, None, :]
+            j = np.arange(q_len)[None, :, None]
+            qpos = (lens - query_lens)[:, None, None] + j
+            allowed = (t < lens[:, None, None]) & (j < query_lens[:, None, None])
+            if causal:
+                allowed = allowed & (t <= qpos)
+            cached = ops.from_host(allowed[:, None, None, :, :], like)
+            self._masks[key] = cached
         return cached
 
 
@@ -192,11 +215,12 @@ def gather_kv(kv_pool: Any, pages: Pages, seq_lens: Any = None, *,
     layout = PagedLayout.from_pages(pages, seq_lens, block_size=block_size, width=width,
                                     left_padded=left_padded)
     rows, heads, dim = _check_pool(pool, layout)
-    slots, valid = layout.native(pool, ops)
-    # K and V in one gather along the slot axis of [2, slots, heads, dim].
-    both = ops.take1(pool.reshape(2, rows, heads, dim), slots)
-    both = both.reshape(2, layout.batch_size, layout.width, heads, dim)
-    both = ops.cast_like(ops.where(valid[None, :, :, None, None], both, 0), pool)
+    with ops.device_scope(pool):  # cupy launches on the current device: make it the pool's
+        slots, valid = layout.native(pool, ops)
+        # K and V in one gather along the slot axis of [2, slots, heads, dim].
+        both = ops.take1(pool.reshape(2, rows, heads, dim), slots)
+        both = both.reshape(2, layout.batch_size, layout.width, heads, dim)
+        both = ops.cast_like(ops.where(valid[None, :, :, None, None], both, 0), pool)
     return both[0], both[1]
 
 
@@ -225,7 +249,7 @@ def paged_attention(query: Any, kv_pool: Any, pages: Pages, seq_lens: Any = None
     if not hasattr(q, "shape"):
         raise TypeError(f"query must be a {ops.name} array like the pool, got "
                         f"{type(q).__name__}")
-    if q_library != ops.name:
+    if q_library not in ops.array_modules:
         raise ArrayMismatchError(f"query is a {q_library} array but kv_pool is a "
                                  f"{ops.name} array; use one library for both")
     if len(q.shape) != 4:
@@ -255,18 +279,16 @@ def paged_attention(query: Any, kv_pool: Any, pages: Pages, seq_lens: Any = None
                                  f"{int(lens[i])} tokens in the cache; write the new tokens' "
                                  "K/V before attending")
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    with ops.device_scope(pool):  # every launch below on the pool's device
+        return _attend(ops, q, kv_pool, layout, qlens, causal, scale, kv_heads)
+
+
+def _attend(ops: ArrayOps, q: Any, kv_pool: Any, layout: PagedLayout, qlens: np.ndarray,
+            causal: bool, scale: float, kv_heads: int) -> Any:
+    batch, q_len, heads, dim = (int(s) for s in q.shape)
     groups = heads // kv_heads
     width = layout.width
-
-    # The mask on the host: [batch, q_len, width], True where query j may read key t.
-    t = np.arange(width)[None, None, :]
-    j = np.arange(q_len)[None, :, None]
-    qpos = (lens - qlens)[:, None, None] + j
-    allowed = (t < lens[:, None, None]) & (j < qlens[:, None, None])
-    if causal:
-        allowed = allowed & (t <= qpos)
-    mask = ops.from_host(allowed[:, None, None, :, :], q)        # [B, 1, 1, Q, T]
-
+    mask = layout.mask(q, ops, q_len, qlens, causal)              # [B, 1, 1, Q, T]
     key, value = gather_kv(kv_pool, layout)                        # [B, T, Hkv, D]
     qf = ops.float32(q).reshape(batch, q_len, kv_heads, groups, dim)
     qf = ops.permute(qf, (0, 2, 3, 1, 4)).reshape(batch, kv_heads, groups * q_len, dim)

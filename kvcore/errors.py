@@ -40,6 +40,22 @@ __all__ = [
     "ManagerClosedError",
     "PendingPrefixError",
     "NotCopyableError",
+    "LayoutMismatchError",
+    "CacheFileError",
+    "StoreError",
+    "UnknownStoreError",
+    "DuplicateStoreError",
+    "StoreUnavailableError",
+    "StoreConfigError",
+    "StoreKeyError",
+    "StoreClosedError",
+    "StoreConnectionError",
+    "StoreTimeoutError",
+    "StorePartialError",
+    "BlockFormatError",
+    "CorruptBlockError",
+    "ForeignBlockError",
+    "BlockKeyError",
 ]
 
 
@@ -167,3 +183,87 @@ class PendingPrefixError(CacheError):
 class NotCopyableError(CacheError, TypeError):
     """The object refers to live cache state and cannot be copied or pickled; the
     message names what to use instead (fork, save)."""
+
+
+class LayoutMismatchError(CacheError, ValueError):
+    """A saved cache holds K/V of another shape (layers, KV heads, head size or dtype)
+    than the manager asked to load it; the message names both layouts."""
+
+
+class CacheFileError(CacheError, ValueError):
+    """A file given to :meth:`KvCacheManager.load` is not a readable kvcore cache file:
+    not safetensors, truncated, corrupt, written by something else, or of a format
+    version this kvcore does not read.  Nothing was loaded."""
+
+
+# --- stores (sharing blocks beyond one process) ------------------------------------
+
+
+class StoreError(KvCoreError):
+    """Something is wrong with finding, opening or using a KV block store."""
+
+
+class UnknownStoreError(StoreError, LookupError):
+    """No installed store plugin has the requested name or URL scheme."""
+
+
+class DuplicateStoreError(StoreError, ValueError):
+    """A store name is registered twice in code."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store plugin is installed but cannot run here (missing library, wrong API
+    version, broken plugin), or a connector refused a call while its circuit is open."""
+
+
+class StoreConfigError(StoreError, ValueError):
+    """A store URL, a store option or a connector setting is malformed or unknown."""
+
+
+class StoreKeyError(StoreError, ValueError):
+    """A store key is not 1..200 characters of ``[A-Za-z0-9._-]``, or a block digest
+    has the wrong type or length."""
+
+
+class StoreClosedError(StoreError):
+    """The store or connector was closed; open a new one."""
+
+
+class StoreConnectionError(StoreError, ConnectionError):
+    """The store's server or directory failed an operation: unreachable, refused,
+    an I/O error.  The connector counts these and treats them as misses."""
+
+
+class StoreTimeoutError(StoreConnectionError, TimeoutError):
+    """The store did not answer within its timeout."""
+
+
+class StorePartialError(StoreConnectionError):
+    """Part of a batch failed (a Redis Cluster node is down): ``results`` holds what
+    did succeed (``None`` where a key failed), ``failed`` the keys that failed."""
+
+    def __init__(self, message: str, results: list | None = None,
+                 failed: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.results = results if results is not None else []
+        self.failed = failed if failed is not None else []
+
+
+class BlockFormatError(StoreError, ValueError):
+    """A stored block value cannot be used (base of the two below)."""
+
+
+class CorruptBlockError(BlockFormatError):
+    """A stored value is damaged: bad magic, unknown format version, truncated,
+    sizes that do not add up, or a checksum / MAC that does not match."""
+
+
+class ForeignBlockError(BlockFormatError):
+    """A stored value is intact but not ours: another layout fingerprint, another
+    block key, or array shapes / dtypes other than the ones expected."""
+
+
+class BlockKeyError(StoreError, ValueError, TypeError):
+    """Bad input to the chain-key function: token ids that are not integers in
+    ``0 <= id < 2**31`` in a ``[n, block_size]`` array, a parent digest or
+    ``hash_key`` of the wrong type or length."""

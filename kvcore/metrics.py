@@ -81,6 +81,8 @@ _KNOWN: dict[str, tuple[Literal["counter", "gauge", "state"], str, str]] = {
                             "Operations refused for lack of blocks (allocate, extend, "
                             "copy-on-write)"),
     "copy_on_write_copies": ("counter", "copy_on_write_blocks", "Blocks copied on write"),
+    "window_released_blocks": ("counter", "window_released_blocks",
+                               "Blocks sliding windows gave back while their sequences went on"),
     "pressure": ("state", "memory_pressure", "Memory-pressure level (1 for the current one)"),
     "utilization": ("gauge", "utilization_ratio", "Fraction of the pool's blocks in use"),
 }

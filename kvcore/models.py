@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import numpy as np
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool,
@@ -21,6 +21,8 @@ from ._device import Device, DType
 __all__ = [
     "AllocationRequest",
     "CacheConfig",
+    "GroupKind",
+    "LayerGroup",
     "CacheGcStats",
     "CacheHandleStats",
     "CacheManagerStats",
@@ -77,11 +79,96 @@ class MemoryPressure(str, enum.Enum):
     critical = "critical"
 
 
+class GroupKind(str, enum.Enum):
+    """How the layers of a :class:`LayerGroup` keep their K/V."""
+
+    #: Every token, K and V per KV head (the common attention layer).
+    full = "full"
+    #: Only the last ``window`` tokens are needed; older blocks are released.
+    sliding = "sliding"
+    #: One compressed vector per token (multi-head latent attention, MLA).
+    latent = "latent"
+    #: A fixed number of encoder tokens per sequence, written once (cross-attention).
+    cross = "cross"
+
+
+class LayerGroup(_Record):
+    """Layers whose K/V share one layout and one policy, and one block pool.
+
+    A config without groups is one ``full`` group of every layer with the config's
+    ``num_kv_heads`` and ``head_dim``.  ``num_kv_heads`` / ``head_dim`` default to the
+    config's; ``v_head_dim`` (the width of V, when it differs from K's) to
+    ``head_dim``; ``num_blocks`` to the config's.
+    """
+
+    kind: GroupKind = GroupKind.full
+    layers: tuple[NonNegativeInt, ...] = Field(min_length=1)
+    num_kv_heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    v_head_dim: PositiveInt | None = None
+    #: ``sliding``: a query at position ``p`` reads keys ``p - window + 1 .. p``.
+    window: PositiveInt | None = None
+    #: ``latent``: the width of the one vector kept per token.
+    latent_dim: PositiveInt | None = None
+    #: ``cross``: the most encoder tokens one sequence holds.
+    encoder_tokens: PositiveInt | None = None
+    num_blocks: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_the_kind(self) -> LayerGroup:
+        kind = self.kind
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {list(self.layers)} name a layer twice")
+        needs = {GroupKind.sliding: "window", GroupKind.latent: "latent_dim",
+                 GroupKind.cross: "encoder_tokens"}
+        for k, name in needs.items():
+            given = getattr(self, name) is not None
+            if kind is k and not given:
+                raise ValueError(f"a {k.value!r} group needs {name}")
+            if kind is not k and given:
+                raise ValueError(f"{name} applies to {k.value!r} groups only, not "
+                                 f"{kind.value!r}")
+        if kind is GroupKind.latent:
+            for name in ("num_kv_heads", "head_dim", "v_head_dim"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"a 'latent' group keeps one vector of latent_dim per "
+                                     f"token; {name} does not apply")
+        return self
+
+
+class GroupLayout(NamedTuple):
+    """A :class:`LayerGroup` with every default filled in (what the manager uses)."""
+
+    index: int
+    kind: GroupKind
+    layers: tuple[int, ...]
+    num_kv_heads: int
+    k_dim: int
+    #: ``None`` for latent groups: they keep one plane.
+    v_dim: int | None
+    window: int | None
+    encoder_tokens: int | None
+    num_blocks: int
+
+    @property
+    def token_based(self) -> bool:
+        """Whether blocks follow the decoder tokens (every kind but ``cross``)."""
+        return self.kind is not GroupKind.cross
+
+    def bytes_per_token(self, itemsize: int) -> int:
+        """K/V bytes of one token over the group's layers."""
+        per_layer = self.num_kv_heads * (self.k_dim + (self.v_dim or 0)) * itemsize
+        return per_layer * len(self.layers)
+
+
 class CacheConfig(_Record):
     """The shape of a paged KV cache and the policies of the manager that owns it.
 
     Build one from a block count, or from a byte budget with
-    :meth:`from_memory_budget`.
+    :meth:`from_memory_budget`.  ``layer_groups`` describes models whose layers keep
+    different K/V (sliding windows, latent attention, cross-attention, other head
+    counts); without it every layer is a full-attention layer of ``num_kv_heads``
+    heads of ``head_dim``.
     """
 
     num_layers: PositiveInt
@@ -103,6 +190,46 @@ class CacheConfig(_Record):
     #: random one per manager, so nothing outside the process can aim at the keys;
     #: hits are verified exactly either way (a key collision costs a miss, never data).
     hash_seed: Annotated[int, BeforeValidator(_strict_int)] | None = None
+    layer_groups: tuple[LayerGroup, ...] = ()
+
+    @model_validator(mode="after")
+    def _groups_cover_every_layer_once(self) -> CacheConfig:
+        if not self.layer_groups:
+            return self
+        seen: dict[int, int] = {}
+        for g, group in enumerate(self.layer_groups):
+            for layer in group.layers:
+                if layer >= self.num_layers:
+                    raise ValueError(f"layer_groups[{g}] names layer {layer}, but the cache "
+                                     f"has {self.num_layers} layers (0..{self.num_layers - 1})")
+                if layer in seen:
+                    raise ValueError(f"layer {layer} is in layer_groups[{seen[layer]}] and "
+                                     f"layer_groups[{g}]")
+                seen[layer] = g
+        missing = sorted(set(range(self.num_layers)) - set(seen))
+        if missing:
+            raise ValueError(f"layers {missing} are in no layer group; every layer of "
+                             f"0..{self.num_layers - 1} needs one")
+        return self
+
+    @property
+    def groups(self) -> tuple[GroupLayout, ...]:
+        """The layer groups with every default filled in (one full group of every
+        layer when ``layer_groups`` is empty).  Computed on each call: keep the result
+        where it is used often."""
+        specs = self.layer_groups or (LayerGroup(layers=tuple(range(self.num_layers))),)
+        out = []
+        for i, g in enumerate(specs):
+            if g.kind is GroupKind.latent:
+                heads, k_dim, v_dim = 1, g.latent_dim, None
+            else:
+                heads = g.num_kv_heads or self.num_kv_heads
+                k_dim = g.head_dim or self.head_dim
+                v_dim = g.v_head_dim or k_dim
+            out.append(GroupLayout(i, g.kind, tuple(g.layers), heads, k_dim,  # type: ignore[arg-type]
+                                   v_dim, g.window, g.encoder_tokens,
+                                   g.num_blocks or self.num_blocks))
+        return tuple(out)
 
     @model_validator(mode="after")
     def _thresholds_ordered(self) -> CacheConfig:
@@ -117,16 +244,26 @@ class CacheConfig(_Record):
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token across all layers."""
-        return bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+        """K and V of one decoder token across all layers that keep decoder tokens."""
+        if not self.layer_groups:
+            return bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim,
+                                   self.dtype)
+        size = self.dtype.itemsize
+        return sum(g.bytes_per_token(size) for g in self.groups if g.token_based)
+
+    def group_bytes_per_block(self, group: int) -> int:
+        """Bytes of one block of layer group ``group`` (all its layers, K and V)."""
+        return self.groups[group].bytes_per_token(self.dtype.itemsize) * self.block_size
 
     @property
     def bytes_per_block(self) -> int:
-        return self.bytes_per_token * self.block_size
+        """Bytes of one block of every group (a block's worth of tokens everywhere)."""
+        return sum(self.group_bytes_per_block(g.index) for g in self.groups)
 
     @property
     def total_bytes(self) -> int:
-        return self.bytes_per_block * self.num_blocks
+        """Bytes of every pool (all groups)."""
+        return sum(self.group_bytes_per_block(g.index) * g.num_blocks for g in self.groups)
 
     @property
     def max_tokens(self) -> int:
@@ -183,6 +320,9 @@ class AllocationRequest(_Record):
     extra_key: str | None = None
     allow_full_hit: StrictBool = False
     join_pending: StrictBool = False
+    #: Encoder tokens to reserve in cross-attention layer groups (default: the
+    #: group's ``encoder_tokens``).
+    encoder_tokens: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _length_consistent(self) -> AllocationRequest:
@@ -203,6 +343,8 @@ class CacheHandleStats(_Record):
 
     memory_bytes: NonNegativeInt
     blocks_allocated: NonNegativeInt
+    #: Blocks a sliding window gave back (their tokens are no longer read).
+    blocks_released: NonNegativeInt = 0
     tokens_stored: NonNegativeInt
     utilization: float = Field(ge=0.0, le=1.0)
     last_access: datetime = Field(default_factory=_utcnow)
@@ -237,6 +379,8 @@ class CacheManagerStats(_Record):
     allocations: NonNegativeInt = 0
     allocation_failures: NonNegativeInt = 0
     copy_on_write_copies: NonNegativeInt = 0
+    #: Blocks sliding windows gave back while their sequences went on (lifetime).
+    window_released_blocks: NonNegativeInt = 0
     pressure: MemoryPressure = MemoryPressure.low
     utilization: float = Field(0.0, ge=0.0, le=1.0)
 

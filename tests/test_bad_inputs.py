@@ -330,7 +330,7 @@ CASES: list[Bad] = [
     bad("extend_batch-out-of-blocks", lambda x: x.mgr.extend_batch([x.a, x.c, x.b], 40),
         OutOfBlocksError, "3 sequence(s)", "40", failures=1),
     bad("token_ids-negative", lambda x: x.mgr.extend(x.c, 2, token_ids=[-1, -1]), ValueError,
-        "token_ids[0][0]", "-1"),
+        "token_ids[0]", "-1"),
     bad("token_ids-2**31", lambda x: x.mgr.extend(x.c, 1, token_ids=[2**31]), ValueError,
         "2147483648"),
     bad("token_ids-float", lambda x: x.mgr.extend(x.c, 1, token_ids=[1.5]), TypeError,
@@ -353,7 +353,7 @@ CASES: list[Bad] = [
         TypeError, "str"),
     bad("token_ids-after-a-good-row", lambda x: x.mgr.extend_batch([x.a, x.c], 1,
                                                                     token_ids=[[1], [-4]]),
-        ValueError, "token_ids[1][0]", "-4"),
+        ValueError, "token_ids[1]", "-4"),
     # --- write -----------------------------------------------------------------------------------
     bad("write-layer-bool", lambda x: _w(x, x.kv(2), layer=True), TypeError, "layer", "True"),
     bad("write-layer-float", lambda x: _w(x, x.kv(2), layer=1.0), TypeError, "layer", "1.0"),

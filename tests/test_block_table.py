@@ -66,7 +66,14 @@ def test_add_blocks_refuses_duplicates_without_change():
         t.add_blocks([5, 2])
     assert t.physical_blocks == (1, 2)
     with pytest.raises(ValueError, match="physical block id must be >= 0"):
-        t.add_blocks([-1])
+        t.add_blocks([-2])
+
+
+def test_null_blocks_keep_the_place_of_blocks_a_window_gave_back():
+    from kvcore._block_table import NULL_BLOCK
+    t = BlockTable(4, [NULL_BLOCK, NULL_BLOCK, 7], 10)
+    assert t.physical_blocks == (-1, -1, 7) and t.logical_to_physical(2) == 7
+    assert BlockTable.from_json(t.to_json()) == t
 
 
 def test_logical_to_physical_out_of_range_names_the_index():

@@ -91,7 +91,7 @@ def test_missing_cupy_names_the_package_to_install() -> None:
     assert got["available"] is False and got["numpy"] is True
     for text in (got["reason"], got["error"]):
         assert "library 'cupy' is not installed" in text
-        assert 'pip install "kvcore-cupy[cuda12]"' in text and "[cuda11]" in text
+        assert 'pip install "kvcore-cupy[cuda12]"' in text and "[cuda13]" in text
 
 
 @needs_cupy

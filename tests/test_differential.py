@@ -34,6 +34,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kvcore._coordinator as coordinator
 import kvcore._writes as writes
 from kvcore._chain_hash import ChainHasher
 from kvcore._prefix_index import PrefixIndex
@@ -123,14 +124,16 @@ def no_copy_on_write_check_in_write_slots(monkeypatch):
     block may be written in place: version and gap checks stay, the copy-on-write
     rule goes (issue 10, defect 1)."""
     real_check, real_prepare = writes.check_mapping, writes.prepare_fast_path
+    # The copy-on-write rule: one writable() per layer group (a group's parts).
+    rule = getattr(coordinator, "GroupParts", coordinator.Coordinator)
 
-    def check_mapping(co, mapping, layer):
-        with mock.patch.object(co, "writable", allow_every_write):
-            return real_check(co, mapping, layer)
+    def check_mapping(*args, **kwargs):
+        with mock.patch.object(rule, "writable", allow_every_write):
+            return real_check(*args, **kwargs)
 
-    def prepare_fast_path(co, mapping):
-        with mock.patch.object(co, "writable", allow_every_write):
-            return real_prepare(co, mapping)
+    def prepare_fast_path(*args, **kwargs):
+        with mock.patch.object(rule, "writable", allow_every_write):
+            return real_prepare(*args, **kwargs)
 
     monkeypatch.setattr(writes, "check_mapping", check_mapping)
     monkeypatch.setattr(writes, "prepare_fast_path", prepare_fast_path)

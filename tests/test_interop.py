@@ -172,3 +172,26 @@ def test_gpu_refs_cross_torch_and_cupy_without_copy() -> None:
     assert torch.equal(t_h.key_cache(1).native, k)
     with pytest.raises(DeviceMismatchError, match=r"cpu.*cuda:0"):
         c_h.write(0, np.zeros((1, 2, 4), np.float16), np.zeros((1, 2, 4), np.float16))
+
+
+@pytest.mark.gpu
+def test_gpu_refs_cross_torch_and_cupy_on_cuda1_while_cuda0_is_current() -> None:
+    from tests.gpu_support import gpu_count_reason
+
+    problem = _cupy_gpu_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    import cupy
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(gpu_count_reason(2, torch.cuda.device_count()))
+    torch.cuda.set_device(0)
+    t_mgr, c_mgr = make("torch", device="cuda:1"), make("cupy", device="cuda:1")
+    t_h = t_mgr.allocate(AllocationRequest(request_id="t", num_tokens=5))
+    c_h = c_mgr.allocate(AllocationRequest(request_id="c", num_tokens=5))
+    k = torch.randn(5, 2, 4, device="cuda:1").half()
+    c_h.write(0, k, k)  # a cuda:1 torch tensor into the cupy cache, cuda:0 current
+    t_h.write(0, c_h.key_cache(0), c_h.value_cache(0))  # cupy cuda:1 into torch
+    assert torch.equal(t_h.key_cache(0).native, k)
+    assert c_h.key_cache(0).native.device.id == 1
+    assert torch.cuda.current_device() == 0 and cupy.cuda.runtime.getDevice() == 0

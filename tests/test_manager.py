@@ -28,7 +28,7 @@ def snapshot(mgr: KvCacheManager) -> tuple:
                            [r.native.copy() for r in h.kv_cache(layer)]
                            for layer in range(mgr.config.num_layers)]
             for h in mgr.list_handles() if not h.is_swapped()}
-    return stats, tables, data, mgr._co.pool.ref.tolist()
+    return stats, tables, data, [g.pool.ref.tolist() for g in mgr._co.groups]
 
 
 def assert_same(a: tuple, b: tuple) -> None:

@@ -33,7 +33,8 @@ BLOB = f"{HOME}/blob/main/"
 LICENSE = (ROOT / "LICENSE").read_bytes()
 #: Test modules a wheel may ship on purpose: the conformance suite's pytest entry is
 #: the product (``pytest --pyargs kvcore_conformance`` collects it), not our tests.
-SHIPPED_TESTS = {"kvcore-conformance": ("kvcore_conformance/tests/",)}
+SHIPPED_TESTS = {"kvcore-conformance": ("kvcore_conformance/tests/",
+                                         "kvcore_conformance/stores/tests/")}
 
 
 def _projects() -> list[Path]:

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch  # CI installs torch: a missing torch must fail here, not skip
 from kv_torch import TorchBackend, TorchKvCacheHandle
-from kv_torch._backend import _PendingHostScatter, cuda_problem
+from kv_torch._backend import cuda_problem
 
 import kvcore
 from kvcore import AllocationRequest, CacheConfig, Device, DType, KvCacheManager
+from kvcore._staging import Pending
 from kvcore.errors import (
     DeviceMismatchError,
     DtypeMismatchError,
@@ -228,7 +229,7 @@ def test_pending_host_scatter_lands_before_any_use(be: TorchBackend, finish: str
     staging = torch.arange(2 * 2 * 4 * 2 * 3, dtype=torch.float32).reshape(2, 2, 4, 2, 3)
     done = _DoneEvent()
     dst = be.index_array(np.array([4, 1]), CPU)
-    be._pending.append(_PendingHostScatter(done, staging, dst_layer, dst))
+    be._pending.append(Pending(done, land=lambda: dst_layer.index_copy_(1, dst, staging)))
     if finish == "synchronize":
         be.synchronize(CPU)
     elif finish == "gather":

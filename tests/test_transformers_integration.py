@@ -90,6 +90,9 @@ def test_prompts_sharing_a_prefix_share_blocks_and_give_the_same_tokens(model):
     stats = cache.manager.stats()
     assert stats.prefix_cache_hits >= 6  # rows 2 and 3 reuse row 0's three blocks
     assert cache.num_cached_tokens[0] == 0 and min(cache.num_cached_tokens[2:]) >= 12
+    # Shared while row 0's prefill ran (join_pending): one allocation per row, no
+    # re-allocation or copy after the prefill.
+    assert stats.allocations == len(PROMPTS) and stats.copy_on_write_copies == 0
     assert stats.used_blocks < alone.manager.stats().used_blocks
     cache.manager.check_invariants()
 

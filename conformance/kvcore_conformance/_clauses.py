@@ -8,18 +8,28 @@ Every check in the suite goes through :func:`check`, :func:`expect_raises` or
       seen:     ...
       expected: ...
 
-The clause ids are stable: the broken-backend tests of kvcore match on them, and a
-backend author can grep :data:`CLAUSES` (or the guide) for the full text.
+The clause ids are stable: the broken-backend tests of kvcore match on them, the
+end-of-run table and ``--json`` report list them, and a backend author can grep
+:data:`CLAUSES` (or the guide) for the full text.
+
+Adding a clause: define it here with :func:`define` in the section it belongs to (the
+order of :data:`CLAUSES` is the order the report lists clauses in, and should be the
+order the tests run in), write a test marked ``@covers(CLAUSE)`` in a contract class,
+list the clause in ``docs/writing-a-backend.md`` section 6 (a test checks the guide
+lists every clause), and plant a bug in kvcore's ``tests/conformance_backends`` that
+only this clause catches.  A new area of the suite may define its clauses in its own
+module with :func:`define`; they join the report once that module is imported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, NoReturn
 
-__all__ = ["CLAUSES", "Clause", "ContractViolation", "check", "clause", "expect_raises",
-           "fail"]
+__all__ = ["CLAUSES", "Clause", "ContractViolation", "blame", "check", "clause", "define",
+           "expect_raises", "fail"]
 
 
 @dataclass(frozen=True)
@@ -44,42 +54,129 @@ class ContractViolation(AssertionError):
 CLAUSES: dict[str, Clause] = {}
 
 
-def _c(id: str, text: str) -> Clause:
+def define(id: str, text: str) -> Clause:
+    """Register the clause ``id`` (a dotted lower-case name, ``area.promise``) with its
+    one-sentence ``text``; defining an id twice with another text is an error."""
+    known = CLAUSES.get(id)
+    if known is not None:
+        if known.text != text:
+            raise ValueError(f"contract clause {id!r} is already defined as {known.text!r}")
+        return known
     item = Clause(id, text)
     CLAUSES[id] = item
     return item
 
 
-# --- the backend itself ---------------------------------------------------------------
+_c = define
+
+
+# Clauses are listed in the order a backend author should fix them: what every later
+# test relies on first (identity, pools, array conversions), then the bulk operations
+# on ordinary values, then exact bit patterns, then everything the manager builds on
+# top.  The suite runs its tests in the same order, so the first failure of a run
+# names the operation at fault; the end-of-run table lists the clauses in this order.
+
+# --- the backend itself -----------------------------------------------------------------
 BACKEND_IDENTITY = _c("backend.identity", "a backend names itself, its array library, the "
-                      "KVCORE_API_VERSION it implements and a PagedKvCacheHandle subclass")
+                      "KVCORE_API_VERSION it implements and a PagedKvCacheHandle subclass; "
+                      "kvcore.get_backend(name) for the name it is registered under returns "
+                      "it with that very name, and its managers hand out exactly that class")
 CAPS_WELL_FORMED = _c("capabilities.well-formed", "capabilities() returns a BackendCapabilities "
                       "whose declared and unsupported dtypes do not overlap, declaring at least "
-                      "one dtype and one device type")
+                      "one dtype and one device type, the default device among them")
 CAPS_REFUSE_UNDECLARED = _c("capabilities.refuse-undeclared", "a dtype or device the backend "
                             "does not declare is refused with UnsupportedError naming it")
-ALLOCATE_LAYER = _c("backend.allocate-layer", "allocate_layer returns a zero-filled [2, "
-                    "num_blocks, block_size, heads, head_dim] array of the dtype and device asked")
-DESCRIBE = _c("backend.describe", "describe(array) reports the array's true shape, dtype and device")
+
+# --- pools and arrays -------------------------------------------------------------------
+ALLOCATE_LAYER = _c("backend.allocate-layer", "allocate_layer returns a zero-filled [planes, "
+                    "num_blocks, block_size, heads, head_dim] array of the dtype and device "
+                    "asked, for planes=2 (K/V) and planes=1")
+FRESH_POOLS = _c("backend.fresh-pools", "every allocate_layer call returns new zero-filled "
+                 "memory: a pool allocated after another was written and released reads all "
+                 "zeros, and writes to one pool (or one manager) never show in another")
+RELEASE_LAYER = _c("backend.release-layer", "release_layer accepts every pool the backend "
+                   "handed out (planes 1 and 2, every device and swap device, pinned) and "
+                   "leaves every other pool as it was")
+DESCRIBE = _c("backend.describe", "describe(array) reports the array's true shape, dtype and "
+              "device; an array of a dtype kvcore does not hold (int16, uint16, int32) has "
+              "dtype None, never the float of the same width")
 NUMPY_ROUNDTRIP = _c("backend.numpy-roundtrip", "to_numpy(from_numpy(x)) gives x back bit for "
                      "bit (bfloat16 widened to float32)")
-ASARRAY = _c("backend.asarray", "asarray passes native arrays through without copying or "
-             "changing the dtype, and raises TypeError for non-arrays")
-SCATTER = _c("backend.scatter", "scatter writes key[i] / value[i] to slot slots[i] and touches "
-             "no other slot")
-GATHER_ORDER = _c("backend.gather.order", "gather(layer, kv, slots) returns row i from slot "
+FROM_NUMPY = _c("backend.from-numpy", "from_numpy(x, dtype) returns a new array of the "
+                "requested dtype even when x has another dtype; values the dtype can "
+                "represent arrive exactly, and later changes to x do not reach it")
+TO_NUMPY = _c("backend.to-numpy", "to_numpy returns an independent host copy (float16, or "
+              "float32 for float32 and bfloat16): a later scatter into the pool does not "
+              "change it, and changing it does not change the pool")
+INDEX_ARRAY = _c("backend.index-array", "index_array accepts int64 indices of any shape and "
+                 "returns an index that does not alias them: changing the numpy array "
+                 "afterwards changes nothing")
+ASARRAY = _c("backend.asarray", "asarray returns the backend's own arrays as the very same "
+             "object, never changes a dtype (integer arrays are refused with "
+             "DtypeMismatchError or passed through as integers), and raises TypeError for "
+             "non-arrays")
+ASARRAY_DLPACK = _c("backend.asarray.dlpack", "asarray imports other DLPack producers without "
+                    "a copy (the result shares their memory) and raises TypeError, with the "
+                    "reason, when the export fails")
+ASARRAY_DEVICE = _c("backend.asarray.device", "asarray of an array on another device (judged "
+                    "by __dlpack_device__) raises DeviceMismatchError naming both devices")
+RETURNS_POOL = _c("backend.returns-pool", "scatter, copy_blocks, transfer_blocks and their "
+                  "*_layers forms return the pool now holding the data, with the pool's "
+                  "shape, dtype and device (callers continue with what is returned)")
+MUTABLE_POOLS = _c("capabilities.mutable-pools", "with mutable_pools=True every operation "
+                   "changes the pool in place and returns the very same object, so a "
+                   "layer_pool view sees later writes; either way layer_pool called again "
+                   "holds the latest data")
+
+# --- bulk operations on ordinary values ---------------------------------------------------
+SCATTER = _c("backend.scatter", "scatter writes rows[p][i] to slot slots[i] of plane p, for "
+             "slots in any order (reversed, blocks out of order, one row, one block, the "
+             "whole pool), and touches no other slot")
+SCATTER_OVERWRITE = _c("backend.scatter.overwrite", "a second scatter to the same slots "
+                       "replaces what the first wrote, bit for bit (set, never add or blend)")
+GATHER_ORDER = _c("backend.gather.order", "gather(pool, plane, slots) returns row i from slot "
                   "slots[i], in the order given (a sequence's tokens in logical order, not "
-                  "sorted by physical slot)")
+                  "sorted by physical slot), for runs of any shape: blocks out of order, "
+                  "slots reversed inside a block, one row, one block, the whole pool")
+GATHER_SHAPE = _c("backend.gather.shape", "gather accepts an index of any shape and returns "
+                  "slots.shape + (heads, head_dim), element [i, j] from slot slots[i, j]")
 GATHER_COPY = _c("backend.gather.copy", "gather returns a new array: later writes to the pool "
                  "do not change what an earlier gather returned")
-COPY_BLOCKS = _c("backend.copy-blocks", "copy_blocks copies whole blocks src[i] -> dst[i], K "
-                 "and V, leaving the sources and every other block unchanged")
+COPY_BLOCKS = _c("backend.copy-blocks", "copy_blocks copies whole blocks src[i] -> dst[i] in "
+                 "every plane, in any order, leaving the sources and every other block "
+                 "unchanged")
 TRANSFER_BLOCKS = _c("backend.transfer-blocks", "transfer_blocks copies blocks between pools "
-                     "(possibly on different devices) bit-identically, K and V")
+                     "(possibly on different devices) bit-identically in every plane, in any "
+                     "order, touching no other block of the destination")
+LARGE_POOL = _c("backend.large-pool", "pools of more than 2**16 slots are addressed in full: "
+                "writes, reads and block copies at the top slots land exactly there (no "
+                "16-bit index wrap-around)")
+PLANES = _c("backend.planes", "one-plane pools (planes=1) work like K/V pools: scatter of one "
+            "row set, gather of plane 0, copy_blocks and transfer_blocks")
+LAYER_FORMS = _c("backend.layer-forms", "scatter_layers, copy_blocks_layers and "
+                 "transfer_blocks_layers return one pool per layer holding exactly what the "
+                 "per-layer operations give")
+FRESH_READS = _c("backend.fresh-reads", "a read after scatter, copy_blocks, transfer_blocks "
+                 "or a swap-in sees the new data: whatever a backend caches is never served "
+                 "stale")
 PINNED = _c("capabilities.pinned-memory", "a backend declaring pinned_memory allocates a usable "
             "host layer when asked for pinned=True")
 
-# --- block tables ---------------------------------------------------------------------
+# --- exact bit patterns through every route ---------------------------------------------------
+_BITS = ("-0.0, subnormals, the largest finite values, infinities and NaNs with payloads "
+         "(quiet and signalling)")
+BITS_NUMPY = _c("bits.numpy-roundtrip", f"from_numpy and to_numpy carry {_BITS} bit for bit "
+                "in every declared dtype")
+BITS_SCATTER_GATHER = _c("bits.scatter-gather", f"scatter and gather carry {_BITS} bit for bit")
+BITS_COPY_BLOCKS = _c("bits.copy-blocks", f"copy_blocks carries {_BITS} bit for bit")
+BITS_TRANSFER = _c("bits.transfer-blocks", f"transfer_blocks to every swap device and back "
+                   f"carries {_BITS} bit for bit")
+BITS_MANAGER = _c("bits.manager", f"the manager's write, read, copy-on-write and swap carry "
+                  f"{_BITS} bit for bit")
+BITS_DLPACK = _c("bits.dlpack", f"DLPack exports of reads and of layer_pool carry {_BITS} bit "
+                 "for bit")
+
+# --- block tables -----------------------------------------------------------------------
 TABLE_ARITHMETIC = _c("table.arithmetic", "a block table holds ceil(tokens / block_size) "
                       "blocks and its free_tokens, has_free_space, capacity and "
                       "blocks_needed_for_length agree with that")
@@ -118,8 +215,9 @@ ALLOCATE_ATOMIC = _c("manager.atomic", "a refused operation raises its typed err
                      "the cache exactly as it was")
 WRITE_READ = _c("manager.write-read", "what is written is read back bit for bit, per layer, "
                 "in logical order")
-WRITE_DTYPE = _c("manager.no-silent-cast", "writing an array of another dtype raises "
-                 "DtypeMismatchError: the cache never casts silently")
+WRITE_DTYPE = _c("manager.no-silent-cast", "writing an array of another dtype (another "
+                 "float, or int16 / uint16 / int32) raises DtypeMismatchError and changes "
+                 "nothing: the cache never casts silently")
 WRITE_ERRORS = _c("manager.write-errors", "bad writes raise typed errors (shape, capacity, "
                   "write order, non-array) and change nothing")
 EXTEND = _c("manager.extend", "extend / extend_batch reserve slots in logical order and "
@@ -195,3 +293,23 @@ def expect_raises(item: Clause, expected: type[BaseException] | tuple[type[BaseE
              seen=f"{type(exc).__name__}: {exc}", expected=names)
     fail(item, f"{detail}: nothing was raised", seen=f"returned {_fmt(result)}",
          expected=f"{names} raised")
+
+
+class blame:
+    """Report any exception other than a :class:`ContractViolation` (or pytest's
+    outcomes) raised inside the block as a violation of ``item``: the backend operation
+    called there broke it, whatever test it is part of."""
+
+    def __init__(self, item: Clause, what: str) -> None:
+        self.item = item
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if exc is None or isinstance(exc, ContractViolation) or not isinstance(exc, Exception):
+            return False  # pytest's skip/fail outcomes are BaseExceptions: let them through
+        raise ContractViolation(self.item, f"  {self.what} raised {type(exc).__name__}: "
+                                           f"{exc}") from exc

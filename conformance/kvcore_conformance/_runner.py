@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ._backends import BackendProblem, resolve
+from ._report import merge, write_json
 
 __all__ = ["run"]
 
@@ -65,6 +68,19 @@ def _hypothesis_home(directory: str) -> Iterator[None]:
         module.set_hypothesis_home_dir(old)
 
 
+def _split_json(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Take ``--json`` (the document on stdout) or ``--json=PATH`` out of ``args``."""
+    target, rest = None, []
+    for arg in args:
+        if arg == "--json":
+            target = "-"
+        elif arg.startswith("--json="):
+            target = arg.split("=", 1)[1] or "-"
+        else:
+            rest.append(arg)
+    return target, rest
+
+
 def _run_one(name: str, pytest_args: Sequence[str]) -> int:
     try:
         resolve(name)
@@ -91,30 +107,62 @@ def _run_one(name: str, pytest_args: Sequence[str]) -> int:
 def run(names: Iterable[str], pytest_args: Sequence[str] = ()) -> int:
     """Run the whole conformance suite against each installed backend in ``names``.
 
-    Each backend gets its own pytest session (its own report header and summary) under
-    the suite's own configuration, whatever directory this is called from; extra
-    ``pytest_args`` (``-x``, ``-k swap``, ``--kv-hypothesis-profile kvcore-thorough``)
-    are passed to every session.  Returns 0 when every backend passed, else the first
-    non-zero pytest exit status: 1 tests failed, 4 backend unknown or unavailable (or a
-    usage error), 5 no test ran.
+    Each backend gets its own pytest session (its own report header, summary and
+    clause table) under the suite's own configuration, whatever directory this is
+    called from; extra ``pytest_args`` (``-x``, ``-k swap``, ``--kv-hypothesis-profile
+    kvcore-thorough``) are passed to every session.  ``--json`` among them prints one
+    JSON document with every backend's clause-by-clause results on stdout (the
+    sessions' own output then goes to stderr); ``--json=PATH`` writes it to PATH.
+    Returns 0 when every backend passed, else the first non-zero pytest exit status:
+    1 tests failed, 4 backend unknown or unavailable (or a usage error), 5 no test ran.
     """
     names = [n for n in names if n]
+    target, pytest_args = _split_json(pytest_args)
     if not names:
         print("kvcore conformance: name at least one backend (see `kvcore backends`)",
               file=sys.stderr)
         return EXIT_BACKEND_PROBLEM
     results: list[tuple[str, int]] = []
+    documents: list[dict[str, Any]] = []
+    out = sys.stdout
     with tempfile.TemporaryDirectory(prefix="kvcore-conformance-") as home, \
-            _hypothesis_home(home):
-        for name in names:
-            results.append((name, _run_one(name, list(pytest_args))))
-    if len(results) > 1 or any(code for _, code in results):
-        # A run that failed reports on stderr, with the errors that explain it; stdout
-        # keeps pytest's reports and, when everything passed, the summary.
-        stream = sys.stderr if any(code for _, code in results) else sys.stdout
-        sys.stdout.flush()
-        print("\nkvcore conformance summary:", file=stream)
-        for name, code in results:
-            verdict = "passed" if code == 0 else f"FAILED (exit status {code})"
-            print(f"  {name}: {verdict}", file=stream)
-    return next((code for _, code in results if code), 0)
+            _hypothesis_home(home), \
+            contextlib.redirect_stdout(sys.stderr if target == "-" else sys.stdout):
+        for i, name in enumerate(names):
+            extra = [] if target is None else [f"--kv-json={Path(home) / f'report-{i}.json'}"]
+            code = _run_one(name, [*pytest_args, *extra])
+            results.append((name, code))
+            if target is not None:
+                documents.append(_document_of(Path(home) / f"report-{i}.json", name, code))
+        if len(results) > 1 or any(code for _, code in results):
+            # A run that failed reports on stderr, with the errors that explain it;
+            # stdout keeps pytest's reports and, when everything passed, the summary.
+            stream = sys.stderr if any(code for _, code in results) else sys.stdout
+            sys.stdout.flush()
+            print("\nkvcore conformance summary:", file=stream)
+            for name, code in results:
+                verdict = "passed" if code == 0 else f"FAILED (exit status {code})"
+                print(f"  {name}: {verdict}", file=stream)
+    status = next((code for _, code in results if code), 0)
+    if target is not None:
+        doc = merge(documents, status)
+        if target == "-":
+            json.dump(doc, out, indent=2)
+            out.write("\n")
+            out.flush()
+        else:
+            write_json(target, doc)
+    return status
+
+
+def _document_of(path: Path, name: str, code: int) -> dict[str, Any]:
+    """The session's JSON document, with its exit status per backend; a backend whose
+    session never wrote one (unknown, unavailable, usage error) gets a stub saying so."""
+    if path.exists():
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        for backend in doc.get("backends", []):
+            backend["exit_status"] = code
+        return doc
+    return {"backends": [{"backend": name, "passed": False, "exit_status": code,
+                          "error": "the backend could not be tested (see stderr)",
+                          "summary": None, "first_failure": None, "clauses": []}]}

@@ -20,8 +20,9 @@ from ._timing import Progress, clock
 __all__ = ["WORKLOADS", "main"]
 
 #: Every workload, in the order they run.
-WORKLOADS = ("append", "read", "blocks", "fork", "generate")
-#: What runs without ``--workload``: ``generate`` joins when its integration exists.
+WORKLOADS = ("append", "read", "blocks", "fork", "generate", "prompt_copy", "store")
+#: What runs without ``--workload``: ``generate`` joins when its integration exists
+#: (``prompt_copy`` and ``store`` run when asked for).
 DEFAULT_WORKLOADS = ("append", "read", "blocks", "fork")
 
 _HELP = {
@@ -35,6 +36,8 @@ _HELP = {
     "shared_prefix": "tokens of the prefix shared by half the prompts (blocks)",
     "hit_sequences": "requests served entirely from the prefix cache (blocks)",
     "fork_tokens": "tokens of the forked sequence (fork)", "fork_children": "children (fork)",
+    "copy_prompt": "tokens of the copied prompt cache (prompt_copy)",
+    "copies": "copies of the prompt cache (prompt_copy)",
     "repeats": "timed repeats per workload (after one warm-up)", "seed": "random seed",
 }
 
@@ -64,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                         "into 10x outliers)")
     p.add_argument("--check", action="store_true",
                    help="exit with status 3 when a target is missed (not with --quick)")
+    p.add_argument("--store-url", metavar="URL", default=None,
+                   help="Redis for the store workload (default: a throwaway redis-server)")
     sizes = p.add_argument_group(
         "workload sizes", "Each size's default is the full run's; --quick starts from "
                           "smaller ones (shown as 'quick'); a size given here overrides both.")
@@ -155,7 +160,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     progress(f"kvcore bench: {', '.join(workloads)} on {', '.join(b.name for b in backends)}")
 
     with _threads(args.threads):
-        results = _measure(backends, workloads, params, progress, skipped, args.quick)
+        results = _measure(backends, workloads, params, progress, skipped, args.quick,
+                           args.store_url)
     progress.done()
     if args.quick:  # the figures are real, but too small and noisy to pass a verdict on
         for r in results:
@@ -207,11 +213,12 @@ def _threads(count: int) -> Iterator[None]:
 
 def _measure(backends: list[Backend], workloads: list[str], params: BenchParams,
              progress: Progress, skipped: list[dict[str, str]],
-             quick: bool) -> list[WorkloadResult]:
+             quick: bool, store_url: str | None = None) -> list[WorkloadResult]:
     from ._append import run_append_read
     from ._blocks import run_blocks
     from ._fork import run_fork
     from ._generate import run_generate
+    from ._prompt_copy import run_prompt_copy
 
     results: list[WorkloadResult] = []
     for backend in backends:
@@ -228,4 +235,16 @@ def _measure(backends: list[Backend], workloads: list[str], params: BenchParams,
             except Exception as exc:  # an integration problem must not lose the rest
                 skipped.append({"backend": backend.name, "workload": "generate",
                                 "reason": f"{type(exc).__name__}: {exc}"})
+        if "prompt_copy" in workloads:
+            try:
+                results.append(run_prompt_copy(backend, params, progress))
+            except Exception as exc:  # an integration problem must not lose the rest
+                skipped.append({"backend": backend.name, "workload": "prompt_copy",
+                                "reason": f"{type(exc).__name__}: {exc}"})
+        if "store" in workloads:
+            from ._store import StoreUnavailable, run_store
+            try:
+                results.append(run_store(backend, params, progress, store_url))
+            except StoreUnavailable as exc:
+                skipped.append({"backend": backend.name, "workload": "store", "reason": str(exc)})
     return results

@@ -7,10 +7,15 @@ child shares the parent's blocks, so writing that one token must copy exactly on
 block (the partly written last one) and nothing else.
 
 The baseline is what a cache without paging does to fork: copy the whole sequence,
-K and V of every layer, into a preallocated dense buffer (one copy per child).
+K and V of every layer, into a preallocated dense buffer (one copy per child).  With
+immutable arrays (JAX) the copy is the backend's ``transfer_blocks`` of the parent's
+blocks into a dense pool, and each pool is taken from the manager afresh (a write
+replaces it).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from .._backend import Backend
 from .._device import DType
@@ -42,8 +47,13 @@ def run_fork(backend: Backend, p: BenchParams, progress: Progress) -> WorkloadRe
     for layer in range(p.layers):
         arrays.touch(mgr.layer_pool(layer).native)
     # The dense baseline copies the parent's blocks (the same bytes) into this buffer.
-    dense = [arrays.zeros(2, parent_blocks, p.block_size, p.kv_heads, p.head_dim)
-             for _ in range(p.layers)]
+    if arrays.mutable:
+        dense = [arrays.zeros(2, parent_blocks, p.block_size, p.kv_heads, p.head_dim)
+                 for _ in range(p.layers)]
+    else:
+        dense = [backend.allocate_layer(parent_blocks, p.block_size, p.kv_heads, p.head_dim,
+                                        dtype, device) for _ in range(p.layers)]
+        parent_ids = arrays.index(np.arange(parent_blocks))
     written = p.fork_tokens - 1  # the parent's last position is the one being sampled
     k = arrays.random(max(written, 1), p.kv_heads, p.head_dim)
     v = arrays.random(max(written, 1), p.kv_heads, p.head_dim)
@@ -60,7 +70,6 @@ def run_fork(backend: Backend, p: BenchParams, progress: Progress) -> WorkloadRe
     write_s: list[float] = []
     dense_s: list[float] = []
     copied: list[int] = []
-    pools = [mgr.layer_pool(layer).native for layer in range(p.layers)]
     for rep in range(p.repeats + 1):  # repeat 0 warms up
         progress(f"[{backend.name}] fork: {'warm-up' if rep == 0 else f'repeat {rep}/{p.repeats}'}")
         before = mgr.stats().copy_on_write_copies
@@ -74,9 +83,16 @@ def run_fork(backend: Backend, p: BenchParams, progress: Progress) -> WorkloadRe
         t2 = clock()
         blocks = mgr.stats().copy_on_write_copies - before
         # Baseline: one full dense copy of the parent, timed once per child's worth.
+        # The pools now (an immutable backend's writes above replaced them).
+        pools = [mgr.layer_pool(layer).native for layer in range(p.layers)]
         t3 = clock()
-        for layer in range(p.layers):
-            dense[layer][...] = pools[layer][:, :parent_blocks]
+        if arrays.mutable:
+            for layer in range(p.layers):
+                dense[layer][...] = pools[layer][:, :parent_blocks]
+        else:
+            for layer in range(p.layers):
+                dense[layer] = backend.transfer_blocks(pools[layer], parent_ids, dense[layer],
+                                                       parent_ids)
         arrays.sync()
         t4 = clock()
         for child in children:

@@ -33,6 +33,9 @@ class BenchParams:
     # fork
     fork_tokens: int = 4096
     fork_children: int = 64
+    # prompt_copy
+    copy_prompt: int = 1024
+    copies: int = 8
     # measurement
     repeats: int = 3
     seed: int = 0
@@ -49,4 +52,4 @@ class BenchParams:
 QUICK = replace(BenchParams(), layers=2, kv_heads=2, head_dim=64, batch=4, prompt=64,
                 decode_steps=16, pool_blocks=4096, sequences=256, max_prompt=256,
                 appends=16, shared_prefix=128, hit_sequences=32, fork_tokens=256,
-                fork_children=8, repeats=2)
+                fork_children=8, copy_prompt=64, copies=4, repeats=2)

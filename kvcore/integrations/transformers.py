@@ -23,9 +23,11 @@ How the batch maps onto kvcore:
   and returns the whole rectangle gathered from the pool through the page table;
 * with :meth:`KvCoreCache.set_prompts`, left padding is stripped: a row stores only
   its real tokens, allocated with their ids so full prompt blocks are shared through
-  the prefix cache (with other rows and with earlier ``generate`` calls on the same
-  manager), and prefill writes only the tokens the cache did not already hold;
-  without it every position, padding included, is stored, as ``DynamicCache`` does;
+  the prefix cache (with earlier ``generate`` calls on the same manager, and with
+  earlier rows of the same batch, whose prefill is joined while it runs:
+  ``AllocationRequest(join_pending=True)``), and prefill writes only the tokens the
+  cache did not already hold; without it every position, padding included, is
+  stored, as ``DynamicCache`` does;
 * ``reorder_cache`` (beam search), ``batch_select_indices`` and
   ``batch_repeat_interleave`` map to :meth:`~kvcore.KvCacheManager.fork` and
   :meth:`~kvcore.KvCacheManager.deallocate`: a beam that survives twice is forked, and
@@ -37,13 +39,20 @@ How the batch maps onto kvcore:
   (``generate(..., assistant_model=...)``) gives ``DynamicCache``'s exact tokens on a
   cache without :meth:`KvCoreCache.set_prompts`.
 
+* ``copy.deepcopy`` / ``copy.copy`` / :meth:`KvCoreCache.fork` fork every row on the
+  same manager (transformers' prompt-reuse recipe; no K/V copied until written), and
+  :meth:`KvCoreCache.save` / :meth:`KvCoreCache.load` keep a cache in a safetensors
+  file (:mod:`kvcore.integrations._cache_state`).
+
 Not supported: sliding-window and linear-attention layers.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -62,6 +71,7 @@ from ..attention import PagedLayout, gather_kv
 from ..errors import (CacheError, CapacityError, LayerIndexError, ShapeMismatchError,
                       WriteOrderError)
 from ..models import AllocationRequest, CacheConfig
+from ._cache_state import SAVED, fork_cache, load_cache, save_cache
 
 __all__ = ["KvCoreCache", "cache_config_for"]
 
@@ -126,6 +136,7 @@ class _KvCoreLayer(CacheLayerMixin):
 
     def prefetch(self) -> None:
         pass
+
 
 
 class KvCoreCache(Cache):
@@ -257,8 +268,6 @@ class KvCoreCache(Cache):
         self._layer_len[layer] = done + n
         pool = self._manager.layer_pool(layer).native
         k, v = gather_kv(pool, self._layout)  # [batch, width, kv_heads, head_dim]
-        if self._mapping is None and layer == cfg.num_layers - 1:
-            self._share_prefill()  # k, v are copies: they outlive the blocks moving
         return _as_torch(k).transpose(1, 2), _as_torch(v).transpose(1, 2)
 
     def _prefill(self, batch: int, n: int) -> None:
@@ -283,8 +292,16 @@ class KvCoreCache(Cache):
                 if prompt is None:
                     request = AllocationRequest(request_id=rid, num_tokens=n)
                 else:
+                    # Rows of one batch share the prompt blocks they have in common at
+                    # once: a row joins blocks an earlier row writes in this same
+                    # forward pass, whose update() writes every row of a layer before
+                    # any row reads it (the promise join_pending asks for).  The model
+                    # computes every prompt token anyway (generate does not shorten
+                    # the prefill), so a hit only saves storage: the last prompt
+                    # token's block may be shared too (allow_full_hit).
                     request = AllocationRequest(request_id=rid, prompt_token_ids=prompt,
-                                                extra_key=self._extra_key)
+                                                extra_key=self._extra_key, join_pending=True,
+                                                allow_full_hit=True)
                 handles.append(self._manager.allocate(request))
         except BaseException:
             for handle in handles:  # all or nothing
@@ -297,56 +314,6 @@ class KvCoreCache(Cache):
         self._mapping = None
         self._layout = PagedLayout.from_manager(self._manager, handles, width=n,
                                                 left_padded=True)
-
-    def _share_prefill(self) -> None:
-        """After the prefill wrote every layer, let rows share what they have in common.
-
-        The manager serves a prefix block only once its K/V are complete, and a prefill
-        computes every row at once, so rows of one batch cannot share at allocation.
-        Once the prefill is done: a row whose prompt repeats an earlier row's (generate
-        repeats prompts for beams and samples) becomes a fork of it, sharing every
-        block; a row sharing whole blocks with an earlier row is re-allocated with its
-        token ids, so those blocks come from the prefix cache, and only its own tail is
-        copied over.  The duplicate blocks go back to the pool for the decode phase.
-        """
-        if self._prompts is None:
-            return
-        prompts = [p for p in self._prompts
-                   for _ in range(len(self._handles) // len(self._prompts))]
-        bs = self._manager.block_size
-        first: dict[tuple[int, ...], int] = {}
-        for row, prompt in enumerate(prompts):
-            if prompt in first:
-                self._replace(row, self._manager.fork(self._handles[first[prompt]],
-                                                      self._new_id()))
-                continue
-            first[prompt] = row
-            shared = max((_common_prefix(prompt, prompts[r]) for r in first.values()
-                          if r != row), default=0) // bs * bs
-            if shared > self._cached[row]:
-                self._reallocate_with_prefix(row, prompt)
-
-    def _reallocate_with_prefix(self, row: int, prompt: tuple[int, ...]) -> None:
-        old = self._handles[row]
-        try:
-            # The prompt is computed already: share every block that matches, the last
-            # prompt token's included (storage, not a prefill to skip).
-            new = self._manager.allocate(AllocationRequest(
-                request_id=self._new_id(), prompt_token_ids=prompt, extra_key=self._extra_key,
-                allow_full_hit=True))
-        except CacheError:  # no room for the temporary copy: keep the row as it is
-            return
-        cached = new.num_cached_tokens()
-        if cached <= self._cached[row]:
-            self._manager.deallocate(new)
-            return
-        for layer in range(self._manager.config.num_layers):
-            if cached < len(prompt):
-                key, value = old.kv_cache(layer)  # type: ignore[misc]
-                self._manager.write(new, layer, key.native[cached:], value.native[cached:],
-                                    start=cached)
-        self._replace(row, new)
-        self._cached[row] = cached
 
     def _replace(self, row: int, handle: PagedKvCacheHandle) -> None:
         self._manager.deallocate(self._handles[row])
@@ -450,6 +417,57 @@ class KvCoreCache(Cache):
                 self._manager.deallocate(handle)
         self._clear()
 
+    # --- copies and files: fork, copy, save, load ------------------------------------------
+
+    def fork(self) -> KvCoreCache:
+        """An independent copy of this cache on the same manager, in O(blocks).
+
+        Every row becomes a copy-on-write fork of its sequence
+        (:meth:`KvCacheManager.fork`): no K/V is copied until the copy or the original
+        writes into a block they share, and then only that block (a row's partly
+        filled last block, when its next token is written).  The two share the
+        manager, and its blocks until written; nothing else: each has its own rows
+        (its own :meth:`release`), lengths, padding, prompts and layer state.
+        Generating from the copy leaves this cache as it was, so it can be copied
+        again: transformers' prompt-reuse recipe,
+        ``generate(..., cache=copy.deepcopy(prompt_cache))``.  A copy dropped without
+        :meth:`release` gives its blocks back at the next fork, save or load on the
+        manager after Python collects it.  Between forward passes only
+        (:class:`~kvcore.errors.CacheError` otherwise).
+        """
+        return self._forked(None)
+
+    def __copy__(self) -> KvCoreCache:
+        """The same as :meth:`fork`: rows shared between two ``Cache`` objects would let
+        one corrupt the other's lengths, so a shallow copy is a copy-on-write fork too
+        (sharing the manager and, until written, the blocks)."""
+        return self._forked(None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KvCoreCache:
+        """:meth:`fork`: the K/V are copied lazily, block by block, when written; the
+        manager is shared, never copied."""
+        return self._forked(memo)
+
+    def _forked(self, memo: dict[int, Any] | None) -> KvCoreCache:
+        return fork_cache(self, memo)
+
+    def save(self, path: str | os.PathLike[str], *,
+             metadata: Mapping[str, str] | None = None) -> None:
+        """Write this cache to ``path``: its rows' K/V and token ids through
+        :meth:`KvCacheManager.save` (safetensors), plus the batch layout (rows,
+        padding, prompts, ``extra_key``) so :meth:`load` gives a cache that continues
+        generation exactly where this one stands.  Between forward passes only."""
+        save_cache(self, path, metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, manager: KvCacheManager,
+             extra_key: Any = SAVED) -> KvCoreCache:
+        """A cache holding what :meth:`save` wrote, on ``manager`` (the model's layout;
+        the block size may differ).  ``extra_key`` defaults to the saved cache's; its
+        prompt blocks join ``manager``'s prefix cache under it.  All or nothing, and
+        every problem is a typed error (:meth:`KvCacheManager.load`)."""
+        return load_cache(cls, path, manager, extra_key)
+
     def __enter__(self) -> KvCoreCache:
         return self
 
@@ -460,11 +478,6 @@ class KvCoreCache(Cache):
         return (f"KvCoreCache(rows={len(self._handles)}, tokens={self._length}, "
                 f"backend={self._manager.backend.name!r})")
 
-
-def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
 
 
 def _to_numpy(array: Any) -> np.ndarray:

@@ -1,7 +1,11 @@
-"""Deliberately broken backends: the numpy backend with exactly one defect each.
+"""Deliberately broken backends: the numpy (or torch) backend with exactly one defect each.
 
-Each class documents its defect and the contract clause the suite must report.
-``BROKEN`` maps backend name -> (class, clause id, test that must fail).
+Each class documents its defect.  ``BROKEN`` maps the name a planted bug is
+registered under to its :class:`Planted` record: the contract clause the suite's
+first failure must name, and a test of that clause that must fail.  This module has
+the first eight; ``broken_arrays``, ``broken_ops`` and ``broken_torch`` one or more
+per class of bug the suite hunts (identity, pools, arrays, orders, sizes, caches,
+overwrites, bit patterns).  None of it is part of any distribution.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from kv_numpy._backend import NumpyBackend
 from kv_numpy._handle import NumpyKvCacheHandle
 
 from kvcore import BackendCapabilities, Device, DType, TensorRef
+
+from ._planted import Planted
 
 
 class PhysicalOrderGatherBackend(NumpyBackend):
@@ -123,27 +129,62 @@ class AliasingGatherBackend(NumpyBackend):
 
     def gather(self, pool: np.ndarray, plane: int, slots: np.ndarray) -> np.ndarray:
         n = slots.shape[0]
-        if n and np.array_equal(slots, np.arange(slots[0], slots[0] + n)):
+        if slots.ndim == 1 and n and np.array_equal(slots, np.arange(slots[0], slots[0] + n)):
             return self._flat(pool)[plane][slots[0]:slots[0] + n]
         return super().gather(pool, plane, slots)
 
 
-#: name -> (backend class, clause id the suite must name, test that must fail).
-BROKEN: dict[str, tuple[type[NumpyBackend], str, str]] = {
-    PhysicalOrderGatherBackend.name: (PhysicalOrderGatherBackend, "backend.gather.order",
-                                      "test_gather_returns_rows_in_slot_order"),
-    NoopCopyBlocksBackend.name: (NoopCopyBlocksBackend, "manager.fork-cow",
-                                 "test_fork_shares_until_written_then_copies"),
-    CastingAsarrayBackend.name: (CastingAsarrayBackend, "manager.no-silent-cast",
-                                 "test_write_of_another_dtype_raises"),
-    StickyValidBackend.name: (StickyValidBackend, "handle.validity",
-                              "test_deallocated_handles_are_invalid_everywhere"),
-    ClampingLayerBackend.name: (ClampingLayerBackend, "handle.layer-range",
-                                "test_layer_out_of_range_raises"),
-    LossySwapBackend.name: (LossySwapBackend, "manager.swap",
-                            "test_swap_round_trip_is_bit_identical"),
-    OverclaimingBf16Backend.name: (OverclaimingBf16Backend, "backend.allocate-layer",
-                                   "test_allocate_layer_is_zeroed_with_the_pool_layout"),
-    AliasingGatherBackend.name: (AliasingGatherBackend, "backend.gather.copy",
-                                 "test_gather_returns_a_copy"),
-}
+ORIGINAL_BUGS = [
+    Planted(PhysicalOrderGatherBackend, "backend.gather.order",
+            "test_gather_returns_rows_in_slot_order"),
+    Planted(NoopCopyBlocksBackend, "backend.copy-blocks", "test_copy_blocks_copies_whole_blocks"),
+    Planted(CastingAsarrayBackend, "backend.asarray",
+            "test_asarray_keeps_native_arrays_and_their_dtype"),
+    Planted(StickyValidBackend, "handle.validity",
+            "test_deallocated_handles_are_invalid_everywhere"),
+    Planted(ClampingLayerBackend, "handle.layer-range", "test_layer_out_of_range_raises"),
+    Planted(LossySwapBackend, "backend.transfer-blocks",
+            "test_transfer_blocks_round_trips_through_the_swap_device"),
+    Planted(OverclaimingBf16Backend, "backend.allocate-layer",
+            "test_allocate_layer_is_zeroed_with_the_pool_layout"),
+    Planted(AliasingGatherBackend, "backend.gather.copy", "test_gather_returns_a_copy"),
+]
+
+
+def _planted() -> dict[str, Planted]:
+    from .broken_arrays import ARRAY_BUGS
+    from .broken_ops import OPS_BUGS
+    bugs = [*ORIGINAL_BUGS, *ARRAY_BUGS, *OPS_BUGS]
+    try:
+        from .broken_torch import TORCH_BUGS
+    except ImportError:  # torch not installed: the torch bugs cannot exist here
+        TORCH_BUGS = []
+    out = {bug.registered_name: bug for bug in [*bugs, *TORCH_BUGS]}
+    if len(out) != len(bugs) + len(TORCH_BUGS):
+        raise RuntimeError("two planted bugs share a name")
+    return out
+
+
+#: registered name -> the planted bug.
+BROKEN: dict[str, Planted] = _planted()
+
+
+def register_all() -> list[str]:
+    """Register every planted bug (and ``refbits``) in code, each under its
+    registered name; returns the names (for :func:`unregister_all`)."""
+    import kvcore
+
+    from .refbits import RefBitsBackend
+    names = []
+    for name, bug in BROKEN.items():
+        kvcore.register_backend(kvcore.BackendSpec(name=name, load=lambda cls=bug.backend: cls,
+                                                   api_version=2), replace_existing=True)
+        names.append(name)
+    kvcore.register_backend(RefBitsBackend, replace_existing=True)
+    return [*names, RefBitsBackend.name]
+
+
+def unregister_all(names: list[str]) -> None:
+    import kvcore
+    for name in names:
+        kvcore.unregister_backend(name)

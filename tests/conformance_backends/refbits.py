@@ -43,11 +43,15 @@ class RefBitsHandle(PagedKvCacheHandle):
 
 
 def _bf16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits, rounding to nearest even (exact for bf16 values)."""
+    """float32 -> bfloat16 bits, rounding to nearest even (exact for bf16 values); a
+    NaN keeps its sign and the top of its payload (quiet if nothing else is left)."""
     b = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    nan = np.isnan(values)
-    return np.where(nan, np.uint16(0x7FC0), rounded.astype(np.uint16))
+    top = (b >> np.uint32(16)).astype(np.uint16)
+    with np.errstate(over="ignore"):
+        rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    kept = np.where((top & np.uint16(0x7F)) == 0, top | np.uint16(0x40), top)
+    return np.where(nan, kept, rounded.astype(np.uint16)).astype(np.uint16)
 
 
 class RefBitsBackend(Backend):

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from ._base import ContractTests
 from ._harness import Harness
-from .backend_ops import BackendOpsContract
+from .backend_arrays import BackendArraysContract
+from .backend_ops import BackendOpsContract, BulkOperationsContract
+from .bits import BitPatternContract
 from .handles import HandleContract
 from .manager import ManagerContract
 from .sharing import PrefixSharingContract, StatsContract, SwapContract
@@ -27,8 +29,11 @@ from .tables import BlockTableContract
 from .threads import ThreadSafetyContract
 
 __all__ = [
+    "BackendArraysContract",
     "BackendOpsContract",
+    "BitPatternContract",
     "BlockTableContract",
+    "BulkOperationsContract",
     "ConformanceSuite",
     "ContractTests",
     "HandleContract",
@@ -43,7 +48,13 @@ __all__ = [
 ]
 
 
-class ConformanceSuite(BackendOpsContract, BlockTableContract, HandleContract, ManagerContract,
-                       PrefixSharingContract, SwapContract, StatsContract, ThreadSafetyContract,
-                       StatefulContract):
-    """The whole contract in one class."""
+class ConformanceSuite(StatefulContract, ThreadSafetyContract, StatsContract, SwapContract,
+                       PrefixSharingContract, ManagerContract, HandleContract,
+                       BlockTableContract, BitPatternContract, BackendOpsContract):
+    """The whole contract in one class.
+
+    pytest runs inherited tests base-last-first, so the bases are listed in reverse:
+    the backend's own operations run first, then the bit patterns, then what the
+    manager builds on them, and the stateful test last, the order the clauses are
+    listed in (so the first failure names the operation at fault).
+    """

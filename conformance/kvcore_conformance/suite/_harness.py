@@ -23,7 +23,7 @@ from kvcore import (
 )
 
 from .._clauses import Clause, check, check_equal, fail
-from .._data import assert_same_bits, hashed_kv, random_kv
+from .._data import assert_same_bits, hashed_kv, random_kv, special_kv
 
 __all__ = ["Harness"]
 
@@ -71,8 +71,14 @@ class Harness:
     # --- data ---------------------------------------------------------------------
 
     def kv(self, n: int) -> np.ndarray:
-        """``[n, heads, dim]`` host rows of arbitrary bits in this dtype."""
+        """``[n, heads, dim]`` host rows of ordinary values (random bits of normal
+        finite numbers) in this dtype."""
         return random_kv(self.rng, n, self.heads, self.dim, self.dtype)
+
+    def special(self, n: int, shift: int = 0) -> np.ndarray:
+        """``[n, heads, dim]`` host rows of special values (signed zeros, subnormals,
+        extremes, infinities, NaN payloads; see :func:`special_kv`)."""
+        return special_kv(n, self.heads, self.dim, self.dtype, shift=shift)
 
     def keyed(self, keys: np.ndarray) -> np.ndarray:
         """Host rows that are a fixed function of ``keys`` (see :func:`hashed_kv`)."""

@@ -17,6 +17,7 @@ from kvcore.errors import (
     DtypeMismatchError,
     DuplicateRequestError,
     InvalidHandleError,
+    InvariantError,
     LayerIndexError,
     OutOfBlocksError,
     ShapeMismatchError,
@@ -30,12 +31,15 @@ from .._clauses import (
     DEALLOCATE,
     EXTEND,
     FORK_COW,
+    FRESH_POOLS,
+    INVARIANTS,
     WRITE_DTYPE,
     WRITE_ERRORS,
     WRITE_READ,
     check,
     check_equal,
     expect_raises,
+    fail,
 )
 from ._base import ContractTests, covers
 from ._harness import Harness
@@ -119,6 +123,12 @@ class ManagerContract(ContractTests):
                 if np.dtype(np_dtype) != np.dtype(h.dtype.value if h.dtype.value != "bfloat16"
                                                   else np.float32):
                     wrong.append((f"a numpy {np.dtype(np_dtype)} array", np.zeros(shape, np_dtype)))
+            # Integers of the cache's width: a backend that judges dtypes by their size
+            # would take int16 for float16 (whether asarray or the manager's check
+            # refuses them, the write must raise DtypeMismatchError).
+            for np_dtype in (np.int16, np.uint16, np.int32):
+                wrong.append((f"a numpy {np.dtype(np_dtype)} array",
+                              np.arange(np.prod(shape), dtype=np_dtype).reshape(shape)))
         check(bool(wrong), WRITE_DTYPE, "test set-up: no mismatched dtype to try")
         for label, arr in wrong:
             expect_raises(WRITE_DTYPE, DtypeMismatchError, lambda: mgr.write(handle, 0, arr, arr),
@@ -236,6 +246,53 @@ class ManagerContract(ContractTests):
         check(mgr.stats().copy_on_write_copies >= 2, FORK_COW, "copy_on_write_copies",
               seen=mgr.stats().copy_on_write_copies, expected=">= 2")
         settle(mgr)
+
+    @covers(INVARIANTS)
+    def test_invariants_hold_through_a_workload(self, kvcore_default_harness: Harness) -> None:
+        h = kvcore_default_harness
+        mgr = h.manager(num_blocks=10)
+        bs = mgr.block_size
+        steps = [
+            ("allocate with a prompt", lambda: h.fill(mgr, h.allocate(
+                mgr, "a", prompt=tuple(range(2 * bs + 1))))),
+            ("allocate the same prompt (prefix hit)", lambda: h.allocate(
+                mgr, "b", prompt=tuple(range(2 * bs + 1)))),
+            ("fork", lambda: mgr.fork("a", "a2")),
+            ("extend the fork", lambda: mgr.extend("a2", bs)),
+            ("copy-on-write write", lambda: h.write(mgr, "a2", 0, h.kv(1), h.kv(1),
+                                                    start=2 * bs)),
+            ("truncate", lambda: mgr.truncate("a2", bs + 1)),
+            ("deallocate the original", lambda: mgr.deallocate("a")),
+            ("deallocate the rest", lambda: [mgr.deallocate(r) for r in ("a2", "b")]),
+            ("gc", mgr.gc),
+        ]
+        for what, step in steps:
+            step()
+            try:
+                mgr.check_invariants()
+            except InvariantError as exc:
+                fail(INVARIANTS, f"check_invariants() after {what} raised: {exc}")
+        stats = settle(mgr)
+        check_equal((stats.free_blocks, stats.used_blocks, stats.cached_blocks),
+                    (mgr.config.num_blocks, 0, 0), INVARIANTS,
+                    "(free, used, cached) blocks after freeing everything and gc")
+
+    @covers(FRESH_POOLS)
+    def test_two_managers_do_not_share_pools(self, kvcore_harness: Harness) -> None:
+        h = kvcore_harness
+        first, second = h.manager(num_blocks=6), h.manager(num_blocks=6)
+        a, b = h.allocate(first, "same-id", 9), h.allocate(second, "same-id", 9)
+        adata = h.fill(first, a)
+        for layer in range(first.config.num_layers):
+            pool = h.host(second.layer_pool(layer))
+            check(not pool.any(), FRESH_POOLS, f"layer_pool({layer}) of a second manager "
+                  "after the first was written must be all zeros",
+                  seen=f"{int(np.count_nonzero(pool))} non-zero elements", expected=0)
+        bdata = h.fill(second, b)
+        for layer in range(first.config.num_layers):
+            h.expect_kv(FRESH_POOLS, a, layer, *adata[layer], "the first manager's cache after "
+                        "a second manager of the same shape wrote the same request id")
+            h.expect_kv(FRESH_POOLS, b, layer, *bdata[layer], "the second manager's cache")
 
     @covers(DEALLOCATE)
     def test_deallocate_frees_blocks_once_unreferenced(self, kvcore_harness: Harness) -> None:

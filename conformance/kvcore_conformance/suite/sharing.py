@@ -15,6 +15,7 @@ from .._backends import capability_skip
 from .._clauses import (
     ALLOCATE_ATOMIC,
     EVICTION,
+    FRESH_READS,
     PAGE_TABLES,
     PREFIX_SHARING,
     STATS,
@@ -132,6 +133,28 @@ class SwapContract(ContractTests):
         for layer, (k, v) in data.items():
             h.expect_kv(SWAP, handle, layer, k, v, f"after swap_out / swap_in via {kvcore_swap_device}")
         settle(mgr)
+
+    @covers(FRESH_READS)
+    def test_reads_after_swap_in_are_fresh(self, kvcore_harness: Harness,
+                                           kvcore_swap_device: Device) -> None:
+        h = kvcore_harness
+        # One block in the pool: the sequence swapped back in lands exactly where
+        # another one was read meanwhile, at the very same slots.
+        mgr = h.manager(num_blocks=1, swap_blocks=1, swap_device=kvcore_swap_device)
+        a = h.allocate(mgr, "a", 3)
+        adata = h.fill(mgr, a)
+        for layer, (k, v) in adata.items():
+            h.expect_kv(FRESH_READS, a, layer, k, v, "before swap_out")
+        mgr.swap_out(a)
+        b = h.allocate(mgr, "b", 3)
+        for layer, (k, v) in h.fill(mgr, b).items():
+            h.expect_kv(FRESH_READS, b, layer, k, v, "another sequence in the swapped-out "
+                        "sequence's block")
+        mgr.deallocate(b)
+        mgr.swap_in(a)
+        for layer, (k, v) in adata.items():
+            h.expect_kv(FRESH_READS, a, layer, k, v, "read after swap_in into the block the "
+                        "other sequence was read from")
 
     @covers(SWAP)
     def test_swap_of_a_shared_sequence_leaves_its_fork_intact(

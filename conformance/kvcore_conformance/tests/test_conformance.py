@@ -1,13 +1,15 @@
 """Every contract class, collected against the backend(s) named with ``--kv-backend``.
 
 One test class per area, so the report groups failures by the part of the contract
-they break.
+they break.  The classes run in the order below, the order the clauses are listed in:
+what every later test builds on comes first, so the first failure names the culprit.
 """
 
 from __future__ import annotations
 
 from kvcore_conformance.suite import (
     BackendOpsContract,
+    BitPatternContract,
     BlockTableContract,
     HandleContract,
     ManagerContract,
@@ -20,6 +22,10 @@ from kvcore_conformance.suite import (
 
 
 class TestBackendOps(BackendOpsContract):
+    pass
+
+
+class TestBitPatterns(BitPatternContract):
     pass
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import kvcore
 
 #: What to run when cupy is missing.  The extra must match the machine's CUDA major
-#: version, which cannot be learnt here without importing a CUDA library.
-INSTALL_HINT = ('pip install "kvcore-cupy[cuda12]" (or [cuda11] / [cuda13], matching '
-                "the machine's CUDA version)")
+#: version, which cannot be learnt here without importing a CUDA library; each brings
+#: CuPy with the CUDA toolkit wheels it compiles its kernels with.
+INSTALL_HINT = ('pip install "kvcore-cupy[cuda12]" (or [cuda13], matching the '
+                "machine's CUDA version)")
 
 
 @kvcore.hookimpl

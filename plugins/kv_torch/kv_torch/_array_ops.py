@@ -14,7 +14,8 @@ __all__ = ["TorchOps"]
 
 class TorchOps(ArrayOps):
     """:class:`kvcore._array_ops.ArrayOps` for torch; every op runs on the device of the
-    tensors it is given."""
+    tensors it is given (torch's dispatcher makes that device current for the kernel),
+    on that device's current stream."""
 
     name = "torch"
 
@@ -22,6 +23,9 @@ class TorchOps(ArrayOps):
         self.torch = module
 
     def from_host(self, host: np.ndarray, like: Any) -> Any:
+        if like.is_cuda:  # through pinned memory: a pageable copy would block the host
+            from ._cuda import to_device
+            return to_device(host, like.device)
         return self.torch.from_numpy(np.ascontiguousarray(host)).to(like.device)
 
     def take1(self, a: Any, index: Any) -> Any:
@@ -52,4 +56,8 @@ class TorchOps(ArrayOps):
         return self.torch.isfinite(a)
 
     def device_key(self, a: Any) -> str:
+        # With the current stream: arrays staged for one stream are not reused on
+        # another before that stream has waited for their copy.
+        if a.is_cuda:
+            return f"{a.device}@{self.torch.cuda.current_stream(a.device).cuda_stream}"
         return str(a.device)

@@ -22,19 +22,25 @@ Two fast paths, both exact (they move the same bytes as the plain ops):
   keeps, so a GPU index costs no device sync) and remembered on the tensor; the
   manager reuses a sequence's read index for every layer and for K and V.
 
-Cross-device transfers (swap, ``move``):
+CUDA pools (the code is in :mod:`kv_torch._cuda`; ``docs/backends.md`` says what is
+verified on which hardware):
 
-* host -> GPU: the picked blocks are gathered straight into a pinned staging buffer,
-  then copied with ``non_blocking=True``; the scatter on the GPU is stream-ordered
-  after the copy, so nothing waits on the host.  PyTorch's pinned-memory allocator
-  keeps the staging buffer alive until the copy has finished.
-* GPU -> host: the blocks are gathered on the GPU and copied ``non_blocking`` into a
-  pinned staging buffer; a CUDA event marks the end.  The host-side scatter into the
-  destination pool must wait for that event, so it is deferred: :meth:`synchronize`
-  (which the manager calls once after transferring every layer) waits and finishes
-  it, and so does every other operation of this backend before it touches data.
-  That way the copies of all layers overlap, and no caller can see half a transfer.
-* GPU -> GPU (another index): ``Tensor.to`` orders the two devices' streams itself.
+* **Streams.**  Every operation is enqueued on the current stream of the *pool's*
+  device (whatever device is current), after this backend's previous operation on
+  the same pool even when that ran on another stream (a GPU-side wait, never a host
+  one).  K/V passed in must be ready on that stream, as for any torch op.
+* **No hidden host sync.**  Index tensors are copied to the GPU through pinned memory
+  with ``non_blocking=True``; a decode step's writes never block the host.
+* **Swap** moves blocks in chunks of ``transfer_chunk_bytes`` (64 MiB by default;
+  ``KVCORE_TRANSFER_CHUNK_BYTES``), so the GPU never holds more than two chunks of
+  temporaries, asynchronously through pinned memory (directly into or out of the
+  pinned swap pool when the host blocks are consecutive).  Host-side landings of
+  GPU -> host copies are deferred: :meth:`TorchBackend.synchronize` (which the manager
+  calls once after every swap) waits on the transfer's own events and lands them, and
+  so does every other operation of this backend before it touches data.
+* **synchronize(device)** waits for this backend's last operation on each stream it
+  used on ``device`` (the transfer's event, or one recorded at the call), never
+  ``torch.cuda.synchronize``: other streams' work is not waited for.
 """
 
 from __future__ import annotations
@@ -43,17 +49,19 @@ import functools
 import threading
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvcore import Backend, BackendCapabilities, Device, DType
+from kvcore import Backend, BackendCapabilities, Device, DType, TensorRef
 from kvcore._array_ops import ArrayOps
+from kvcore._backend import check_bits
+from kvcore._staging import Pending, Transfer, chunk_bytes_from_env
 from kvcore.errors import (DeviceMismatchError, DtypeMismatchError, PoolAllocationError,
                            UnsupportedError)
 
+from . import _cuda
 from ._array_ops import TorchOps
 from ._handle import TorchKvCacheHandle
 
@@ -170,23 +178,15 @@ def _gather_plan(slots: torch.Tensor, block_size: int) -> tuple[int, Any, int] |
             ids = firsts // block_size
             if ids.shape[0] == 1 or (np.diff(ids) == 1).all():
                 plan = (n, None, int(ids[0]))
+            elif slots.is_cuda:
+                plan = (n, _cuda.to_device(ids, slots.device), 0)
             else:
-                plan = (n, torch.from_numpy(ids).to(slots.device), 0)
+                plan = (n, torch.from_numpy(ids), 0)
     try:
         setattr(slots, _PLAN_ATTR, (block_size, version, plan))
     except (AttributeError, RuntimeError):  # a tensor subclass refusing attributes
         pass
     return plan
-
-
-@dataclass
-class _PendingHostScatter:
-    """A GPU -> host transfer whose data is still in flight (see the module docstring)."""
-
-    done: Any  # torch.cuda.Event recorded after the copy into ``staging``
-    staging: torch.Tensor
-    dst_layer: torch.Tensor
-    dst: torch.Tensor
 
 
 class TorchBackend(Backend):
@@ -199,8 +199,14 @@ class TorchBackend(Backend):
 
     def __init__(self) -> None:
         self._caps: BackendCapabilities | None = None
-        self._pending: list[_PendingHostScatter] = []
+        #: Transfers still in flight (host-side landings of GPU -> host copies, events
+        #: of host -> GPU ones), finished before any operation touches data.
+        self._pending: list[Pending] = []
         self._pending_lock = threading.Lock()
+        self._order = _cuda.StreamOrder()
+        self._staging_ops = _cuda.TorchStagingOps()
+        #: Bytes one chunk of a swap moves (see :mod:`kvcore._staging`).
+        self.transfer_chunk_bytes = chunk_bytes_from_env()
 
     # --- availability -------------------------------------------------------------
 
@@ -246,24 +252,36 @@ class TorchBackend(Backend):
         # outside it: inference tensors refuse in-place updates in normal mode.
         try:
             with torch.inference_mode(False):
-                return torch.zeros(shape, dtype=_TORCH_DTYPES[dtype],
-                                   device=_torch_device(device), pin_memory=pin)
+                if pin:  # exactly the asked bytes, not torch's power-of-two block
+                    return _cuda.allocate_pinned(shape, _TORCH_DTYPES[dtype])
+                pool = torch.zeros(shape, dtype=_TORCH_DTYPES[dtype],
+                                   device=_torch_device(device))
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
             raise PoolAllocationError(f"torch could not allocate a pool of {nbytes} bytes on "
                                       f"{device} (shape {list(shape)}, {dtype.value}): "
                                       f"{exc}") from exc
+        if pool.is_cuda:  # the zero fill is queued: a first use on another stream waits
+            self._order.end(pool, torch.cuda.current_stream(pool.device))
+        return pool
+
+    def release_layer(self, pool: torch.Tensor) -> None:
+        """Unlock the pages of a pinned swap pool now (other pools: garbage collection)."""
+        if pool.device.type == "cpu":
+            _cuda.release_pinned(pool)
 
     def index_array(self, indices: np.ndarray, device: Device) -> torch.Tensor:
         # Copied (np.array) so the index never aliases an array the caller may reuse.
         host = np.array(indices, dtype=np.int64, copy=True)
-        index = torch.from_numpy(host)
         if device.type != "cpu":
-            index = index.to(_torch_device(device))
+            # Through pinned memory, non_blocking: a pageable copy would wait for the
+            # GPU's queue to drain, once per write.
+            index = _cuda.to_device(host, _torch_device(device))
             # The host copy, for the whole-block check in gather (no device sync), with
             # the version it matches (an index changed in place since is not trusted).
             setattr(index, _HOST_ATTR, (host, _version(index)))
-        return index
+            return index
+        return torch.from_numpy(host)
 
     @staticmethod
     def _flat(pool: torch.Tensor) -> torch.Tensor:
@@ -275,6 +293,15 @@ class TorchBackend(Backend):
                 rows: Sequence[torch.Tensor]) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
+        if pool.is_cuda:
+            stream = self._order.begin(pool, slots)
+            self._scatter_rows(pool, slots, rows)
+            self._order.end(pool, stream)
+            return pool
+        return self._scatter_rows(pool, slots, rows)
+
+    def _scatter_rows(self, pool: torch.Tensor, slots: torch.Tensor,
+                      rows: Sequence[torch.Tensor]) -> torch.Tensor:
         # detach: a K/V that requires grad must not drag the pool into the autograd graph.
         rows = [r.detach() for r in rows]
         wide = _wide_dtype(pool, rows)
@@ -295,6 +322,14 @@ class TorchBackend(Backend):
     def gather(self, pool: torch.Tensor, plane: int, slots: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
+        if pool.is_cuda:
+            stream = self._order.begin(pool, slots)
+            out = self._gather_rows(pool, plane, slots)
+            self._order.end(pool, stream)  # a later write on another stream waits for it
+            return out
+        return self._gather_rows(pool, plane, slots)
+
+    def _gather_rows(self, pool: torch.Tensor, plane: int, slots: torch.Tensor) -> torch.Tensor:
         if slots.dim() != 1:  # a rectangle of slots: one indexed read, then its shape
             flat = self._flat(pool)[plane].index_select(0, slots.reshape(-1))
             return flat.reshape(*slots.shape, *pool.shape[3:])
@@ -304,6 +339,8 @@ class TorchBackend(Backend):
             if blocks is None:  # consecutive blocks: one slice, one copy
                 whole = pool[plane, first:first + -(-n // pool.shape[2])].clone()
             else:
+                if blocks.is_cuda:  # a plan made earlier, maybe on another stream
+                    _cuda.ready(blocks, torch.cuda.current_stream(blocks.device))
                 whole = pool[plane].index_select(0, blocks)
             return whole.flatten(0, 1)[:n]
         return self._flat(pool)[plane].index_select(0, slots)
@@ -312,6 +349,11 @@ class TorchBackend(Backend):
                     dst: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
+        if pool.is_cuda:
+            stream = self._order.begin(pool, src, dst)
+            pool.index_copy_(1, dst, pool.index_select(1, src))
+            self._order.end(pool, stream)
+            return pool
         # index_select makes a new tensor first, so overlapping src/dst copy correctly.
         pool.index_copy_(1, dst, pool.index_select(1, src))
         return pool
@@ -320,44 +362,77 @@ class TorchBackend(Backend):
                         dst_pool: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         if self._pending:
             self._finish_pending()
-        s_dev, d_dev = src_pool.device, dst_pool.device
-        if s_dev == d_dev:
-            dst_pool.index_copy_(1, dst, src_pool.index_select(1, src))
-        elif d_dev.type == "cpu":
-            self._device_to_host(src_pool, src, dst_pool, dst)
-        elif s_dev.type == "cpu":
-            staging = torch.empty((src_pool.shape[0], src.numel(), *src_pool.shape[2:]),
-                                  dtype=src_pool.dtype, pin_memory=True)
-            torch.index_select(src_pool, 1, src, out=staging)
-            dst_pool.index_copy_(1, dst, staging.to(d_dev, non_blocking=True))
-        else:
-            moved = src_pool.index_select(1, src).to(d_dev, non_blocking=True)
-            dst_pool.index_copy_(1, dst, moved)
+        if src_pool.is_cuda or dst_pool.is_cuda:
+            return self._transfer_cuda([src_pool], src, [dst_pool], dst)[0]
+        dst_pool.index_copy_(1, dst, src_pool.index_select(1, src))
         return dst_pool
 
-    def _device_to_host(self, src_layer: torch.Tensor, src: torch.Tensor,
-                        dst_layer: torch.Tensor, dst: torch.Tensor) -> None:
-        picked = src_layer.index_select(1, src)
-        staging = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
-        staging.copy_(picked, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(src_layer.device))
-        with self._pending_lock:
-            self._pending.append(_PendingHostScatter(done, staging, dst_layer, dst))
+    def transfer_blocks_layers(self, src_pools: Sequence[torch.Tensor], src: torch.Tensor,
+                               dst_pools: Sequence[torch.Tensor],
+                               dst: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer of a swap in one call: the chunks of all layers share two
+        pinned staging buffers, and the host lands each chunk while the next copies."""
+        if src_pools and (src_pools[0].is_cuda or dst_pools[0].is_cuda):
+            if self._pending:
+                self._finish_pending()
+            return self._transfer_cuda(src_pools, src, dst_pools, dst)
+        return super().transfer_blocks_layers(src_pools, src, dst_pools, dst)
+
+    def _transfer_cuda(self, src_pools: Sequence[torch.Tensor], src: torch.Tensor,
+                       dst_pools: Sequence[torch.Tensor], dst: torch.Tensor) -> list[torch.Tensor]:
+        """Chunked transfers with a GPU on at least one side (see :mod:`kvcore._staging`)."""
+        transfer = Transfer(self._staging_ops, self.transfer_chunk_bytes)
+        order = self._order
+        s_dev, d_dev = src_pools[0].device, dst_pools[0].device
+        try:
+            if d_dev.type == "cpu":  # swap out
+                ids = _cuda.host_ids(dst)
+                for s_pool, d_pool in zip(src_pools, dst_pools):
+                    stream = order.begin(s_pool, src)
+                    transfer.d2h(s_pool, src, d_pool, ids)
+                    order.end(s_pool, stream)
+            elif s_dev.type == "cpu":  # swap in
+                ids = _cuda.host_ids(src)
+                for s_pool, d_pool in zip(src_pools, dst_pools):
+                    stream = order.begin(d_pool, dst)
+                    transfer.h2d(s_pool, ids, d_pool, dst)
+                    order.end(d_pool, stream, transfer.last_event)
+            else:
+                for s_pool, d_pool in zip(src_pools, dst_pools):
+                    s_stream = order.begin(s_pool, src)
+                    d_stream = order.begin(d_pool, dst)
+                    transfer.d2d(s_pool, src, d_pool, dst, peer=s_dev != d_dev)
+                    order.end(d_pool, d_stream)
+                    order.end(s_pool, s_stream)
+        except BaseException as exc:
+            transfer.abort()
+            if isinstance(exc, torch.OutOfMemoryError) or (
+                    isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+                raise PoolAllocationError(
+                    f"torch ran out of memory moving {int(src.numel())} blocks per layer "
+                    f"from {s_dev} to {d_dev} in chunks of {self.transfer_chunk_bytes} "
+                    f"bytes: {exc}; the destination blocks hold partial data") from exc
+            raise
+        jobs = transfer.close()
+        if jobs:
+            with self._pending_lock:
+                self._pending.extend(jobs)
+        return list(dst_pools)
 
     def _finish_pending(self) -> None:
-        """Wait for in-flight GPU -> host copies and scatter them into their pools."""
+        """Wait for in-flight transfers and land GPU -> host copies in their pools."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
             for job in pending:
-                job.done.synchronize()
-                job.dst_layer.index_copy_(1, job.dst, job.staging)
+                job.finish(self._staging_ops)
 
     def synchronize(self, device: Device) -> None:
-        """Wait until every transfer to ``device`` has landed: the CUDA queue of a GPU
-        device, and the deferred host-side scatters of GPU -> host copies."""
+        """Wait until every operation this backend queued for ``device`` has run and
+        every transfer to it has landed: the last operation on each CUDA stream it used
+        there (the transfer's own event, never the whole device), and the deferred
+        host-side landings of GPU -> host copies."""
         if device.is_cuda and cuda_problem() is None:
-            torch.cuda.synchronize(_torch_device(device))
+            self._order.synchronize(device.index)
         if self._pending:
             self._finish_pending()
 
@@ -371,12 +446,17 @@ class TorchBackend(Backend):
     def asarray(self, obj: Any, device: Device) -> torch.Tensor:
         """``obj`` as a tensor on ``device`` without copying.
 
-        Tensors pass through; anything else speaking DLPack (numpy, cupy, jax, a
-        :class:`~kvcore.TensorRef`) goes through ``torch.from_dlpack`` and shares its
-        memory.  Read-only numpy arrays are shared too (the cache only reads K/V).  One
-        exception: an array with negative strides (``a[::-1]``) is copied once first,
-        keeping its dtype, because DLPack import in torch cannot represent it.
+        Tensors (and :class:`~kvcore.TensorRef`s holding one) pass through; anything
+        else speaking DLPack (numpy, cupy, jax) goes through ``torch.from_dlpack`` and
+        shares its memory.  A CUDA producer is imported with its GPU made current, so
+        a ``cuda:1`` array imports while ``cuda:0`` is current, and the producer orders
+        its work before torch's current stream of that GPU.  Read-only numpy arrays are
+        shared too (the cache only reads K/V).  One exception: an array with negative
+        strides (``a[::-1]``) is copied once first, keeping its dtype, because DLPack
+        import in torch cannot represent it.
         """
+        if isinstance(obj, TensorRef) and isinstance(obj.native, torch.Tensor):
+            obj = obj.native
         if isinstance(obj, torch.Tensor):
             where = _kv_device(obj.device)
             if where != device:
@@ -395,6 +475,9 @@ class TorchBackend(Backend):
             # torch.from_dlpack aborts the process on negative strides (torch 2.x).
             obj = obj.copy()
         try:
+            if device.is_cuda:
+                with torch.cuda.device(device.index):
+                    return torch.from_dlpack(obj)
             return torch.from_dlpack(obj)
         except (BufferError, RuntimeError) as exc:
             if isinstance(obj, np.ndarray):  # e.g. a read-only array on numpy < 2
@@ -415,6 +498,8 @@ class TorchBackend(Backend):
             raise TypeError(f"expected a torch.Tensor, got {type(array).__name__}")
         if self._pending:
             self._finish_pending()
+        if array.is_cuda:  # a pool: after this backend's last operation on it
+            self._order.begin(array)
         tensor = array.detach()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
@@ -423,12 +508,42 @@ class TorchBackend(Backend):
     def from_numpy(self, array: np.ndarray, dtype: DType, device: Device) -> torch.Tensor:
         self.check_device(device)
         self.check_dtype(dtype)
+        if dtype is DType.bfloat16:
+            # torch's float32 -> bfloat16 conversion turns every NaN into 0xFFFF; convert
+            # the bits here so a NaN keeps its sign and payload (bit-exact K/V).
+            bits = _bfloat16_bits(np.asarray(array, dtype=np.float32))
+            host = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+            return host.to(device=_torch_device(device))
         # np.array copies: the result must not alias the caller's array.
         host = torch.from_numpy(np.array(array, copy=True, order="C"))
         return host.to(device=_torch_device(device), dtype=_TORCH_DTYPES[dtype])
+
+    def from_bits(self, bits: np.ndarray, dtype: DType, device: Device) -> torch.Tensor:
+        """Reinterprets the bits with a view, so bfloat16 NaN payloads survive too (the
+        default's float32 -> bfloat16 conversion would canonicalise them)."""
+        self.check_device(device)
+        self.check_dtype(dtype)
+        bits = check_bits(bits, dtype)
+        # torch has no unsigned views of every width: the signed twin holds the same bits.
+        signed = bits.view(np.int32 if dtype is DType.float32 else np.int16)
+        host = torch.from_numpy(signed.copy()).view(_TORCH_DTYPES[dtype])
+        return host.to(device=_torch_device(device))
 
     def array_ops(self) -> ArrayOps:
         return _OPS
 
 
 _OPS = TorchOps(torch)
+
+
+def _bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """The bfloat16 bits (uint16) of float32 ``values``: rounded to nearest even like
+    torch's conversion, but a NaN keeps its sign and the top of its payload (made quiet
+    only when truncation would leave no payload, which would read as infinity)."""
+    b = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    top = (b >> np.uint32(16)).astype(np.uint16)
+    with np.errstate(over="ignore"):
+        rounded = ((b + np.uint32(0x7FFF) + (top & np.uint16(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    kept = np.where((top & np.uint16(0x7F)) == 0, top | np.uint16(0x40), top)
+    return np.where(nan, kept, rounded).astype(np.uint16)

@@ -1,0 +1,28 @@
+"""What a planted bug promises: the clause the suite must name first, and a test of
+that clause that must fail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcore import Backend
+
+
+@dataclass(frozen=True)
+class Planted:
+    """A deliberately broken backend.
+
+    ``clause`` is the contract clause of the suite's first failure against it (the
+    first red line names the culprit), ``test`` a test covering that clause which
+    must fail naming it, ``name`` the name it is registered under (its class's
+    ``name`` unless the bug is the name itself).
+    """
+
+    backend: type[Backend]
+    clause: str
+    test: str
+    name: str = ""
+
+    @property
+    def registered_name(self) -> str:
+        return self.name or self.backend.name

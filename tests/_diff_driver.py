@@ -55,6 +55,8 @@ class Driver:
         self._fresh = _FRESH
         self.cow = 0
         self._snap: dict[str, Any] | None = None
+        #: The last decode step's requests and the very handles it passed.
+        self.last_step: tuple[list[RefSeq], list[Any]] | None = None
         # Blocks of 4 tokens that prompts and decoded tokens are built from: shared
         # prefixes, and variants differing only in a block's last token.
         base = [[1, 2, 3, 4], [5, 6, 7, 8], [0, 9, 2**31 - 1, 7], [4, 3, 2, 1]]

@@ -93,23 +93,35 @@ def op_extend(d: Driver) -> Touched:
 
 def op_decode_step(d: Driver) -> Touched:
     """extend_batch + write_slots for every layer (sometimes stopping early, keeping
-    the mapping for a later, possibly stale, reuse)."""
-    cands = [s for s in d.resident() if s.length < MAX_LEN]
-    if not cands:
-        return []
-    seqs: list[RefSeq] = []
-    for _ in range(d.c.int(1, min(4, len(cands)))):
-        s = d.c.pick(cands)
-        if s not in seqs:
-            seqs.append(s)
-    n = 1 if d.c.chance(0.7) else d.c.int(2, 3)
-    ids = [d.continuation(s, n) for s in seqs] if d.c.chance(0.6) else None
-    rec = extend(d, seqs, n, ids, single=False)
-    if rec is None:
-        return []
-    for layer in range(LAYERS):
-        if not d.c.chance(0.93) or not write_fresh(d, rec, layer):
+    the mapping for a later, possibly stale, reuse).  Often the same batch, with the
+    same handle objects, as the step before: a decode loop."""
+    last = d.last_step
+    if last is not None and d.c.chance(0.6) and all(
+            s.alive and not s.swapped and s.length < MAX_LEN for s in last[0]):
+        seqs, names = last
+        n = 1 if d.c.chance(0.85) else 2
+    else:
+        cands = [s for s in d.resident() if s.length < MAX_LEN]
+        if not cands:
+            return []
+        seqs = []
+        for _ in range(d.c.int(1, min(4, len(cands)))):
+            s = d.c.pick(cands)
+            if s not in seqs:
+                seqs.append(s)
+        names = [d.handle(s) for s in seqs]
+        n = 1 if d.c.chance(0.7) else d.c.int(2, 3)
+    for _ in range(d.c.int(1, 3) if last is not None and names is last[1] else 1):
+        if any(s.length >= MAX_LEN for s in seqs):
             break
+        ids = [d.continuation(s, n) for s in seqs] if d.c.chance(0.6) else None
+        rec = extend(d, seqs, n, ids, single=False, names=names)
+        if rec is None:
+            break
+        d.last_step = (seqs, names)
+        for layer in range(LAYERS):
+            if not d.c.chance(0.95) or not write_fresh(d, rec, layer):
+                break
     return seqs
 
 

@@ -119,13 +119,13 @@ def fill_up(d: Driver, seq: RefSeq) -> bool:
 
 
 def extend(d: Driver, seqs: list[RefSeq], n: int, ids: list[list[int]] | None, *,
-           single: bool) -> MapRec | None:
+           single: bool, names: list[Any] | None = None) -> MapRec | None:
     """Extend ``seqs`` by ``n`` tokens.  Copy-on-write and running out of blocks are
     predicted exactly: a partly used last block held by another table is copied."""
     tables = d.tables()
     cow = [s for s in seqs if s.length % BS and int(tables[s.rid][-1]) in d.sharers(s, tables)]
     grow = sum(-(-(s.length + n) // BS) + (s.length // -BS) for s in seqs)
-    names = [d.handle(s) for s in seqs]
+    names = names if names is not None else [d.handle(s) for s in seqs]
     if single and d.c.chance(0.5):
         one = None if ids is None else ids[0]
         fn = lambda: d.mgr.extend(names[0], n, token_ids=one)  # noqa: E731

@@ -90,6 +90,10 @@ class BackendCapabilities(BaseModel):
     #: Whether pools change in place (numpy, torch, cupy) or every operation returns a
     #: new array (JAX).  With ``False`` a view taken from ``layer_pool`` is a snapshot.
     mutable_pools: bool = True
+    #: Whether ``asarray`` imports a foreign DLPack producer without a copy (sharing its
+    #: memory).  ``False`` for a library whose arrays must never change under it (JAX,
+    #: with asynchronous dispatch, copies once instead).
+    shares_imports: bool = True
 
     @field_validator("device_types", "swap_device_types", mode="before")
     @classmethod
@@ -230,7 +234,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def asarray(self, obj: Any, device: Device) -> Any:
         """``obj`` as this backend's array type without copying: native arrays pass
-        through as the very same object, others go through DLPack and share memory.
+        through as the very same object, others go through DLPack and share memory
+        (a backend declaring ``shares_imports=False`` copies them once instead).
         Raise :class:`~kvcore.errors.DeviceMismatchError` naming both devices when
         ``obj`` is not on ``device``, :class:`~kvcore.errors.DtypeMismatchError` naming
         the dtype when the library cannot hold it, and ``TypeError`` when it is not an

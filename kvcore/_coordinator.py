@@ -69,6 +69,7 @@ class GroupParts:
         self.store = KvStore(config, layout, backend)
         self.prefix = PrefixIndex(layout.num_blocks, config.block_size, self.store.complete)
         self.pool = BlockPool(layout.num_blocks, on_evict=self.prefix.forget)
+        self.prefix.on_drop = self.pool.uncache
         self.table = table
         #: The row that fills each block: the one allowed to write a block others
         #: joined while its prefill was in flight.
@@ -149,6 +150,16 @@ class Coordinator:
         self._roots = np.array([self.hasher.root(None)], dtype=np.uint64)
         self._salts: dict[str | None, int] = {None: 0}
 
+    def group(self, index: object) -> GroupParts:
+        """Layer group ``index`` (``None``: the primary group)."""
+        if index is None:
+            return self.primary
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) \
+                or not 0 <= index < len(self.groups):
+            raise ValueError(f"group must be a layer group index 0..{len(self.groups) - 1}, "
+                             f"got {index!r}")
+        return self.groups[int(index)]
+
     # --- salts ----------------------------------------------------------------------
 
     def salt(self, extra_key: str | None) -> int:
@@ -179,6 +190,22 @@ class Coordinator:
         self.counters.cow += logical.size
         self.tables.version[row] += 1
         self.epoch += 1
+
+    def joined_blocks(self, group: GroupParts, row: int) -> np.ndarray:
+        """The blocks of ``group`` that ``row`` shares with a prefill in flight (joined at
+        allocation and not yet known complete)."""
+        joined = int(self.tables.joined[row])
+        return group.table.held(row)[:max(0, joined - int(group.table.released[row]))]
+
+    def joined_complete(self, row: int) -> bool:
+        """Whether every block ``row`` joined is written for every layer (then it is no
+        longer pending, and the joined count is cleared)."""
+        if not self.tables.joined[row]:
+            return True
+        if all(g.store.complete[self.joined_blocks(g, row)].all() for g in self.token_groups):
+            self.tables.joined[row] = 0
+            return True
+        return False
 
     # --- the prefix chain ---------------------------------------------------------------
 

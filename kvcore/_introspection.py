@@ -13,12 +13,13 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from ._coordinator import Coordinator
+from ._coordinator import Coordinator, GroupParts
+from ._slot_mapping import FlashInferPageTable, VllmBlockTable
 from ._sequence_table import SequenceRecord
 from .errors import InvariantError
 from .models import CacheGcStats, CacheHandleStats, CacheManagerStats, MemoryPressure
 
-__all__ = ["check_invariants", "collect_garbage", "handle_stats", "manager_stats",
+__all__ = ["check_invariants", "flashinfer_table", "vllm_table", "collect_garbage", "handle_stats", "manager_stats",
            "pressure_level", "reset_prefix_cache"]
 
 
@@ -86,6 +87,22 @@ def manager_stats(co: Coordinator, seqs: Mapping[str, SequenceRecord]) -> CacheM
         window_released_blocks=n.window_releases,
         pressure=pressure_level(co),
         utilization=used / total)
+
+
+def flashinfer_table(co: Coordinator, rows: np.ndarray, g: GroupParts) -> FlashInferPageTable:
+    """The rows' pages in group ``g`` in FlashInfer's CSR form."""
+    return FlashInferPageTable.from_arrays(g.table.blocks[rows], g.table.num_blocks[rows],
+                                           co.tables.length[rows], co.block_size)
+
+
+def vllm_table(co: Coordinator, rows: np.ndarray, g: GroupParts,
+               pad_value: int) -> VllmBlockTable:
+    """The rows' pages in group ``g`` as vLLM's padded block table; a page a sliding
+    window gave back is ``pad_value``, like the padding."""
+    table = VllmBlockTable.from_arrays(g.table.blocks[rows], g.table.num_blocks[rows],
+                                       co.tables.length[rows], co.block_size, pad_value)
+    table.block_tables[table.block_tables < 0] = pad_value
+    return table
 
 
 def collect_garbage(co: Coordinator) -> CacheGcStats:
@@ -165,6 +182,14 @@ def check_invariants(co: Coordinator, seqs: Mapping[str, SequenceRecord]) -> Non
                                  f"{bool(g.store.complete[block])} but its layers say "
                                  f"{bool(complete[block])}")
         g.prefix.check()
-        g.pool.check(held, g.prefix.servable(np.arange(g.pool.num_blocks)))
+        servable = g.prefix.servable(np.arange(g.pool.num_blocks))
+        g.pool.check(held, servable)
+        # An empty block's next owner may never record it: stale chain facts would let it
+        # register, with new K/V, under its old prefix.
+        stale = (g.pool.ref == 0) & ~servable & g.prefix.recorded
+        if stale.any():
+            raise InvariantError(f"free block {int(np.flatnonzero(stale)[0])} of layer group "
+                                 f"{g.layout.index} is empty but keeps the chain facts of "
+                                 "what it held")
     for sg, held in zip(co.swap.groups if co.swap else [], swap_holders):
         sg.pool.check(held, np.zeros(sg.pool.num_blocks, dtype=bool))

@@ -29,11 +29,15 @@ from ._coordinator import Coordinator
 from ._growth import commit_allocation, extend_rows, plan_allocation, truncate_row
 from ._paged_handle import PagedKvCacheHandle
 from . import _persist
-from ._registry import get_backend, list_backends
+from ._registry import device_types_served, get_backend
+from ._directory import SequenceDirectory
+from ._handle_access import SequenceAccess
 from ._sequence_table import SequenceRecord
+from ._swapping import require_swap, swap_in_sequence, swap_out_sequence
 from ._slot_mapping import FlashInferPageTable, SlotMapping, VllmBlockTable
 from ._tensor_ref import TensorRef
-from ._writes import FastPath, prepare_fast_path, read_layer, settle, write_mapping, write_range
+from ._writes import (FastPath, prepare_fast_path, settle, write_fast, write_mapping,
+                      write_range)
 from .errors import (CacheError, CapacityError, DuplicateRequestError, HandleSwappedError,
                      InvalidHandleError, LayerIndexError, ManagerClosedError, NotCopyableError,
                      OutOfBlocksError, PendingPrefixError, StaleSlotMappingError,
@@ -74,17 +78,21 @@ class KvCacheManager:
         try:
             be.check_device(config.device)
         except UnsupportedError as exc:
-            raise UnsupportedError(f"{exc}. {_who_serves()}") from None
+            raise UnsupportedError(f"{exc}. {device_types_served()}") from None
         self._config = config
         self._backend = be
         self._co = Coordinator(config, be)
         self._token = object()  # the identity every SlotMapping of this manager carries
-        self._seqs: dict[str, SequenceRecord] = {}
+        self._dir = SequenceDirectory(self, be.handle_class, self._co.tables)
+        self._seqs = self._dir.seqs
         self._fast: FastPath | None = None
         # The last batch extend_batch checked: (epoch, handles, rows, request ids).
         self._last_batch: tuple[int, tuple[Any, ...], np.ndarray, tuple[str, ...]] | None = None
         self._num_layers = config.num_layers
         self._lock = threading.RLock()
+        #: What this manager's handles read through (the HandleHost protocol).
+        self._access = SequenceAccess(self._lock, self._dir, self._co, self._settle,
+                                      self._check_layer)
         self._on_pressure = on_pressure
         self._pressure = MemoryPressure.low
         self._used = 0
@@ -117,7 +125,7 @@ class KvCacheManager:
         with self._lock:
             if self._closed:
                 return
-            self._closed = True
+            self._closed = self._dir.closed = True
             for seq in self._seqs.values():
                 seq.valid = False
             self._seqs.clear()
@@ -158,60 +166,16 @@ class KvCacheManager:
         if fast is not None and fast.pending:
             settle(self._co, fast)
 
-    def _h_require_live(self, seq: SequenceRecord, op: str) -> None:
-        if not seq.valid:
-            why = "its manager was closed" if self._closed else "it was deallocated"
-            raise InvalidHandleError(f"{op}: the cache of request {seq.request_id!r} is gone "
-                                     f"({why}); this handle is no longer valid")
-
     def _require_resident(self, seq: SequenceRecord, op: str) -> None:
-        self._h_require_live(seq, op)
-        if self._co.tables.swapped[seq.row]:
-            raise HandleSwappedError(f"{op}: request {seq.request_id!r} is swapped out; "
-                                     "call swap_in first")
+        self._dir.require_resident(seq, op)
 
     def _seq_of(self, handle: Any, op: str) -> SequenceRecord:
         self._check_open(op)
-        if isinstance(handle, str):
-            seq = self._seqs.get(handle)
-            if seq is None:
-                raise UnknownRequestError(f"{op}: no live cache has request id {handle!r}")
-            return seq
-        if not isinstance(handle, PagedKvCacheHandle):
-            raise TypeError(f"{op}: expected a handle or a request id, got "
-                            f"{type(handle).__name__}")
-        if handle._manager is not self:
-            raise InvalidHandleError(f"{op}: handle of request {handle.request_id!r} belongs "
-                                     "to a different manager")
-        self._h_require_live(handle._seq, op)
-        return handle._seq
+        return self._dir.seq_of(handle, op)
 
     def _batch(self, handles: Any, op: str) -> list[SequenceRecord]:
-        """The live, resident, distinct sequences of ``handles`` (a list or tuple of
-        handles or request ids).  The common case, this manager's own handles, costs
-        a few attribute reads per handle and a few array operations per batch."""
-        if isinstance(handles, (str, bytes)) or not isinstance(handles, Sequence):
-            raise TypeError(f"{op}: expected a list of handles or request ids, got "
-                            f"{type(handles).__name__}")
         self._check_open(op)
-        cls = self._backend.handle_class
-        seqs = []
-        append = seqs.append
-        for h in handles:
-            if type(h) is cls and h._manager is self and h._seq.valid:
-                append(h._seq)
-            else:
-                append(self._seq_of(h, op))
-        rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-        swapped = self._co.tables.swapped[rows]
-        if swapped.any():
-            self._require_resident(seqs[int(np.argmax(swapped))], op)
-        if np.unique(rows).size != rows.size:
-            values, counts = np.unique(rows, return_counts=True)
-            twice = seqs[int(np.flatnonzero(rows == values[counts > 1][0])[0])]
-            raise ValueError(f"{op}: request {twice.request_id!r} appears more than once in "
-                             "the batch")
-        return seqs
+        return self._dir.batch(handles, op)
 
     @staticmethod
     def _check_layer_of(layer: Any, num_layers: int) -> int:
@@ -466,20 +430,9 @@ class KvCacheManager:
         A mapping made by another manager, or stale, is refused with
         :class:`~kvcore.errors.StaleSlotMappingError` before anything is written."""
         with self._lock:
-            fast = self._fast
             co = self._co
-            # The decode step's own mapping, first write of this layer, nothing moved
-            # since the step was checked, arrays exactly as the cache holds them.
-            if (fast is not None and slots is fast.mapping and fast.epoch == co.epoch
-                    and type(layer) is int and 0 <= layer < self._num_layers
-                    and fast.first[layer]):
-                g = co.groups[co.layer_group[layer]]
-                if g.store.fast_kv(key, value, fast.tokens):
-                    g.store.scatter(co.layer_local[layer], fast.indices[g.layout.index],
-                                    (key, value))
-                    fast.first[layer] = False
-                    fast.pending.append(layer)
-                    return
+            if write_fast(co, self._fast, slots, layer, key, value):
+                return
             if not isinstance(slots, SlotMapping):
                 raise TypeError(f"slots must be a SlotMapping from extend/extend_batch, got "
                                 f"{type(slots).__name__}")
@@ -492,57 +445,6 @@ class KvCacheManager:
             g = co.groups[co.layer_group[layer]]
             planes, _ = g.store.native_kv(key, value, slots.num_tokens)
             write_mapping(co, slots, layer, planes, self._fast)
-
-    def _h_read(self, seq: SequenceRecord, layer: int, plane: int) -> TensorRef | None:
-        with self._lock:
-            self._settle()
-            self._require_resident(seq, "key_cache" if plane == 0 else "value_cache")
-            return read_layer(self._co, seq, self._check_layer(layer), plane)
-
-    def _h_read_pair(self, seq: SequenceRecord,
-                     layer: int) -> tuple[TensorRef, TensorRef] | None:
-        with self._lock:
-            key = self._h_read(seq, layer, 0)
-            return None if key is None else (key, self._h_read(seq, layer, 1))  # type: ignore[return-value]
-
-    def _h_num_written(self, seq: SequenceRecord, layer: int) -> int:
-        with self._lock:
-            self._settle()
-            self._h_require_live(seq, "num_written")
-            return int(self._co.tables.written[seq.row, self._check_layer(layer)])
-
-    def _h_lengths(self, seq: SequenceRecord) -> tuple[int, int, bool]:
-        """(tokens, cached tokens, swapped) of a live sequence."""
-        with self._lock:
-            self._h_require_live(seq, "num_tokens")
-            t = self._co.tables
-            return int(t.length[seq.row]), int(t.cached[seq.row]), bool(t.swapped[seq.row])
-
-    def _h_token_ids(self, seq: SequenceRecord) -> tuple[int, ...] | None:
-        with self._lock:
-            self._h_require_live(seq, "token_ids")
-            t = self._co.tables
-            n = int(t.length[seq.row])
-            if int(t.known[seq.row]) < n:
-                return None
-            return tuple(t.token_ids[seq.row, :n].tolist())
-
-    def _h_table(self, seq: SequenceRecord) -> BlockTable:
-        with self._lock:
-            self._h_require_live(seq, "block_table")
-            t = self._co.tables
-            return BlockTable.snapshot(self.block_size,
-                                       self._co.primary.table.row_blocks(seq.row).tolist(),
-                              int(t.length[seq.row]))
-
-    def _h_live_table(self, seq: SequenceRecord) -> BlockTable:
-        self._h_require_live(seq, "block_table_mut")
-        return seq.table
-
-    def _h_stats(self, seq: SequenceRecord) -> CacheHandleStats:
-        with self._lock:
-            self._h_require_live(seq, "stats")
-            return intro.handle_stats(self._co, seq.row)
 
     # --- save and load (kvcore._persist) ---------------------------------------------
 
@@ -582,88 +484,28 @@ class KvCacheManager:
         release them here.  Its handles stay valid; data access waits for ``swap_in``.
         All or nothing, over every layer group."""
         with self._lock:
-            co = self._co
-            swap = self._require_swap()
+            self._check_open("swap_out")
+            require_swap(self._co)
             seq = self._seq_of(handle, "swap_out")
             self._require_resident(seq, "swap_out")
-            t = co.tables
-            row = seq.row
-            if t.joined[row] and not self._joined_complete(row):
+            if not self._co.joined_complete(seq.row):
                 raise PendingPrefixError(f"swap_out: request {seq.request_id!r} shares a prefix "
                                          "whose prefill is still being written; swap it out "
                                          "after that prefill")
-            held = [g.table.held(row).copy() for g in co.groups]
-            for g, blocks in zip(co.groups, held):
-                if blocks.size > swap.room(g.layout.index):
-                    co.counters.failures += 1
-                    raise OutOfBlocksError(f"swap_out of {seq.request_id!r} needs {blocks.size} "
-                                           f"swap blocks, {swap.room(g.layout.index)} are free")
-            moved: list[np.ndarray] = []
-            try:
-                for g, blocks in zip(co.groups, held):  # each gives its blocks back on failure
-                    moved.append(swap.swap_out(g.store, g.layout.index, blocks))
-            except BaseException:
-                for g, dst in zip(co.groups, moved):
-                    swap.free(g.layout.index, dst)
-                co.counters.failures += 1
-                raise
-            for g, blocks, dst in zip(co.groups, held, moved):
-                g.release(blocks)
-                g.table.blocks[row, int(g.table.released[row]):int(g.table.num_blocks[row])] = dst
-            t.swapped[row] = True
-            self._moved(row)
-
-    def _joined_complete(self, row: int) -> bool:
-        joined = int(self._co.tables.joined[row])
-        return all(g.store.complete[g.table.held(row)[:max(0, joined - int(g.table.released[row]))]]
-                   .all() for g in self._co.token_groups)
+            swap_out_sequence(self._co, seq.row, seq.request_id)
+            self._moved(seq.row)
 
     def swap_in(self, handle: Handle) -> None:
         """Bring a swapped-out sequence back into the main pool, bit-identical.  All or
         nothing, over every layer group."""
         with self._lock:
-            co = self._co
-            swap = self._require_swap()
+            self._check_open("swap_in")
+            require_swap(self._co)
             seq = self._seq_of(handle, "swap_in")
-            t = co.tables
-            row = seq.row
-            if not t.swapped[row]:
+            if not self._co.tables.swapped[seq.row]:
                 raise CacheError(f"swap_in: request {seq.request_id!r} is not swapped out")
-            held = [g.table.held(row).copy() for g in co.groups]
-            for g, src in zip(co.groups, held):
-                if src.size > g.pool.num_free:
-                    co.counters.failures += 1
-                    raise OutOfBlocksError(f"swap_in of {seq.request_id!r} needs {src.size} "
-                                           f"blocks, {g.pool.num_free} are free")
-            taken: list[np.ndarray] = []
-            try:
-                for g, src in zip(co.groups, held):
-                    taken.append(g.take(src.size, row))
-                    swap.swap_in(g.store, g.layout.index, src, taken[-1])
-            except BaseException:  # all or nothing: the sequence stays swapped out
-                for g, dst in zip(co.groups, taken):
-                    g.release(dst)
-                co.counters.failures += 1
-                raise
-            bs = self.block_size
-            for g, src, dst in zip(co.groups, held, taken):
-                swap.free(g.layout.index, src)
-                first = int(g.table.released[row])
-                g.table.blocks[row, first:int(g.table.num_blocks[row])] = dst
-                # The copies are written wherever the sequence was written.
-                ends = (np.arange(first, first + dst.size) + 1) * bs
-                written = t.written[row, list(g.layout.layers)]
-                g.store.filled[dst] = ends[:, None] <= written[None, :]
-                g.store.complete[dst] = g.store.filled[dst].all(axis=1)
-            t.swapped[row] = False
-            t.joined[row] = 0
-            self._moved(row)
-
-    def _require_swap(self) -> Any:
-        self._check_open("swap")
-        if self._co.swap is None:
-            raise UnsupportedError("this manager has no swap pool: set CacheConfig.swap_blocks")
-        return self._co.swap
+            swap_in_sequence(self._co, seq.row, seq.request_id)
+            self._moved(seq.row)
 
     def _moved(self, row: int) -> None:
         t = self._co.tables
@@ -735,35 +577,15 @@ class KvCacheManager:
             self._check_open("check_invariants")
             intro.check_invariants(self._co, self._seqs)
 
-    def _rows_of(self, handles: Sequence[Handle], op: str) -> np.ndarray:
-        if isinstance(handles, (str, bytes)) or not isinstance(handles, Sequence):
-            raise TypeError(f"{op}: expected a list of handles or request ids, got "
-                            f"{type(handles).__name__}")
-        seqs = [self._seq_of(h, op) for h in handles]
-        for seq in seqs:
-            self._require_resident(seq, op)
-        return np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
-
-    def _group_of(self, group: Any) -> Any:
-        co = self._co
-        if group is None:
-            return co.primary
-        if isinstance(group, bool) or not isinstance(group, (int, np.integer)) \
-                or not 0 <= group < len(co.groups):
-            raise ValueError(f"group must be a layer group index 0..{len(co.groups) - 1}, "
-                             f"got {group!r}")
-        return co.groups[int(group)]
-
     def flashinfer_page_table(self, handles: Sequence[Handle], *,
                               group: int | None = None) -> FlashInferPageTable:
         """The batch's pages as FlashInfer's ``indptr`` / ``indices`` / ``last_page_len``,
         in layer group ``group`` (default: the first full-attention group).  Pages a
         sliding window gave back are ``-1``."""
         with self._lock:
-            rows = self._rows_of(handles, "page table")
-            g = self._group_of(group)
-            return FlashInferPageTable.from_arrays(g.table.blocks[rows], g.table.num_blocks[rows],
-                                                   self._co.tables.length[rows], self.block_size)
+            self._check_open("page table")
+            rows = self._dir.rows_of(handles, "page table")
+            return intro.flashinfer_table(self._co, rows, self._co.group(group))
 
     def vllm_block_table(self, handles: Sequence[Handle], *, pad_value: int = 0,
                          group: int | None = None) -> VllmBlockTable:
@@ -775,13 +597,9 @@ class KvCacheManager:
         if not -2**31 <= pad_value < 2**31:
             raise ValueError(f"pad_value must fit the int32 table, got {pad_value}")
         with self._lock:
-            rows = self._rows_of(handles, "page table")
-            g = self._group_of(group)
-            table = VllmBlockTable.from_arrays(g.table.blocks[rows], g.table.num_blocks[rows],
-                                               self._co.tables.length[rows], self.block_size,
-                                               pad_value)
-            table.block_tables[table.block_tables < 0] = pad_value
-            return table
+            self._check_open("page table")
+            rows = self._dir.rows_of(handles, "page table")
+            return intro.vllm_table(self._co, rows, self._co.group(group), pad_value)
 
     def layer_pool(self, layer: int) -> TensorRef:
         """The current pool of ``layer``: ``[2, num_blocks, block_size, heads, dim]`` (K
@@ -825,20 +643,3 @@ def _positive(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
-
-
-def _who_serves() -> str:
-    """Which installed backends place pools on which device types (for errors)."""
-    parts = []
-    for record in list_backends():
-        if not record.available:
-            parts.append(f"{record.name} (unavailable)")
-            continue
-        try:
-            types = get_backend(record.name).capabilities().device_types
-        except Exception as exc:  # noqa: BLE001 - only describing, for an error message
-            parts.append(f"{record.name} (unavailable: {type(exc).__name__})")
-            continue
-        parts.append(f"{record.name} ({', '.join(types)})")
-    listing = "; ".join(parts) if parts else "none"
-    return f"Installed backends and the device types they serve: {listing}"

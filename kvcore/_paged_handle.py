@@ -42,7 +42,7 @@ class PagedKvCacheHandle(KvCacheHandle):
 
     def _live(self, op: str) -> HandleHost:
         manager = self._manager
-        manager._h_require_live(self._seq, op)
+        manager._access.require_live(self._seq, op)
         return manager
 
     # --- identity -----------------------------------------------------------------
@@ -68,7 +68,7 @@ class PagedKvCacheHandle(KvCacheHandle):
 
     def is_swapped(self) -> bool:
         """Whether the blocks are in the swap pool (``swap_in`` before data access)."""
-        return self._live("is_swapped")._h_lengths(self._seq)[2]
+        return self._live("is_swapped")._access.lengths(self._seq)[2]
 
     def clone_handle(self) -> PagedKvCacheHandle:
         self._live("clone_handle")
@@ -91,49 +91,49 @@ class PagedKvCacheHandle(KvCacheHandle):
     # --- table --------------------------------------------------------------------
 
     def block_table(self) -> BlockTable:
-        return self._manager._h_table(self._seq)
+        return self._manager._access.table(self._seq)
 
     def block_table_mut(self) -> BlockTable:
         """The live table, guarded: ``extend_sequence`` goes through the manager
         (copy-on-write included) and ``add_blocks`` is refused, because physical
         blocks come only from the manager's pool."""
-        return self._manager._h_live_table(self._seq)
+        return self._manager._access.live_table(self._seq)
 
     def num_tokens(self) -> int:
-        return self._live("num_tokens")._h_lengths(self._seq)[0]
+        return self._live("num_tokens")._access.lengths(self._seq)[0]
 
     def num_cached_tokens(self) -> int:
         """Prompt tokens served from the prefix cache at allocation; their K/V were
         already written by an earlier sequence (or, when it joined a prefill in
         flight, will be), so prefill may skip them."""
-        return self._live("num_cached_tokens")._h_lengths(self._seq)[1]
+        return self._live("num_cached_tokens")._access.lengths(self._seq)[1]
 
     def num_written(self, layer: int) -> int:
         """Tokens whose K/V have been written for ``layer`` (what a read returns)."""
-        return self._manager._h_num_written(self._seq, layer)
+        return self._manager._access.num_written(self._seq, layer)
 
     def token_ids(self) -> tuple[int, ...] | None:
         """The sequence's token ids, when every one was given (prompt and extends);
         ``None`` once a token was added without its id."""
-        return self._manager._h_token_ids(self._seq)
+        return self._manager._access.token_ids(self._seq)
 
     # --- data ---------------------------------------------------------------------
 
     def key_cache(self, layer: int) -> TensorRef | None:
-        return self._manager._h_read(self._seq, layer, 0)
+        return self._manager._access.read(self._seq, layer, 0)
 
     def value_cache(self, layer: int) -> TensorRef | None:
-        return self._manager._h_read(self._seq, layer, 1)
+        return self._manager._access.read(self._seq, layer, 1)
 
     def kv_cache(self, layer: int) -> tuple[TensorRef, TensorRef] | None:
-        return self._manager._h_read_pair(self._seq, layer)
+        return self._manager._access.read_pair(self._seq, layer)
 
     def write(self, layer: int, key: Any, value: Any, *, start: int | None = None) -> None:
         """Shorthand for ``manager.write(self, layer, key, value, start=start)``."""
         self._manager.write(self, layer, key, value, start=start)
 
     def stats(self) -> CacheHandleStats:
-        return self._manager._h_stats(self._seq)
+        return self._manager._access.stats(self._seq)
 
     # --- copying ------------------------------------------------------------------
 
@@ -156,7 +156,7 @@ class PagedKvCacheHandle(KvCacheHandle):
         if not seq.valid:
             return f"{type(self).__name__}(request_id={seq.request_id!r}, deallocated)"
         try:
-            length, _, swapped = self._manager._h_lengths(seq)
+            length, _, swapped = self._manager._access.lengths(seq)
         except Exception:  # noqa: BLE001 - repr must not raise
             return f"{type(self).__name__}(request_id={seq.request_id!r})"
         state = "swapped" if swapped else "valid"

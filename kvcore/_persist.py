@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -32,8 +32,34 @@ from .errors import (CacheError, DuplicateRequestError, LayoutMismatchError, Out
 from .models import AllocationRequest, CacheConfig
 
 if TYPE_CHECKING:
-    from ._manager import KvCacheManager
+    import threading
+
+    from ._coordinator import Coordinator
     from ._paged_handle import PagedKvCacheHandle
+    from ._sequence_table import SequenceRecord
+
+
+class KvCacheManager(Protocol):
+    """What saving and loading use of a :class:`kvcore.KvCacheManager` (named here, not
+    imported: the manager imports this module)."""
+
+    _lock: threading.RLock
+    _co: Coordinator
+    config: CacheConfig
+    backend: Backend
+
+    def _check_open(self, op: str) -> None: ...
+
+    def _batch(self, handles: Any, op: str) -> list[SequenceRecord]: ...
+
+    def _handle(self, seq: SequenceRecord) -> PagedKvCacheHandle: ...
+
+    def allocate(self, request: AllocationRequest) -> PagedKvCacheHandle: ...
+
+    def write(self, handle: Any, layer: int, key: Any, value: Any, *,
+              start: int | None = None) -> None: ...
+
+    def deallocate(self, handle: Any) -> None: ...
 
 __all__ = ["collect", "host_bits", "load", "load_into", "load_saved", "save"]
 

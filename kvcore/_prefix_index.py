@@ -12,23 +12,32 @@ token ids equal the query's and its salt is the query's.  The whole chain is the
 proven identical, so two different prefixes can share a key (a collision, crafted or
 not) and cost a miss, never data.  Checks are vectorised over the run of candidates.
 
-A parent is a physical block id, and ids are reused.  So each block also has a
-*generation*, moved on whenever it stops holding what was recorded of it
-(:meth:`PrefixIndex.forget`: evicted, freed unwritten, truncated, reset), and a
-child records its parent's generation with its id: a child that outlived its parent
-(a fork copied the parent and kept the child) is never vouched for by the chain that
-reuses the parent's id.
+Which copy owns a key.  A lookup walks the chain from the root, so only a *reachable*
+block registers: its parent is the root, or is registered under the key it had when
+the block was recorded.  Any other could never be served, and would only keep a
+reachable copy from registering.  The first reachable block recorded under a key
+owns it, until
 
-Which copy owns a key: the first block recorded under it, until a block recorded
-under the same key becomes *complete* (K/V written for every layer) while the owner
-is not; then the complete one takes the key over.  A recorded block that is freed
-before it is complete loses its key at once.  So an aborted prefill never shadows a
-later, written copy of the same prompt.
+* a *copy* of the owner (the same parent, tokens and salt) becomes *complete* (K/V
+  written for every layer) while the owner is not: the copy takes the key over, and
+  the blocks recorded after the owner hang from the copy instead (the same content),
+  so they stay reachable; or
+* a reachable block is recorded under the key while the owner is not reachable any
+  more: its parent lost its key (evicted, dropped unwritten, displaced) or holds
+  something else now (its id reused), which the parent's key, remembered when the
+  owner was recorded, tells; the new block takes the key.
+
+A recorded block that is freed before it is complete loses its key at once.  So an
+aborted prefill never shadows a later, written copy of the same prompt, and no block
+that has become unreachable keeps a key from one that is.  A displaced unreachable
+owner is forgotten and handed to ``on_drop`` (the block pool makes a free one empty).
 
 ``complete`` is owned by the KV store (:mod:`kvcore._kv_store`); the index only reads it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,7 +48,7 @@ __all__ = ["PrefixIndex", "ROOT", "UNREACHABLE"]
 #: The parent of a sequence's first block.
 ROOT = -1
 #: The parent of a block whose predecessor was already given back (a sliding window):
-#: matches no block and not the root, so such a block is never accepted by a lookup.
+#: matches no block and not the root, so such a block is never reachable.
 UNREACHABLE = -2
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -57,13 +66,22 @@ class PrefixIndex:
         #: Registered: the block owns its key in the map.
         self.keyed = np.zeros(n, dtype=bool)
         self.parent = np.full(n, ROOT, dtype=np.int64)
-        #: Moves on when a block stops holding what was recorded; a child records its
-        #: parent's generation with the parent's id.
-        self.generation = np.zeros(n, dtype=np.int64)
-        self.parent_generation = np.zeros(n, dtype=np.int64)
+        #: The parent's key when the block was recorded: a parent whose block now holds
+        #: something else (evicted, its id reused) no longer leads here.
+        self.parent_key = np.zeros(n, dtype=np.uint64)
+        #: Each block's generation, moved on whenever what was recorded of it is dropped
+        #: (evicted, freed unwritten, truncated, reset), and the parent's generation when
+        #: a block was recorded: "same parent" means the same block *and* generation,
+        #: so a block id reused for other content can never stand for the old one, even
+        #: should every key collide.
+        self.gen = np.zeros(n, dtype=np.int64)
+        self.parent_gen = np.zeros(n, dtype=np.int64)
         self.salt = np.zeros(n, dtype=np.int64)
         self.tokens = np.zeros((n, block_size), dtype=np.int32)
         self._by_key: dict[int, int] = {}
+        #: Called with blocks that lost their key to a reachable block (some may be
+        #: free and cached: the pool turns those into empty blocks).
+        self.on_drop: Callable[[np.ndarray], None] | None = None
 
     # --- queries ------------------------------------------------------------------
 
@@ -89,9 +107,11 @@ class PrefixIndex:
         parents = np.empty_like(blocks)
         parents[0] = ROOT
         parents[1:] = blocks[:-1]
-        ok = ((self.parent[blocks] == parents) & (self.salt[blocks] == salt)
+        parent_gens = np.zeros_like(blocks)
+        parent_gens[1:] = self.gen[blocks[:-1]]
+        ok = ((self.parent[blocks] == parents) & (self.parent_gen[blocks] == parent_gens)
+              & (self.salt[blocks] == salt)
               & (self.tokens[blocks] == rows[:blocks.size]).all(axis=1))
-        ok[1:] &= self.parent_generation[blocks[1:]] == self.generation[blocks[:-1]]
         if not pending:
             ok &= self._complete[blocks]
         if not ok.all():
@@ -102,18 +122,20 @@ class PrefixIndex:
 
     def record(self, blocks: np.ndarray, keys: np.ndarray, rows: np.ndarray,
                parents: np.ndarray, salts: np.ndarray | int) -> None:
-        """Record full blocks (chain facts) and register each whose key is free, or
-        held by an incomplete block while this one is complete."""
+        """Record full blocks (chain facts) and register those that may own their key
+        (see the module docstring)."""
         if not blocks.size:
             return
         self.key[blocks] = keys
         self.tokens[blocks] = rows
         self.parent[blocks] = parents
-        self.parent_generation[blocks] = np.where(
-            np.asarray(parents) == ROOT, 0, self.generation[np.maximum(parents, 0)])
+        # (ROOT and UNREACHABLE read some block's key and generation: meaningless, and
+        # never looked at for them.)
+        self.parent_key[blocks] = self.key[parents]
+        self.parent_gen[blocks] = np.where(parents == ROOT, 0, self.gen[parents])
         self.salt[blocks] = salts
         self.recorded[blocks] = True
-        self._claim(blocks)
+        self._claim(blocks, fresh=True)
 
     def on_complete(self, blocks: np.ndarray) -> None:
         """``blocks`` just became complete: a recorded one whose key is held by an
@@ -123,27 +145,67 @@ class PrefixIndex:
             if waiting.size:
                 self._claim(waiting)
 
-    def _claim(self, blocks: np.ndarray) -> None:
-        """Register the blocks that may own their key.  A displaced holder is always
-        incomplete, hence in use (a block freed before completion loses its key at
-        once), so no free cached block is ever displaced."""
-        by_key, keyed, complete = self._by_key, self.keyed, self._complete
-        for block, key in zip(blocks.tolist(), self.key[blocks].tolist()):
+    def _claim(self, blocks: np.ndarray, *, fresh: bool = False) -> None:
+        """Register the blocks that may own their key (see the module docstring); a
+        sequence's blocks come in logical order, so a parent is settled before its
+        children.  ``fresh``: recorded by this very call, so a parent registered just
+        before (the usual case) is known to lead to its child without reading it."""
+        by_key, keyed, complete, parent = self._by_key, self.keyed, self._complete, self.parent
+        dropped = []
+        last = ROOT  # the block registered just before
+        for block, key, up in zip(blocks.tolist(), self.key[blocks].tolist(),
+                                  parent[blocks].tolist()):
+            if up == UNREACHABLE or not (up == ROOT or (fresh and up == last)
+                                         or self._leads_here(up, block)):
+                continue  # unreachable itself
             holder = by_key.get(key)
-            if holder is None:
-                by_key[key] = block
-                keyed[block] = True
-            elif holder != block and not complete[holder] and complete[block]:
-                by_key[key] = block
-                keyed[block] = True
+            if holder is not None:
+                if holder == block:
+                    continue
+                hup = int(parent[holder])
+                if hup != ROOT and not self._leads_here(hup, holder):
+                    dropped.append(holder)  # unreachable: its parent lost its key
+                elif not complete[holder] and complete[block] and self._is_copy(block, holder):
+                    # Rare (two prefills of one prefix racing): a scan is fine.
+                    children = self.recorded & (parent == holder) & \
+                        (self.parent_gen == self.gen[holder])
+                    parent[children] = block
+                    self.parent_gen[children] = self.gen[block]
+                else:
+                    continue
                 keyed[holder] = False
+            by_key[key] = block
+            keyed[block] = True
+            last = block
+        if dropped:
+            # Unreachable for good: forget what they held, so a free one goes back empty
+            # with no chain facts a next owner could register under.
+            gone = np.asarray(dropped, dtype=np.int64)
+            self.recorded[gone] = False
+            self.gen[gone] += 1
+            if self.on_drop is not None:
+                self.on_drop(gone)
+
+    def _leads_here(self, up: int, block: int) -> bool:
+        """Whether ``up``, ``block``'s parent, is registered under the key it had when
+        ``block`` was recorded, in the same generation (so a lookup reaching ``up`` may
+        go on to ``block``)."""
+        return bool(self.keyed[up] and self.key[up] == self.parent_key[block]
+                    and self.gen[up] == self.parent_gen[block])
+
+    def _is_copy(self, block: int, other: int) -> bool:
+        """Whether ``block`` holds what ``other`` holds (or will, once written): the
+        same parent block (and generation), the same salt, the same token ids."""
+        return bool(self.parent[block] == self.parent[other]
+                    and self.parent_gen[block] == self.parent_gen[other]
+                    and self.salt[block] == self.salt[other]
+                    and np.array_equal(self.tokens[block], self.tokens[other]))
 
     def forget(self, blocks: np.ndarray) -> None:
         """``blocks`` no longer hold what was recorded (freed unwritten, evicted,
         overwritten): drop their keys and chain facts."""
         if not blocks.size:
             return
-        self.generation[blocks] += 1  # children recorded under what it held are orphans
         keyed = blocks[self.keyed[blocks]]
         if keyed.size:
             by_key = self._by_key
@@ -151,15 +213,16 @@ class PrefixIndex:
                 del by_key[key]
             self.keyed[keyed] = False
         self.recorded[blocks] = False
+        self.gen[blocks] += 1
 
     def reset(self) -> np.ndarray:
         """Drop every key: nothing recorded so far is served again (new model
         weights).  Returns the blocks that were registered."""
         registered = np.flatnonzero(self.keyed)
-        self.generation[self.recorded] += 1
         self._by_key.clear()
         self.keyed[:] = False
         self.recorded[:] = False
+        self.gen += 1
         return registered
 
     # --- checking -----------------------------------------------------------------

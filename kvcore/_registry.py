@@ -486,6 +486,24 @@ def backend_for_array(array: Any) -> Backend:
     return _REGISTRY.backend_for_array(array)
 
 
+def device_types_served() -> str:
+    """Which installed backends place pools on which device types (for errors about a
+    device no backend serves); imports the available ones."""
+    parts = []
+    for record in list_backends():
+        if not record.available:
+            parts.append(f"{record.name} (unavailable)")
+            continue
+        try:
+            types = get_backend(record.name).capabilities().device_types
+        except Exception as exc:  # noqa: BLE001 - only describing, for an error message
+            parts.append(f"{record.name} (unavailable: {type(exc).__name__})")
+            continue
+        parts.append(f"{record.name} ({', '.join(types)})")
+    listing = "; ".join(parts) if parts else "none"
+    return f"Installed backends and the device types they serve: {listing}"
+
+
 def register_backend(backend: BackendSpec | type[Backend], *, replace_existing: bool = False) -> None:
     """Register a backend in code, without an entry point."""
     _REGISTRY.register(backend, replace_existing=replace_existing)

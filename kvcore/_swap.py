@@ -95,3 +95,4 @@ class SwapSpace:
         for g in self.groups:
             pools, g.pools = g.pools, []
             release_pools(self.backend, pools)
+

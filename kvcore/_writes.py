@@ -33,8 +33,8 @@ from ._tensor_ref import TensorRef
 from .errors import (CapacityError, OutOfBlocksError, PendingPrefixError,
                      StaleSlotMappingError, UnsupportedError, WriteOrderError)
 
-__all__ = ["FastPath", "prepare_fast_path", "read_layer", "settle", "write_mapping",
-           "write_range"]
+__all__ = ["FastPath", "prepare_fast_path", "read_layer", "settle", "write_fast",
+           "write_mapping", "write_range"]
 
 
 class FastPath:
@@ -151,6 +151,24 @@ def write_range(co: Coordinator, row: int, request_id: str, layer: int, planes: 
     if fast is not None and fast.covers(row):
         fast.first[layer] = False  # this layer's written counts moved under the mapping
         fast.touched = True
+
+
+def write_fast(co: Coordinator, fast: FastPath | None, mapping: Any, layer: Any, key: Any,
+               value: Any) -> bool:
+    """Write a layer through the decode step's fast path if it applies: the step's own
+    mapping, the first write of this layer, nothing moved since the step was checked,
+    arrays exactly as the cache holds them.  ``False``: take the checked path."""
+    if (fast is None or mapping is not fast.mapping or fast.epoch != co.epoch
+            or type(layer) is not int or not 0 <= layer < len(fast.first)
+            or not fast.first[layer]):
+        return False
+    g = co.groups[co.layer_group[layer]]
+    if not g.store.fast_kv(key, value, fast.tokens):
+        return False
+    g.store.scatter(co.layer_local[layer], fast.indices[g.layout.index], (key, value))
+    fast.first[layer] = False
+    fast.pending.append(layer)
+    return True
 
 
 def _stale(mapping: SlotMapping, rows_at_fault: np.ndarray, why: str) -> StaleSlotMappingError:
@@ -274,16 +292,12 @@ def read_layer(co: Coordinator, seq: SequenceRecord, layer: int,
     lo, n = held_range(co, row, layer)
     if n <= lo:
         return None
-    joined = int(t.joined[row])
-    if joined and g.token_based:
-        shared = g.table.held(row)[:max(0, joined - int(g.table.released[row]))]
-        if not g.store.filled[shared, local].all():
+    if t.joined[row] and g.token_based:
+        if not g.store.filled[co.joined_blocks(g, row), local].all():
             raise PendingPrefixError(f"request {request_id!r} joined a prefix whose prefill "
                                      f"has not written layer {layer} yet; read it after "
                                      "the writer's write of that layer")
-        if all(h.store.complete[h.table.held(row)[:max(0, joined - int(h.table.released[row]))]]
-               .all() for h in co.token_groups):
-            t.joined[row] = 0
+        co.joined_complete(row)
     key = (int(t.version[row]), g.layout.index, lo, n)
     if seq.read_key != key:  # one index serves every layer of the group, K and V
         bs = co.block_size

@@ -60,7 +60,7 @@ class CountingOps:
         return getattr(self.inner, name)(*args)
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("device_key",):
+        if name in ("device_key", "array_modules"):
             return getattr(self.inner, name)
         return lambda *args: self._op(name, *args)
 

@@ -43,7 +43,10 @@ from ..models import NonNegativeInt, _Record
 if TYPE_CHECKING:
     from .._manager import KvCacheManager
     from .._paged_handle import PagedKvCacheHandle
-    from .transformers import KvCoreCache
+
+#: A :class:`~kvcore.integrations.transformers.KvCoreCache`: named, not imported, since
+#: the cache's module imports this one (its private state is what this module copies).
+KvCoreCache = Any
 
 __all__ = ["REMADE_ON_FORK", "SAVED", "SHARED_ON_FORK", "fork_cache", "load_cache",
            "reap", "save_cache", "watch"]

@@ -53,6 +53,7 @@ LAYOUT_FIELDS: tuple[str, ...] = (
     "head_dim",
     "dtype",
     "block_size",
+    "layer_groups",
 )
 #: CacheConfig fields that do not change what a block's bytes mean (pool sizes,
 #: devices, policies, secrets): blocks move freely between caches that differ in them.
@@ -99,8 +100,13 @@ def layout_document(config: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     for name in LAYOUT_FIELDS:
         value = getattr(config, name, None)
+        if name == "layer_groups":
+            # Groups change what a block holds (kinds, layers, shapes, windows); their
+            # pool sizes do not.  No groups: left out, so plain caches keep their key.
+            value = [{k: v for k, v in _canonical(g).items() if k != "num_blocks"}
+                     for g in value] if value else None
         if value is not None:
-            doc[name] = _canonical(value)
+            doc[name] = value if name == "layer_groups" else _canonical(value)
     missing = [n for n in _REQUIRED if n not in doc]
     if missing:
         raise StoreKeyError(f"cannot fingerprint {type(config).__name__}: it has no "

@@ -152,6 +152,7 @@ class JaxBackend(Backend):
                     dlpack=True,
                     pinned_memory=False,
                     mutable_pools=False,
+                    shares_imports=False,  # foreign buffers are copied: see asarray
                 )
             return self._caps
 

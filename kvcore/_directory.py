@@ -83,11 +83,17 @@ class SequenceDirectory:
         if swapped.any():
             self.require_resident(seqs[int(np.argmax(swapped))], op)
         if np.unique(rows).size != rows.size:
-            raise ValueError(f"{op}: a sequence appears more than once in the batch")
+            values, counts = np.unique(rows, return_counts=True)
+            twice = seqs[int(np.flatnonzero(rows == values[counts > 1][0])[0])]
+            raise ValueError(f"{op}: request {twice.request_id!r} appears more than once in "
+                             "the batch")
         return seqs
 
     def rows_of(self, handles: Sequence[Any], op: str) -> np.ndarray:
         """The rows of resident sequences (a page table's batch; repeats allowed)."""
+        if isinstance(handles, (str, bytes)) or not isinstance(handles, Sequence):
+            raise TypeError(f"{op}: expected a list of handles or request ids, got "
+                            f"{type(handles).__name__}")
         seqs = [self.seq_of(h, op) for h in handles]
         for seq in seqs:
             self.require_resident(seq, op)

@@ -351,6 +351,13 @@ class KvCacheManager:
                 seqs = self._batch(handles, "extend")
                 rows = np.fromiter((s.row for s in seqs), dtype=np.int64, count=len(seqs))
                 request_ids = tuple([s.request_id for s in seqs])
+            if n > self._config.max_tokens:
+                # No sequence can ever hold it; and lengths are int64, so checking room
+                # for it would wrap around instead of refusing.
+                co.counters.failures += 1
+                raise OutOfBlocksError(f"extending {rows.size} sequence(s) by {n} tokens can "
+                                       f"never fit: the pool holds {self._config.max_tokens} "
+                                       "tokens in all")
             group_slots, starts = extend_rows(co, rows, n, token_ids, steady=steady)
             first = next((s for s in group_slots if s is not None), _NO_SLOTS)
             mapping = SlotMapping(slots=first, rows=rows, starts=starts, ends=starts + n,
@@ -587,6 +594,10 @@ class KvCacheManager:
         """The batch's pages as vLLM's padded ``block_tables`` plus ``seq_lens``, in layer
         group ``group`` (default: the first full-attention group).  Pages a sliding
         window gave back are ``pad_value``, like the padding."""
+        if isinstance(pad_value, bool) or not isinstance(pad_value, (int, np.integer)):
+            raise TypeError(f"pad_value must be an int, got {pad_value!r}")
+        if not -2**31 <= pad_value < 2**31:
+            raise ValueError(f"pad_value must fit the int32 table, got {pad_value}")
         with self._lock:
             self._check_open("page table")
             rows = self._dir.rows_of(handles, "page table")

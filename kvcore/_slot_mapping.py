@@ -28,7 +28,7 @@ class SlotMapping:
     token, sequences in the order given, tokens in logical order: exactly the
     ``slot_mapping`` vLLM's ``reshape_and_cache`` takes.  Pass the mapping to
     :meth:`KvCacheManager.write_slots` once per layer; the backend index it needs is
-    built on first use and reused for every layer.
+    built on first use and reused for every layer.  Its arrays are read-only.
     """
 
     slots: np.ndarray
@@ -45,6 +45,16 @@ class SlotMapping:
     #: pools (``None`` for a cross-attention group).  ``slots`` is the first one's.
     group_slots: tuple[np.ndarray | None, ...] = field(default=(), repr=False)
     _native: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # These arrays decide where write_slots writes and what it checks; edited in
+        # place (a buffer an engine reuses) they would aim writes at another request's
+        # blocks past every check, so they are read-only.
+        arrays = [getattr(self, name) for name in ("slots", "rows", "starts", "ends",
+                                                   "versions")]
+        for array in [*arrays, *self.group_slots]:
+            if isinstance(array, np.ndarray):
+                array.flags.writeable = False
 
     @property
     def num_tokens(self) -> int:

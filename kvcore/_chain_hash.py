@@ -94,17 +94,13 @@ class ChainHasher:
             + np.uint64(1)
         self._pow = np.ones(1, dtype=np.uint64)      # M**0, M**1, ...
         self._inv_pow = np.ones(1, dtype=np.uint64)  # M**0, M**-1, ...
-        self._roots: dict[str | None, int] = {}
 
     def root(self, salt: str | None) -> int:
-        """The chain's start for sequences cached under ``salt`` (``extra_key``)."""
-        root = self._roots.get(salt)
-        if root is None:
-            text = b"\x00" if salt is None else b"\x01" + salt.encode("utf-8", "surrogatepass")
-            digest = hashlib.blake2b(text, digest_size=8,
-                                     key=self.seed.to_bytes(8, "little")).digest()
-            root = self._roots[salt] = int.from_bytes(digest, "little")
-        return root
+        """The chain's start for sequences cached under ``salt`` (``extra_key``); not
+        remembered here (the manager's salt registry keeps the live ones)."""
+        text = b"\x00" if salt is None else b"\x01" + salt.encode("utf-8", "surrogatepass")
+        digest = hashlib.blake2b(text, digest_size=8, key=self.seed.to_bytes(8, "little")).digest()
+        return int.from_bytes(digest, "little")
 
     def _powers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self._pow.size < n:

@@ -34,6 +34,7 @@ from ._block_pool import BlockPool
 from ._chain_hash import ChainHasher
 from ._kv_store import KvStore
 from ._prefix_index import ROOT, UNREACHABLE, PrefixIndex
+from ._salts import SaltRegistry
 from ._sequence_table import GroupTable, SequenceTables
 from ._swap import SwapSpace
 from .models import CacheConfig, GroupKind, GroupLayout
@@ -67,13 +68,15 @@ class GroupParts:
         self.kind = layout.kind
         self.window = layout.window
         self.store = KvStore(config, layout, backend)
-        self.prefix = PrefixIndex(layout.num_blocks, config.block_size, self.store.complete)
+        #: The row that fills each block: the one allowed to write a block others
+        #: joined while its prefill was in flight (-1: none, or it gave the block back
+        #: unwritten).
+        self.writer = np.full(layout.num_blocks, -1, dtype=np.int64)
+        self.prefix = PrefixIndex(layout.num_blocks, config.block_size, self.store.complete,
+                                  self.writer)
         self.pool = BlockPool(layout.num_blocks, on_evict=self.prefix.forget)
         self.prefix.on_drop = self.pool.uncache
         self.table = table
-        #: The row that fills each block: the one allowed to write a block others
-        #: joined while its prefill was in flight.
-        self.writer = np.full(layout.num_blocks, -1, dtype=np.int64)
 
     @property
     def token_based(self) -> bool:
@@ -88,11 +91,23 @@ class GroupParts:
             self.writer[blocks] = rows
         return blocks
 
-    def release(self, blocks: np.ndarray, *, unique: bool = True) -> None:
-        """Drop one reference to each block; blocks nobody holds any more stay cached
-        when the index can serve them, otherwise lose whatever was recorded of them."""
+    def release(self, blocks: np.ndarray, *, unique: bool = True,
+                by: np.ndarray | int | None = None) -> None:
+        """Drop one reference to each block, given back by row(s) ``by``; blocks nobody
+        holds any more stay cached when the index can serve them, otherwise lose
+        whatever was recorded of them.
+
+        A block ``by`` was to fill that others joined and still hold, unwritten, is
+        *orphaned*: nobody will write it, so no new request joins it (the prefix index
+        reads ``writer``) and its joiners' reads say so
+        (:func:`kvcore._writes.read_layer`); once a holder writes it, it is served as
+        usual."""
         if not blocks.size:
             return
+        if by is not None:
+            orphan = (self.writer[blocks] == by) & ~self.store.complete[blocks]
+            if orphan.any():
+                self.writer[blocks[orphan]] = -1
         keep = self.prefix.servable(blocks)
         freed = self.pool.free(blocks, keep, unique=unique)
         if freed.size:
@@ -147,8 +162,7 @@ class Coordinator:
         self.hasher = ChainHasher(c.block_size, c.hash_seed)
         self.counters = Counters()
         self.epoch = 0
-        self._roots = np.array([self.hasher.root(None)], dtype=np.uint64)
-        self._salts: dict[str | None, int] = {None: 0}
+        self.salts = SaltRegistry(self.hasher, self._salts_in_use)
 
     def group(self, index: object) -> GroupParts:
         """Layer group ``index`` (``None``: the primary group)."""
@@ -163,15 +177,17 @@ class Coordinator:
     # --- salts ----------------------------------------------------------------------
 
     def salt(self, extra_key: str | None) -> int:
-        """The salt id of ``extra_key`` (its chain root is remembered)."""
-        sid = self._salts.get(extra_key)
-        if sid is None:
-            sid = self._salts[extra_key] = len(self._salts)
-            self._roots = np.append(self._roots, np.uint64(self.hasher.root(extra_key)))
-        return sid
+        """The salt id of ``extra_key`` (see :mod:`kvcore._salts`)."""
+        return self.salts.id(extra_key)
 
     def root_key(self, salt: int) -> int:
-        return int(self._roots[salt])
+        return self.salts.root(salt)
+
+    def _salts_in_use(self) -> np.ndarray:
+        """Salt ids a sequence row (free rows hold 0) or a recorded block refers to."""
+        used = [self.tables.salt]
+        used += [g.prefix.salt[g.prefix.recorded] for g in self.token_groups]
+        return np.concatenate(used)
 
     # --- blocks -----------------------------------------------------------------------
 
@@ -186,7 +202,7 @@ class Coordinator:
         new = group.take(logical.size, row)
         group.store.copy_blocks(old, new)
         table.blocks[row, logical] = new
-        group.release(old)
+        group.release(old, by=row)
         self.counters.cow += logical.size
         self.tables.version[row] += 1
         self.epoch += 1
@@ -253,7 +269,7 @@ class Coordinator:
         tokens = t.token_ids[rows[:, None], cols]
         has_parent = logical > 0
         prev = np.where(has_parent, logical - 1, 0)
-        parent_keys = np.where(has_parent, t.chain_key[rows, prev], self._roots[t.salt[rows]])
+        parent_keys = np.where(has_parent, t.chain_key[rows, prev], self.salts.roots[t.salt[rows]])
         keys = self.hasher.step(parent_keys, tokens)
         t.chain_key[rows, logical] = keys
         t.hashed[rows] = logical + 1

@@ -217,7 +217,7 @@ def _grow_group(co: Coordinator, g: GroupParts, rows: np.ndarray, lengths: np.nd
         dst = g.take(cow_rows.size, cow_rows)
         g.store.copy_blocks(src, dst)
         table.blocks[cow_rows, nb[cow] - 1] = dst
-        g.release(src, unique=False)
+        g.release(src, unique=False, by=cow_rows)
         co.counters.cow += cow_rows.size
         co.tables.version[cow_rows] += 1
         co.epoch += 1
@@ -266,7 +266,7 @@ def _slide(co: Coordinator, g: GroupParts, rows: np.ndarray, starts: np.ndarray)
     blocks = table.blocks[where, cols]
     table.blocks[where, cols] = -1
     table.released[rows] = keep_from
-    g.release(blocks, unique=False)  # forks of one sequence give back the same block
+    g.release(blocks, unique=False, by=where)  # forks of one sequence give back the same block
     co.counters.window_releases += blocks.size
 
 
@@ -369,7 +369,7 @@ def truncate_row(co: Coordinator, row: int, request_id: str, num_tokens: int) ->
         table = g.table
         table.blocks[row, keep:nb] = -1
         table.num_blocks[row] = keep
-        g.release(dropped)
+        g.release(dropped, by=row)
         if copy:
             co.copy_on_write(row, g, np.array([keep - 1]))
         if partial:

@@ -117,6 +117,11 @@ class KvStore:
             raise TypeError("value is None; this layer keeps K and V")
         out = []
         for what, obj, (heads, dim) in zip(("key", "value"), (key, value), layout.row_shapes):
+            if isinstance(obj, np.ndarray) and not obj.dtype.isnative:
+                # Every backend refuses these the same way (torch would raise its own).
+                raise DtypeMismatchError(f"{what} has dtype {obj.dtype.str} (non-native byte "
+                                         f"order), the cache holds {c.dtype.value}; convert it "
+                                         "first: a.astype(a.dtype.newbyteorder('='))")
             try:
                 native = be.asarray(obj, c.device)
             except (KvCoreError, TypeError):

@@ -305,7 +305,7 @@ class KvCacheManager:
                 if t.swapped[seq.row]:
                     co.swap.free(g.layout.index, blocks)  # type: ignore[union-attr]
                 else:
-                    g.release(blocks)
+                    g.release(blocks, by=seq.row)
             del self._seqs[seq.request_id]
             seq.valid = False
             t.release_row(seq.row)

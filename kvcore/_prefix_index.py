@@ -32,7 +32,9 @@ aborted prefill never shadows a later, written copy of the same prompt, and no b
 that has become unreachable keeps a key from one that is.  A displaced unreachable
 owner is forgotten and handed to ``on_drop`` (the block pool makes a free one empty).
 
-``complete`` is owned by the KV store (:mod:`kvcore._kv_store`); the index only reads it.
+``complete`` is owned by the KV store (:mod:`kvcore._kv_store`) and ``writer`` (the
+row filling each block, -1 once it gave the block back unwritten) by the group's
+parts; the index only reads them.
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 class PrefixIndex:
     """Chain facts of recorded blocks and the key -> block map (see the module docstring)."""
 
-    def __init__(self, num_blocks: int, block_size: int, complete: np.ndarray) -> None:
+    def __init__(self, num_blocks: int, block_size: int, complete: np.ndarray,
+                 writer: np.ndarray | None = None) -> None:
         n = num_blocks
         self.block_size = block_size
         self._complete = complete
+        self._writer = np.zeros(n, dtype=np.int64) if writer is None else writer
         self.key = np.zeros(n, dtype=np.uint64)
         #: Recorded: key, parent, salt and tokens below describe the block's content.
         self.recorded = np.zeros(n, dtype=bool)
@@ -114,8 +118,9 @@ class PrefixIndex:
         ok = (self.keyed[blocks] & (self.key[blocks] == keys[:n])
               & (self.parent[blocks] == parents) & (self.parent_gen[blocks] == parent_gens)
               & (self.salt[blocks] == salt) & (self.tokens[blocks] == rows[:n]).all(axis=1))
-        if not pending:
-            ok &= self._complete[blocks]
+        # Joining a prefill in flight needs someone still to write it.
+        ok &= self._complete[blocks] | (self._writer[blocks] >= 0) if pending \
+            else self._complete[blocks]
         if not ok.all():
             blocks = blocks[:int(np.argmin(ok))]
         return blocks

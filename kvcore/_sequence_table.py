@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._block_table import BlockTable
-from .errors import CacheError
+from .errors import CacheError, InvalidHandleError
 
 __all__ = ["GroupTable", "ManagedBlockTable", "SequenceRecord", "SequenceTables"]
 
@@ -217,15 +217,26 @@ class ManagedBlockTable(BlockTable):
         self._grow = grow
         self._group = group
 
+    def _live_row(self) -> int:
+        # A dead sequence's row may already hold another request: never read it.
+        if not self._seq.valid:
+            raise InvalidHandleError(f"the block table of request {self._seq.request_id!r} "
+                                     "belongs to a deallocated cache; take block_table() "
+                                     "from a live handle")
+        return self._seq.row
+
     @property  # type: ignore[override]
     def _blocks(self) -> list[int]:
-        if not self._seq.valid:
-            return []
-        return self._tables.groups[self._group].row_blocks(self._seq.row).tolist()
+        return self._tables.groups[self._group].row_blocks(self._live_row()).tolist()
 
     @property  # type: ignore[override]
     def _length(self) -> int:
-        return int(self._tables.length[self._seq.row]) if self._seq.valid else 0
+        return int(self._tables.length[self._live_row()])
+
+    def __repr__(self) -> str:
+        if not self._seq.valid:
+            return f"<BlockTable of deallocated request {self._seq.request_id!r}>"
+        return super().__repr__()
 
     def add_blocks(self, blocks: Iterable[int]) -> None:
         raise CacheError("blocks of a managed cache come from its manager's pool; use "

@@ -33,7 +33,7 @@ def swap_out_sequence(co: Coordinator, row: int, request_id: str) -> None:
         co.counters.failures += 1
         raise
     for g, blocks, dst in zip(co.groups, held, moved):
-        g.release(blocks)
+        g.release(blocks, by=row)
         g.table.blocks[row, int(g.table.released[row]):int(g.table.num_blocks[row])] = dst
     co.tables.swapped[row] = True
 

@@ -279,6 +279,25 @@ def held_range(co: Coordinator, row: int, layer: int) -> tuple[int, int]:
     return lo, int(co.tables.written[row, layer])
 
 
+def _pending_error(co: Coordinator, g: GroupParts, row: int, request_id: str, layer: int,
+                   unfilled: np.ndarray) -> PendingPrefixError:
+    """Why ``row`` cannot read ``layer`` yet: its writer has not written it, or (an
+    *orphaned* block) gave the block back before writing it, so nobody ever will."""
+    if (g.writer[unfilled] >= 0).all():
+        return PendingPrefixError(f"request {request_id!r} joined a prefix whose prefill has "
+                                  f"not written layer {layer} yet; read it after the "
+                                  "writer's write of that layer")
+    first = int(np.flatnonzero(np.isin(g.table.held(row), unfilled))[0])
+    start = (first + int(g.table.released[row])) * co.block_size
+    end = int(co.tables.joined[row]) * co.block_size
+    return PendingPrefixError(
+        f"request {request_id!r} joined a prefix whose prefill was abandoned (its writer was "
+        f"deallocated, truncated, swapped out or copied away) before writing layer {layer} "
+        f"of positions [{start}, {end}): nobody will write them; compute them and write "
+        f"them yourself (write(handle, layer, key, value, start={start}) for every layer "
+        "copies the shared blocks first)")
+
+
 def read_layer(co: Coordinator, seq: SequenceRecord, layer: int,
                plane: int) -> TensorRef | None:
     """K (``plane=0``, or the latent vector) or V (``plane=1``) of the tokens written to
@@ -293,10 +312,10 @@ def read_layer(co: Coordinator, seq: SequenceRecord, layer: int,
     if n <= lo:
         return None
     if t.joined[row] and g.token_based:
-        if not g.store.filled[co.joined_blocks(g, row), local].all():
-            raise PendingPrefixError(f"request {request_id!r} joined a prefix whose prefill "
-                                     f"has not written layer {layer} yet; read it after "
-                                     "the writer's write of that layer")
+        joined = co.joined_blocks(g, row)
+        unfilled = joined[~g.store.filled[joined, local]]
+        if unfilled.size:
+            raise _pending_error(co, g, row, request_id, layer, unfilled)
         co.joined_complete(row)
     key = (int(t.version[row]), g.layout.index, lo, n)
     if seq.read_key != key:  # one index serves every layer of the group, K and V

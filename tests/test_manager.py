@@ -330,6 +330,23 @@ def test_deallocated_handles_are_invalid_and_refuse_every_data_access(manager, c
     manager.check_invariants()
 
 
+def test_a_live_table_taken_before_deallocation_refuses_reads_after_it(manager):
+    """Its row may hold another request by now: every read of the old live table is
+    an ``InvalidHandleError`` naming the request, never another sequence's blocks (a
+    ``block_table()`` snapshot keeps what it was)."""
+    h = manager.allocate(req("a", 5))
+    snapshot_table, live = h.block_table(), h.block_table_mut()
+    before = snapshot_table.physical_blocks
+    manager.deallocate(h)
+    manager.allocate(req("b", 8))  # takes the freed row
+    for read in (len, lambda t: t.physical_blocks, lambda t: t.sequence_length,
+                 lambda t: t.copy(), lambda t: t.extend_sequence(1)):
+        with pytest.raises(InvalidHandleError, match="request 'a' belongs to a deallocated"):
+            read(live)
+    assert "deallocated request 'a'" in repr(live)
+    assert snapshot_table.physical_blocks == before and snapshot_table.sequence_length == 5
+
+
 def test_double_deallocate_is_a_typed_error(manager):
     h = manager.allocate(req("a", 4))
     manager.deallocate(h)

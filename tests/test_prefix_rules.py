@@ -377,6 +377,45 @@ def test_an_aborted_writer_leaves_joiners_pending_never_wrong():
     assert w.served("later") == 12
 
 
+def _abandon(w: World, how: str) -> None:
+    if how == "deallocate":
+        w.free("writer")
+    elif how == "truncate":
+        w.mgr.truncate("writer", 0)
+        w.tokens["writer"] = []
+        w.step()
+    else:
+        w.mgr.swap_out("writer")
+        w.step()
+
+
+@pytest.mark.parametrize("how", ["deallocate", "truncate", "swap_out"])
+def test_a_prefill_abandoned_half_way_says_so_and_is_never_joined_again(how):
+    """The writer wrote layer 0 of the shared prefix, then left (freed, truncated or
+    swapped out): the joiner reads layer 0 exactly; layer 1 raises
+    ``PendingPrefixError`` naming the abandoned positions and the way out (nobody
+    will write them); a new ``join_pending`` request does not join the orphaned
+    blocks; once the joiner writes them itself, everything reads right."""
+    w = world(swap_blocks=8)
+    p = prompt(w, 1, 2, 3)
+    w.allocate("writer", p)
+    w.allocate("joiner", p, join_pending=True)
+    w.write("writer", layers=[0])
+    _abandon(w, how)
+    joiner = w.mgr.get_handle("joiner")
+    np.testing.assert_array_equal(joiner.key_cache(0).native, w.expected("joiner", 0, 12)[0])
+    with pytest.raises(PendingPrefixError, match=r"abandoned .* layer 1 of positions "
+                                                 r"\[0, 12\).*start=0"):
+        joiner.key_cache(1)
+    w.allocate("late", p, join_pending=True)
+    assert w.served("late") == 0
+    k, v = w.expected("joiner", 1, 13)
+    w.mgr.write(joiner, 1, k, v, start=0)
+    w.write("joiner")
+    w.step()
+    np.testing.assert_array_equal(joiner.value_cache(1).native, v)
+
+
 def test_a_joiner_cannot_be_swapped_out_before_the_prefill_it_joined():
     """Swapping a joiner out would copy blocks still being written: refused with
     ``PendingPrefixError`` and nothing changes; after the writer's prefill it works."""

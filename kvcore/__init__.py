@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from . import errors
 from ._backend import KVCORE_API_VERSION, Backend, BackendCapabilities
+from ._batch_read import BatchKv
 from ._block_table import BlockTable
 from ._device import Device, DType
 from ._handle import KvCacheHandle
@@ -41,6 +42,7 @@ __all__ = [
     "BackendCapabilities",
     "BackendRecord",
     "BackendSpec",
+    "BatchKv",
     "BlockTable",
     "CacheConfig",
     "CacheFileInfo",

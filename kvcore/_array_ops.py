@@ -78,6 +78,14 @@ class ArrayOps(abc.ABC):
         """A string naming ``a``'s device (and, for libraries with streams, the current
         stream), for caches of arrays copied there."""
 
+    def zero_rows(self, a: Any, mask: np.ndarray) -> Any:
+        """``a`` (``[batch, tokens, ...]``, an array kvcore just made) with the rows where
+        the host boolean ``mask`` (``[batch, tokens]``) is true set to zero: the padding
+        of a batch read.  The default builds a new array with :meth:`where`; libraries
+        with mutable arrays override it to write in place."""
+        keep = self.from_host(~mask.reshape(mask.shape + (1,) * (a.ndim - 2)), a)
+        return self.where(keep, a, 0)
+
     def device_scope(self, like: Any) -> contextlib.AbstractContextManager[Any]:
         """A context in which this library's operators (``@``, ``*``, comparisons)
         launch on ``like``'s device.  Libraries that run an operation on its operands'
@@ -91,9 +99,18 @@ class NamespaceOps(ArrayOps):
     everything is spelled as in numpy.  ``from_host`` puts data on the default device
     of the namespace; libraries with several devices override it."""
 
+    #: Whether the namespace's arrays can be assigned to (numpy, cupy; not JAX).
+    mutable = True
+
     def __init__(self, xp: Any, name: str | None = None) -> None:
         self.xp = xp
         self.name = name or xp.__name__.split(".", 1)[0]
+
+    def zero_rows(self, a: Any, mask: np.ndarray) -> Any:
+        if not self.mutable:
+            return super().zero_rows(a, mask)
+        a[self.from_host(mask, a)] = 0
+        return a
 
     def from_host(self, host: np.ndarray, like: Any) -> Any:
         return self.xp.asarray(host)

@@ -193,6 +193,14 @@ class Backend(abc.ABC):
         ``slots[i]`` of plane ``plane`` (0 is K, 1 is V).  It must not alias the pool:
         later writes to the pool do not change it."""
 
+    def gather_blocks(self, pool: Any, plane: int, blocks: Any) -> Any:
+        """Optional, for batch reads: a new array of shape ``blocks.shape + (block_size,
+        heads, dim)`` holding whole blocks ``blocks[...]`` of plane ``plane`` (``blocks``
+        from :meth:`index_array`, any shape, may repeat ids).  It must not alias the
+        pool.  A backend that does not override it is read through :meth:`gather` with
+        a rectangle of slots (correct, and slower: one index per row, not per block)."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def copy_blocks(self, pool: Any, src: Any, dst: Any) -> Any:
         """Copy whole blocks ``src[i]`` -> ``dst[i]`` (every plane) within one pool;

@@ -88,6 +88,8 @@ class KvStore:
         self.closed = False
         # For fast_kv: the backend's own array type, and the row shape expected.
         self._native_type = type(self.pools[0][0])
+        # Whether the backend reads whole blocks (Backend.gather_blocks overridden).
+        self._whole_blocks = type(backend).gather_blocks is not Backend.gather_blocks
         self._shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
 
     # --- indices ------------------------------------------------------------------
@@ -180,6 +182,22 @@ class KvStore:
 
     def gather(self, local: int, plane: int, index: Any) -> Any:
         pool, pool_plane = self.layout.sources[plane]
+        return self.backend.gather(self.pools[local][pool], pool_plane, index)
+
+    def block_index(self, blocks: np.ndarray) -> Any:
+        """The index :meth:`gather_blocks` takes for ``blocks`` (any shape): the block
+        ids when the backend gathers whole blocks, else every slot of them."""
+        if self._whole_blocks:
+            return self.index(blocks)
+        bs = self.config.block_size
+        return self.index(blocks[..., None] * bs + np.arange(bs, dtype=np.int64))
+
+    def gather_blocks(self, local: int, plane: int, index: Any) -> Any:
+        """Whole blocks of one plane, ``blocks.shape + (block_size, heads, dim)``, for an
+        index from :meth:`block_index`."""
+        pool, pool_plane = self.layout.sources[plane]
+        if self._whole_blocks:
+            return self.backend.gather_blocks(self.pools[local][pool], pool_plane, index)
         return self.backend.gather(self.pools[local][pool], pool_plane, index)
 
     def copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:

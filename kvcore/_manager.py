@@ -24,6 +24,7 @@ import numpy as np
 
 from . import _introspection as intro
 from ._backend import Backend
+from ._batch_read import BatchKv, BatchLayout, check_layout, read_batch
 from ._block_table import BlockTable
 from ._coordinator import Coordinator
 from ._growth import commit_allocation, extend_rows, plan_allocation, truncate_row
@@ -445,6 +446,19 @@ class KvCacheManager:
             g = co.groups[co.layer_group[layer]]
             planes, _ = g.store.native_kv(key, value, slots.num_tokens)
             write_mapping(co, slots, layer, planes, self._fast)
+
+    def read_batch(self, handles: Sequence[Handle], layer: int, *,
+                   layout: BatchLayout = "NHD") -> BatchKv:
+        """One layer's K and V for a whole batch, as attention takes them: one gather
+        per plane, whole blocks at a time, zero-padded to the longest sequence.
+
+        ``layout="NHD"`` gives ``[batch, tokens, kv_heads, dim]``, ``"HND"`` gives
+        ``[batch, kv_heads, tokens, dim]`` (transformers).  The result's ``lengths``
+        and ``starts`` say which positions each row holds (see :class:`BatchKv`)."""
+        layout = check_layout(layout)
+        with self._lock:
+            seqs = self._batch(handles, "read_batch")  # live, resident, distinct
+            return read_batch(self._co, seqs, self._check_layer(layer), layout)
 
     # --- save and load (kvcore._persist) ---------------------------------------------
 

@@ -33,8 +33,8 @@ from ._tensor_ref import TensorRef
 from .errors import (CapacityError, OutOfBlocksError, PendingPrefixError,
                      StaleSlotMappingError, UnsupportedError, WriteOrderError)
 
-__all__ = ["FastPath", "prepare_fast_path", "read_layer", "settle", "write_fast",
-           "write_mapping", "write_range"]
+__all__ = ["FastPath", "check_joined", "held_range", "prepare_fast_path", "read_layer",
+           "settle", "write_fast", "write_mapping", "write_range"]
 
 
 class FastPath:
@@ -298,6 +298,16 @@ def _pending_error(co: Coordinator, g: GroupParts, row: int, request_id: str, la
         "copies the shared blocks first)")
 
 
+def check_joined(co: Coordinator, g: GroupParts, row: int, request_id: str, layer: int) -> None:
+    """Refuse a read of ``layer`` by ``row`` while a block it joined (a prefill in
+    flight) is not written at that layer; clears the joined count once every layer is."""
+    joined = co.joined_blocks(g, row)
+    unfilled = joined[~g.store.filled[joined, co.layer_local[layer]]]
+    if unfilled.size:
+        raise _pending_error(co, g, row, request_id, layer, unfilled)
+    co.joined_complete(row)
+
+
 def read_layer(co: Coordinator, seq: SequenceRecord, layer: int,
                plane: int) -> TensorRef | None:
     """K (``plane=0``, or the latent vector) or V (``plane=1``) of the tokens written to
@@ -312,11 +322,7 @@ def read_layer(co: Coordinator, seq: SequenceRecord, layer: int,
     if n <= lo:
         return None
     if t.joined[row] and g.token_based:
-        joined = co.joined_blocks(g, row)
-        unfilled = joined[~g.store.filled[joined, local]]
-        if unfilled.size:
-            raise _pending_error(co, g, row, request_id, layer, unfilled)
-        co.joined_complete(row)
+        check_joined(co, g, row, request_id, layer)
     key = (int(t.version[row]), g.layout.index, lo, n)
     if seq.read_key != key:  # one index serves every layer of the group, K and V
         bs = co.block_size

@@ -76,8 +76,10 @@ def test_the_guide_example_passes_the_suite(guide_project: Path) -> None:
     assert doc["passed"] and doc["first_failure"] is None, doc["first_failure"]
     results = {c["id"]: c["result"] for c in doc["clauses"]}
     assert set(results) == set(CLAUSES)
-    # What the example declares is tested; only what it does not declare is skipped.
-    assert {c for c, r in results.items() if r != "passed"} == {"capabilities.pinned-memory"}
+    # What the example declares is tested; only what it does not declare or provide
+    # (pinned memory, the optional gather_blocks) is skipped.
+    assert {c for c, r in results.items() if r != "passed"} == {"capabilities.pinned-memory",
+                                                                 "backend.gather-blocks"}
     assert "kvcore backend 'mybackend' (kv_mybackend._backend.MyBackend) from kv-mybackend " \
            "0.1.0" in proc.stderr
 
@@ -96,7 +98,7 @@ def test_the_guide_example_passes_as_a_subclass_in_its_own_tests(guide_project: 
     assert "kvcore conformance: backend 'mybackend', clause by clause" in proc.stdout
     (doc,) = json.loads(report.read_text())["backends"]
     assert doc["backend"] == "mybackend" and doc["passed"]
-    assert doc["summary"]["passed"] == len(CLAUSES) - 1  # all but pinned memory
+    assert doc["summary"]["passed"] == len(CLAUSES) - 2  # all but pinned memory, gather_blocks
     # ConformanceSuite runs the backend's own operations first, the stateful test last.
     collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "--co", "-p",
                                 "no:cacheprovider", "tests"], check=True,

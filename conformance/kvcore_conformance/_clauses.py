@@ -142,6 +142,10 @@ GATHER_SHAPE = _c("backend.gather.shape", "gather accepts an index of any shape 
                   "slots.shape + (heads, head_dim), element [i, j] from slot slots[i, j]")
 GATHER_COPY = _c("backend.gather.copy", "gather returns a new array: later writes to the pool "
                  "do not change what an earlier gather returned")
+GATHER_BLOCKS = _c("backend.gather-blocks", "gather_blocks, where a backend provides it, "
+                   "returns blocks.shape + (block_size, heads, head_dim): element [i, j] is "
+                   "block blocks[i, j] of the plane, whole, in the order given (repeats "
+                   "allowed), as a new array later writes to the pool do not change")
 COPY_BLOCKS = _c("backend.copy-blocks", "copy_blocks copies whole blocks src[i] -> dst[i] in "
                  "every plane, in any order, leaving the sources and every other block "
                  "unchanged")

@@ -7,9 +7,13 @@ slice assignment into a preallocated dense ``[2, batch, tokens, heads, dim]`` ar
 of the same library, one assignment per layer per step, interleaved step by step
 with the cache so both see the same machine state.
 
-read: afterwards, every sequence's K and V of every layer in logical order, as
-attention reads them (``handle.key_cache(layer)``); its baseline is a plain copy of
-the same bytes out of the dense array, with the same number of calls.
+read: afterwards, every sequence's K and V of every layer in logical order, three
+ways, each against a plain copy of the same bytes out of the dense array: sequence
+by sequence (``handle.key_cache(layer)``, the copy making the same number of calls);
+a batch at a time (``manager.read_batch(handles, layer)``: ``[batch, tokens, heads,
+dim]`` K and V, one gather each, against one copy of each dense plane); and the
+route a paged kernel takes (``vllm_block_table`` once per pass, then the backend's
+whole-block gather from ``layer_pool``, one per plane).
 
 A library with immutable arrays (JAX) has no slice assignment: its dense array is
 written with the backend's own ``scatter``, one call per layer per step, indices
@@ -76,6 +80,9 @@ def run_append_read(backend: Backend, p: BenchParams, *, want_append: bool, want
     step_dense: list[float] = []
     read_kv: list[float] = []
     read_copy: list[float] = []
+    batch_kv: list[float] = []
+    route_kv: list[float] = []
+    batch_copy: list[float] = []
     layers = range(p.layers)
     handles: list[Any] = []
     first_prefill: float | None = None
@@ -136,9 +143,13 @@ def run_append_read(backend: Backend, p: BenchParams, *, want_append: bool, want
         if want_read:
             progress(f"[{backend.name}] read: {'warm-up' if warm else f'repeat {rep}/{p.repeats}'}")
             a, b = _read_pass(handles, dense.layers, layers, arrays)
+            c, d, e = _batch_read_pass(mgr, handles, dense.layers, layers, arrays)
             if not warm:
                 read_kv.append(a)
                 read_copy.append(b)
+                batch_kv.append(c)
+                route_kv.append(d)
+                batch_copy.append(e)
         if rep == p.repeats:
             _check_data(mgr, handles, p, prompt_k, steps_kv, backend)
         for h in handles:
@@ -185,7 +196,19 @@ def run_append_read(backend: Backend, p: BenchParams, *, want_append: bool, want
                      bw / base >= 0.5))
         r.add(Figure("read_pass_s", kv_read, "s", copy_read, "plain copy of the same bytes",
                      kv_read / copy_read, "cache / copy"))
+        kv_batch, kv_route, copy_batch = median(batch_kv), median(route_kv), median(batch_copy)
+        bw, route, base = (read_bytes / x / _GB for x in (kv_batch, kv_route, copy_batch))
+        r.add(Figure("batch_read_GBps", bw, "GB/s", base, "plain copy of each dense plane",
+                     bw / base, "read_batch / copy (higher is better)", ">= 0.7x copy",
+                     bw / base >= 0.7))
+        r.add(Figure("page_table_read_GBps", route, "GB/s", base,
+                     "plain copy of each dense plane", route / base,
+                     "vllm_block_table + block gather / copy", ">= 0.7x copy",
+                     route / base >= 0.7))
         r.details = {"read_pass_s": spread(read_kv), "copy_pass_s": spread(read_copy),
+                     "batch_read_pass_s": spread(batch_kv),
+                     "page_table_pass_s": spread(route_kv),
+                     "batch_copy_pass_s": spread(batch_copy),
                      "bytes_per_pass": read_bytes,
                      "calls_per_pass": 2 * p.layers * p.batch}
         results.append(r)
@@ -210,6 +233,40 @@ def _read_pass(handles: list[Any], dense: list[Any], layers: range,
             copy(d[1, b])
     arrays.sync()
     return t1 - t0, clock() - t1
+
+
+def _batch_read_pass(mgr: KvCacheManager, handles: list[Any], dense: list[Any], layers: range,
+                     arrays: BenchArrays) -> tuple[float, float, float]:
+    """Everything read a batch at a time, then through a page table and the backend's
+    block gather, then one plain copy of each dense plane."""
+    t0 = clock()
+    for layer in layers:
+        mgr.read_batch(handles, layer)
+    arrays.sync()
+    t1 = clock()
+    backend = mgr.backend
+    table = mgr.vllm_block_table(handles)
+    blocks = table.block_tables.astype(np.int64)
+    # A backend without whole-block gathers reads the pages' slots (what a kernel
+    # walking the page table does).
+    whole = type(backend).gather_blocks is not Backend.gather_blocks
+    gather = backend.gather_blocks if whole else backend.gather
+    ids = blocks if whole else \
+        blocks[..., None] * table.block_size + np.arange(table.block_size, dtype=np.int64)
+    index = backend.index_array(ids, mgr.config.device)
+    for layer in layers:
+        pool = mgr.layer_pool(layer).native
+        gather(pool, 0, index)
+        gather(pool, 1, index)
+    arrays.sync()
+    t2 = clock()
+    copy = arrays.copy
+    for layer in layers:
+        d = dense[layer]
+        copy(d[0])
+        copy(d[1])
+    arrays.sync()
+    return t1 - t0, t2 - t1, clock() - t2
 
 
 def _check_data(mgr: KvCacheManager, handles: list[Any], p: BenchParams, prompt_k: Any,

@@ -144,6 +144,16 @@ class FlushingSwapBackend(NumpyBackend):
         return dst_pool
 
 
+class SortedBlockGatherBackend(NumpyBackend):
+    """gather_blocks walks each row's blocks in physical (sorted) order: right for a
+    sequence whose blocks happen to ascend, wrong once the pool is fragmented."""
+
+    name = "broken-gather-blocks-sorted"
+
+    def gather_blocks(self, pool: np.ndarray, plane: int, blocks: np.ndarray) -> np.ndarray:
+        return super().gather_blocks(pool, plane, np.sort(blocks, axis=-1))
+
+
 OPS_BUGS = [
     Planted(DropsLastRowBackend, "backend.scatter", "test_scatter_writes_only_the_given_slots"),
     Planted(AddingScatterBackend, "backend.scatter.overwrite",
@@ -152,6 +162,8 @@ OPS_BUGS = [
             "test_gather_returns_rows_in_slot_order"),
     Planted(UncheckedWholeBlocksBackend, "backend.gather.order",
             "test_gather_returns_rows_in_slot_order"),
+    Planted(SortedBlockGatherBackend, "backend.gather-blocks",
+            "test_gather_blocks_returns_whole_blocks_in_order_as_a_copy"),
     Planted(SixteenBitIndexBackend, "backend.large-pool", "test_large_pool_is_addressed_in_full"),
     Planted(TwoPlanesOnlyBackend, "backend.planes", "test_one_plane_pools"),
     Planted(LayerMixupBackend, "backend.layer-forms",

@@ -19,6 +19,7 @@ from .._backends import capability_skip
 from .._clauses import (
     COPY_BLOCKS,
     FRESH_READS,
+    GATHER_BLOCKS,
     GATHER_COPY,
     GATHER_ORDER,
     GATHER_SHAPE,
@@ -148,6 +149,34 @@ class BulkOperationsContract(ContractTests):
                 assert_same_bits(GATHER_COPY, h.host(before[plane]), snapshots[plane], h.dtype,
                                  f"gather(plane={plane}, slots={order.tolist()}) after the "
                                  "pool was overwritten at those slots")
+
+    @covers(GATHER_BLOCKS)
+    def test_gather_blocks_returns_whole_blocks_in_order_as_a_copy(
+            self, kvcore_harness: Harness) -> None:
+        h = kvcore_harness
+        be = h.backend
+        if type(be).gather_blocks is Backend.gather_blocks:
+            capability_skip("gather_blocks", "the backend does not provide gather_blocks; "
+                            "batch reads go through gather (checked by backend.gather.*)")
+        pool = PoolModel(h, NB, BS)
+        pool.fill()
+        rows = pool.rows_of(pool.mirror)
+        for blocks in (np.array([[3, 0, 6], [1, 1, 7]]), np.array([5]), np.arange(NB)[::-1],
+                       np.array([[2]]), np.zeros((2, 0), dtype=np.int64)):
+            index = pool.index(blocks)
+            for plane in (0, 1):
+                op = f"gather_blocks(pool, plane={plane}, blocks={blocks.tolist()})"
+                with blame(GATHER_BLOCKS, op):
+                    out = be.gather_blocks(pool.pool, plane, index)
+                    got = h.host(out)
+                want = rows[plane].reshape(NB, BS, *rows.shape[2:])[blocks]
+                assert_same_bits(GATHER_BLOCKS, got, want, h.dtype, op)
+                if blocks.size:  # a copy: overwrite those blocks, the result stays
+                    slots = (blocks.reshape(-1)[:1, None] * BS + np.arange(BS)).reshape(-1)
+                    pool.scatter(slots, [pool.ordinary(BS), pool.ordinary(BS)], verify=False)
+                    assert_same_bits(GATHER_BLOCKS, h.host(out), want, h.dtype,
+                                     f"{op}, after the pool was overwritten there")
+                    rows = pool.rows_of(pool.mirror)
 
     @covers(COPY_BLOCKS)
     def test_copy_blocks_copies_whole_blocks(self, kvcore_harness: Harness) -> None:

@@ -252,6 +252,17 @@ class CupyBackend(Backend):
             self._order.end(pool, stream)
         return out
 
+    def gather_blocks(self, pool: Any, plane: int, blocks: Any) -> Any:
+        if self._pending:
+            self._finish_pending()
+        if not isinstance(pool, cupy.ndarray):
+            return pool[plane].take(blocks, axis=0)
+        with pool.device:
+            stream = self._order.begin(pool, blocks)
+            out = pool[plane].take(blocks, axis=0)
+            self._order.end(pool, stream)
+        return out
+
     def copy_blocks(self, pool: Any, src: Any, dst: Any) -> Any:
         if self._pending:
             self._finish_pending()

@@ -17,6 +17,8 @@ class JaxOps(NamespaceOps):
     """:class:`kvcore._array_ops.NamespaceOps` over ``jax.numpy``, with host data put
     on the device of the array it will meet (JAX's default device may differ)."""
 
+    mutable = False  # jax arrays are immutable: padding is zeroed with where()
+
     def __init__(self) -> None:
         super().__init__(jnp, "jax")
 

@@ -86,6 +86,10 @@ class NumpyBackend(Backend):
                     return whole.reshape(-1, *pool.shape[3:])[:n]
         return self._flat(pool)[plane].take(slots, axis=0)
 
+    def gather_blocks(self, pool: np.ndarray, plane: int, blocks: np.ndarray) -> np.ndarray:
+        # Whole blocks: block_size rows copied per index, the rate of a plain copy.
+        return pool[plane].take(blocks, axis=0)
+
     def copy_blocks(self, pool: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         pool[:, dst] = pool[:, src]
         return pool

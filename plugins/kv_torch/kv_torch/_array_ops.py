@@ -31,6 +31,10 @@ class TorchOps(ArrayOps):
     def take1(self, a: Any, index: Any) -> Any:
         return a.index_select(1, index)
 
+    def zero_rows(self, a: Any, mask: np.ndarray) -> Any:
+        a[self.from_host(mask, a)] = 0  # in place: a is an array kvcore just made
+        return a
+
     def float32(self, a: Any) -> Any:
         return a.float()
 

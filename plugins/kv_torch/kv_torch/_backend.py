@@ -329,6 +329,23 @@ class TorchBackend(Backend):
             return out
         return self._gather_rows(pool, plane, slots)
 
+    def gather_blocks(self, pool: torch.Tensor, plane: int,
+                      blocks: torch.Tensor) -> torch.Tensor:
+        if self._pending:
+            self._finish_pending()
+        if pool.is_cuda:
+            stream = self._order.begin(pool, blocks)
+            out = self._gather_whole(pool, plane, blocks)
+            self._order.end(pool, stream)
+            return out
+        return self._gather_whole(pool, plane, blocks)
+
+    @staticmethod
+    def _gather_whole(pool: torch.Tensor, plane: int, blocks: torch.Tensor) -> torch.Tensor:
+        # One indexed read of whole blocks (block_size rows per index), then its shape.
+        flat = pool[plane].index_select(0, blocks.reshape(-1))
+        return flat.reshape(*blocks.shape, *pool.shape[2:])
+
     def _gather_rows(self, pool: torch.Tensor, plane: int, slots: torch.Tensor) -> torch.Tensor:
         if slots.dim() != 1:  # a rectangle of slots: one indexed read, then its shape
             flat = self._flat(pool)[plane].index_select(0, slots.reshape(-1))

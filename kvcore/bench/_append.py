@@ -163,9 +163,11 @@ def run_append_read(backend: Backend, p: BenchParams, *, want_append: bool, want
     if want_append:
         r = WorkloadResult("append", backend.name, alloc_s=alloc_s, wall_s=wall)
         kv_step, dense_step = median(step_kv), median(step_dense)
+        # The targets: 1.3x the dense limit on numpy, 1.5x elsewhere.
+        limit = 1.3 if backend.name == "numpy" else 1.5
         r.add(Figure("decode_step_s", kv_step, "s", dense_step, dense_label,
                      kv_step / dense_step, "cache / dense (lower is better)",
-                     "<= 1.5x dense", kv_step / dense_step <= 1.5))
+                     f"<= {limit}x dense", kv_step / dense_step <= limit))
         r.add(Figure("decode_tokens_per_s", p.batch / kv_step, "tok/s", p.batch / dense_step,
                      dense_label, dense_step / kv_step, "cache / dense"))
         r.add(Figure("decode_write_GBps", step_bytes / kv_step / _GB, "GB/s",

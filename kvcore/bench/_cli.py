@@ -15,6 +15,7 @@ from ._params import QUICK, BenchParams
 from ._report import (PLOT_HINT, QUICK_NOTE, check_plot_path, document, dumps, render_table,
                       write_plot)
 from ._result import WorkloadResult
+from ._targets import judge, load_baseline
 from ._timing import Progress, clock
 
 __all__ = ["WORKLOADS", "main"]
@@ -66,7 +67,13 @@ def _parser() -> argparse.ArgumentParser:
                         "machine, spinning worker threads turn other processes' load "
                         "into 10x outliers)")
     p.add_argument("--check", action="store_true",
-                   help="exit with status 3 when a target is missed (not with --quick)")
+                   help="exit with status 3 when a target that was met before is missed "
+                        "now (a regression; not with --quick).  'Before' is the targets "
+                        "met in the runs recorded in docs/benchmarks.md, or those of "
+                        "--baseline")
+    p.add_argument("--baseline", metavar="FILE.json", default=None,
+                   help="with --check: an earlier run's --json output on this machine; "
+                        "a regression is a target it met that this run misses")
     p.add_argument("--store-url", metavar="URL", default=None,
                    help="Redis for the store workload (default: a throwaway redis-server)")
     sizes = p.add_argument_group(
@@ -79,10 +86,10 @@ def _parser() -> argparse.ArgumentParser:
         sizes.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                            metavar="STR" if kind is str else "N",
                            help=f"{_HELP.get(f.name, f.name)} ({shown})")
-    p.epilog = ("exit status: 0 measured (and with --check, every target met), 1 an "
-                "error (a backend or workload that cannot run), 2 a usage error (bad "
-                "option, --plot path that cannot be written), 3 --check and a target "
-                "missed.  Progress goes to stderr, results to stdout.")
+    p.epilog = ("exit status: 0 measured (and with --check, no target that was met "
+                "before is missed), 1 an error (a backend or workload that cannot run), 2 a "
+                "usage error (bad option, --plot path that cannot be written), 3 --check "
+                "and a regression.  Progress goes to stderr, results to stdout.")
     return p
 
 
@@ -134,6 +141,16 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"kvcore bench: error: --check needs the full sizes: {QUICK_NOTE}",
               file=sys.stderr)
         return 2
+    if args.baseline and not args.check:
+        print("kvcore bench: error: --baseline is for --check", file=sys.stderr)
+        return 2
+    met_before = None
+    if args.baseline:
+        try:
+            met_before = load_baseline(args.baseline)
+        except ValueError as exc:
+            print(f"kvcore bench: error: {exc}", file=sys.stderr)
+            return 2
     if args.plot:
         # Before anything is measured: a bad path must not cost a whole run.
         problem = check_plot_path(args.plot)
@@ -188,8 +205,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             return 1
         progress(f"plot written to {args.plot}")
         progress.done()
-    if args.check and not doc["all_targets_met"]:
-        return 3
+    if args.check:
+        verdict = judge(doc, met_before)
+        for line in verdict.lines():
+            print(line, file=sys.stderr)
+        if verdict.regressed:
+            return 3
     return 0
 
 

@@ -36,19 +36,25 @@ from hypothesis.stateful import (
 )
 
 from kvcore import AllocationRequest, Backend, Device, DType, PagedKvCacheHandle
-from kvcore.errors import OutOfBlocksError
+from kvcore.errors import (InvalidHandleError, OutOfBlocksError, StaleSlotMappingError,
+                           WriteOrderError)
 
 from .._backends import require_device_type
-from .._clauses import STATEFUL, check, check_equal
+from .._clauses import STATEFUL, check, check_equal, expect_raises
 from ._base import ContractTests, covers
 from ._harness import Harness
 from .checks import settle
 from .manager import snapshot
 
-__all__ = ["DEFAULT_RULES", "KvCacheMachine", "SequenceRules", "StatefulContract",
-           "SwapRules", "make_machine"]
+__all__ = ["DEFAULT_RULES", "AdversarialRules", "KvCacheMachine", "SequenceRules",
+           "StatefulContract", "SwapRules", "make_machine", "weaken_keys"]
 
-PREFIXES = (tuple(range(1000, 1024)), tuple(range(2000, 2024)))
+#: Prompt token ids.  The third differs from the first in its first block only, so its
+#: later blocks hold the same tokens at the same positions after a different prefix:
+#: under weak keys they collide with the first's, and only exact chain verification
+#: keeps them apart.
+PREFIXES = (tuple(range(1000, 1024)), tuple(range(2000, 2024)),
+            tuple(range(3000, 3004)) + tuple(range(1004, 1024)))
 LAYERS, HEADS, DIM, BS, BLOCKS = 2, 1, 4, 4, 12
 
 
@@ -85,6 +91,8 @@ class KvCacheMachine(RuleBasedStateMachine):
     dtype: ClassVar[DType]
     device: ClassVar[Device]
     swap_device: ClassVar[Device | None] = None
+    #: Chain keys of a block's own tokens only (see :func:`weaken_keys`).
+    weak_keys: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,12 +106,23 @@ class KvCacheMachine(RuleBasedStateMachine):
         self.handles: dict[str, list[PagedKvCacheHandle]] = {}
         self.dead: list[PagedKvCacheHandle] = []
         self.counter = 0
+        #: Slot mappings of earlier steps, with their batches, for AdversarialRules.
+        self.mappings: list[tuple[Any, list[str]]] = []
+        if self.weak_keys:
+            weaken_keys(self.mgr)
 
     # --- helpers ----------------------------------------------------------------
 
     def _rows(self, layer: int, kv: int, positions: range, tokens: list[int]) -> np.ndarray:
-        keys = np.array([((layer * 2 + kv) << 40) | (p << 20) | (tokens[p] & 0xFFFFF)
-                         for p in positions], dtype=np.int64)
+        """K or V of ``positions``, a fixed function of the layer, the position and the
+        whole prefix up to it (as a model's are): a block served after another prefix
+        reads wrong even where its own tokens agree."""
+        prefix, acc = [], 0
+        for t in tokens[:positions.stop]:
+            acc = (acc * 1000003 + t + 1) & 0xFFFFF
+            prefix.append(acc)
+        keys = np.array([((layer * 2 + kv) << 40) | (p << 20) | prefix[p] for p in positions],
+                        dtype=np.int64)
         return self.h.keyed(keys)
 
     def _write(self, rid: str, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
@@ -134,6 +153,9 @@ class KvCacheMachine(RuleBasedStateMachine):
                and (not complete or m.complete())
                and (prompted is None or m.prompted == prompted)]
         return data.draw(st.sampled_from(ids), label="request") if ids else None
+
+    def _remember(self, mapping: Any, batch: list[str]) -> None:
+        self.mappings = [*self.mappings[-7:], (mapping, list(batch))]
 
     def _refused(self, call: Any) -> bool:
         """Run ``call``; on OutOfBlocksError check nothing changed and say so."""
@@ -190,7 +212,7 @@ class SequenceRules(KvCacheMachine):
 
     # --- rules -----------------------------------------------------------------
 
-    @rule(n=st.integers(0, 10), prefix=st.sampled_from([None, 0, 1]))
+    @rule(n=st.integers(0, 10), prefix=st.sampled_from([None, 0, 1, 2]))
     def allocate(self, n: int, prefix: int | None) -> None:
         rid = f"s{self.counter}"
         self.counter += 1
@@ -247,6 +269,7 @@ class SequenceRules(KvCacheMachine):
                 self.mgr.write_slots(layer, out[0], self.h.native(k), self.h.native(v))
                 model.keys[layer] = np.concatenate([model.keys[layer], k])
                 model.values[layer] = np.concatenate([model.values[layer], v])
+            self._remember(out[0], [rid])
         else:
             for layer in range(LAYERS):
                 if model.prompted:  # fresh private slots: no copy-on-write needed
@@ -285,6 +308,7 @@ class SequenceRules(KvCacheMachine):
                 model.values[layer] = np.concatenate([model.values[layer], v])
             self.mgr.write_slots(layer, out[0], self.h.native(np.concatenate(ks)),
                                  self.h.native(np.concatenate(vs)))
+        self._remember(out[0], batch)
 
     @rule(data=st.data(), layer=st.integers(0, LAYERS - 1))
     def catch_up(self, data: st.DataObject, layer: int) -> None:
@@ -367,8 +391,95 @@ class SwapRules(KvCacheMachine):
             self.models[rid].swapped = False
 
 
+class AdversarialRules(KvCacheMachine):
+    """What an adversary (or a buggy engine) does: write through slot mappings of earlier
+    steps, after forks, copy-on-write, truncation, swaps and deallocation have moved
+    things; write through another manager's mapping; and, with every chain key weakened
+    to a block's own tokens, allocate prompts whose blocks collide with other
+    prefixes'.  Each reused mapping is either refused with a typed error, leaving
+    everything as it was, or accepted only for sequences it may still write, which the
+    dense reference then follows; nothing else may change."""
+
+    weak_keys = True
+
+    @rule(data=st.data(), layer=st.integers(0, LAYERS - 1))
+    def reuse_an_old_mapping(self, data: st.DataObject, layer: int) -> None:
+        if not self.mappings:
+            return
+        mapping, batch = data.draw(st.sampled_from(self.mappings), label="old mapping")
+        ks, vs = [], []
+        for i, rid in enumerate(batch):
+            start, end = int(mapping.starts[i]), int(mapping.ends[i])
+            model = self.models.get(rid)
+            if model is not None and model.prompted and end <= len(model.tokens):
+                # A prompted sequence's K/V are a function of its tokens: write exactly
+                # those, so an accepted rewrite changes nothing a prefix hit could see.
+                ks.append(self._rows(layer, 0, range(start, end), model.tokens))
+                vs.append(self._rows(layer, 1, range(start, end), model.tokens))
+            else:
+                ks.append(self.h.kv(end - start))
+                vs.append(self.h.kv(end - start))
+        before = snapshot(self.mgr)
+        try:
+            self.mgr.write_slots(layer, mapping, self.h.native(np.concatenate(ks)),
+                                 self.h.native(np.concatenate(vs)))
+        except (StaleSlotMappingError, WriteOrderError):
+            check_equal(snapshot(self.mgr), before, STATEFUL,
+                        "cache after a refused write through an old mapping")
+            return
+        for i, rid in enumerate(batch):  # accepted: every sequence must still be writable
+            start, end = int(mapping.starts[i]), int(mapping.ends[i])
+            model = self.models.get(rid)
+            check(model is not None and not model.swapped, STATEFUL,
+                  f"an old mapping wrote for {rid!r}, which is deallocated or swapped out")
+            assert model is not None
+            check(end <= len(model.tokens) and start <= len(model.keys[layer]), STATEFUL,
+                  f"an old mapping wrote positions [{start}, {end}) of {rid!r}, which holds "
+                  f"{len(model.tokens)} tokens, {len(model.keys[layer])} written at "
+                  f"layer {layer}")
+            model.keys[layer] = np.concatenate([model.keys[layer][:start], ks[i],
+                                                model.keys[layer][end:]])
+            model.values[layer] = np.concatenate([model.values[layer][:start], vs[i],
+                                                  model.values[layer][end:]])
+
+    @rule(n=st.integers(1, 3), layer=st.integers(0, LAYERS - 1))
+    def write_through_another_managers_mapping(self, n: int, layer: int) -> None:
+        other = self.h.manager(num_layers=LAYERS, num_kv_heads=HEADS, head_dim=DIM,
+                               block_size=BS, num_blocks=2)
+        try:
+            handle = other.allocate(AllocationRequest(request_id="foreign", num_tokens=0))
+            mapping = other.extend_batch([handle], n)
+            before = snapshot(self.mgr)
+            expect_raises(STATEFUL, StaleSlotMappingError,
+                          lambda: self.mgr.write_slots(layer, mapping,
+                                                       self.h.native(self.h.kv(n)),
+                                                       self.h.native(self.h.kv(n))),
+                          "write_slots with another manager's mapping")
+            expect_raises(STATEFUL, InvalidHandleError, lambda: self.mgr.extend(handle, 1),
+                          "extend of another manager's handle")
+            check_equal(snapshot(self.mgr), before, STATEFUL,
+                        "cache after refusing another manager's mapping and handle")
+        finally:
+            other.close()
+
+
+def weaken_keys(mgr: Any) -> None:
+    """Give ``mgr`` chain keys that depend on a block's own token ids only, so blocks
+    with equal tokens after different prefixes share a key (what a crafted collision
+    achieves against a real key).  Reaches into the manager on purpose: it is the one
+    way to force collisions through the public API's behaviour."""
+    hasher = mgr._co.hasher
+    weights = np.arange(1, BS + 1, dtype=np.uint64)
+
+    def own_tokens(blocks: np.ndarray, *_: Any) -> np.ndarray:
+        return blocks.astype(np.uint64) @ weights
+
+    hasher.keys = lambda blocks, parent: own_tokens(blocks)
+    hasher.step = lambda parents, blocks: own_tokens(blocks)
+
+
 #: The rules every stateful run uses.
-DEFAULT_RULES: tuple[type[KvCacheMachine], ...] = (SequenceRules, SwapRules)
+DEFAULT_RULES: tuple[type[KvCacheMachine], ...] = (SequenceRules, SwapRules, AdversarialRules)
 
 
 def make_machine(backend: Backend, dtype: DType, device: Device, swap_device: Device | None,

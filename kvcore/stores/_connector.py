@@ -52,7 +52,7 @@ from ._breaker import BreakerState, CircuitBreaker
 from ._codec import BlockCodec
 from ._format import ArraySpec
 from ._keys import DIGEST_SIZE
-from ._namespace import StoreNamespace, block_layout
+from ._namespace import FROM_CONFIG, StoreNamespace, block_layout
 from ._registry import open_store
 from ._stats import StoreStats
 from ._store import Store
@@ -147,13 +147,14 @@ class StoreConnector:
         self._c = _Counters()
 
     @classmethod
-    def open(cls, url: str, config: Any, *, model_id: str | None = None,
-             namespace: str = "default", store_options: dict[str, Any] | None = None,
+    def open(cls, url: str, config: Any, *, model_id: Any = FROM_CONFIG,
+             namespace: Any = FROM_CONFIG, store_options: dict[str, Any] | None = None,
              **kwargs: Any) -> StoreConnector:
         """Open the store at ``url`` for a cache of ``config`` (a CacheConfig): the
         namespace and the block layout (one ``[2, block_size, num_kv_heads, head_dim]``
-        array per layer) come from it.  ``store_options`` go to the store (``password``,
-        ``timeout``, TLS files); other keywords to the connector."""
+        array per layer) come from it, and ``model_id`` / ``namespace`` unless given
+        (the config's ``model_id`` / ``store_namespace``).  ``store_options`` go to the
+        store (``password``, ``timeout``, TLS files); other keywords to the connector."""
         ns = StoreNamespace.from_config(config, model_id=model_id, namespace=namespace)
         store = open_store(url, **(store_options or {}))
         try:

@@ -9,7 +9,7 @@ coordinator's ``link``:
 * **Write-behind**: when blocks become complete (every layer written, through any
   write path) and their digests are known, their K/V go to the host (one gather per
   plane per layer for the whole batch of blocks, never per token or per block) and
-  to :meth:`StoreConnector.offer`, which queues them and returns.  Blocks loaded from
+  to :meth:`StoreConnector.offer_planes`, which queues them and returns.  Blocks loaded from
   the store are not offered again.
 * **Read-through**: :meth:`prepare` runs in ``allocate`` after the local prefix hits
   and the room check: one ``fetch_run`` for the prompt's next full blocks (up to the
@@ -159,28 +159,24 @@ class StoreLink:
         if conn.breaker_state is BreakerState.open:
             self.dropped += blocks.size  # the store is left alone: no copy for nothing
             return
-        items = self._host_blocks(group, blocks)
+        planes = self._host_planes(group, blocks)
+        raw = self.digests.block_digest[blocks].tobytes()
         try:
-            conn.offer(items)
+            conn.offer_planes([raw[i:i + 16] for i in range(0, len(raw), 16)], planes)
         except StoreError as exc:  # strict: an earlier background write failed
             self.dropped += blocks.size
             if self.write_error is None:
                 self.write_error = exc
 
-    def _host_blocks(self, group: GroupParts, blocks: np.ndarray) -> list[tuple[bytes, list[Any]]]:
-        """``(digest, one [2, block_size, heads, dim] host array per layer)`` per block:
-        two gathers (K, V) per layer for the whole batch, one host copy each."""
+    def _host_planes(self, group: GroupParts, blocks: np.ndarray) -> list[np.ndarray]:
+        """K and V of every layer of ``blocks``, ``[blocks, block_size, heads, dim]`` on
+        the host: one gather per plane per layer for the whole batch, and nothing
+        else on this thread (a numpy gather is used as it is)."""
         store, bs = group.store, self._bs
-        nb = blocks.size
         index = store.index((blocks[:, None] * bs + self._offsets).reshape(-1))
-        shape = (nb, bs, self._heads, self._dim)
-        layers = []
-        for local in range(len(store.layers)):
-            k = self._to_host(store.gather(local, 0, index)).reshape(shape)
-            v = self._to_host(store.gather(local, 1, index)).reshape(shape)
-            layers.append(np.stack([k, v], axis=1))  # [nb, 2, bs, heads, dim]
-        raw = self.digests.block_digest[blocks].tobytes()
-        return [(raw[i * 16:(i + 1) * 16], [layer[i] for layer in layers]) for i in range(nb)]
+        shape = (blocks.size, bs, self._heads, self._dim)
+        return [self._to_host(store.gather(local, plane, index)).reshape(shape)
+                for local in range(len(store.layers)) for plane in (0, 1)]
 
     def _to_host(self, native: Any) -> np.ndarray:
         """A gathered array on the host as the connector's layout holds it (a gather is

@@ -12,6 +12,9 @@ What the manager calls, and when (nothing else; every method is thread-safe):
    batches.  When the queue is full the blocks are dropped and counted; ``offer``
    never waits.  The arrays must not be modified afterwards (pass fresh copies).
    Blocks that were themselves loaded from the store need not be offered again.
+   ``offer_planes(chain_keys, planes)`` takes a batch of blocks as K and V planes
+   per layer (what one gather per plane gives), with the same values, and checks
+   per array instead of per block: the manager's form.
 3. **allocate(), after the local prefix hits**, once it knows the request fits:
    ``fetch_run(chain_keys_of_the_next_full_blocks)`` asks the store for all of them
    in one round trip and returns the decoded arrays of the leading run found (block
@@ -79,6 +82,25 @@ class _Counters:
     corrupt_values: int = 0
     deleted_values: int = 0
     last_error: str | None = None
+
+
+class _PlaneBlock:
+    """Block ``index`` of :meth:`StoreConnector.offer_planes`' planes, as the sequence
+    of arrays its value is made of (K and V of each layer, sliced when encoded, by
+    the writer thread)."""
+
+    __slots__ = ("_planes", "_index")
+
+    def __init__(self, planes: Sequence[np.ndarray], index: int) -> None:
+        self._planes = planes
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._planes)
+
+    def __iter__(self) -> Any:
+        index = self._index
+        return (plane[index] for plane in self._planes)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -204,6 +226,43 @@ class StoreConnector:
         self._check_open()
         self._raise_pending()
         staged = [self._check_block(block) for block in blocks]
+        return self._enqueue(staged)
+
+    def offer_planes(self, chain_keys: Sequence[bytes], planes: Sequence[np.ndarray]) -> int:
+        """:meth:`offer` for ``n`` blocks given as planes: per layer of :attr:`layout`
+        (each ``[2, *rest]``), K then V as ``[n, *rest]`` arrays (``2 * layers``
+        arrays), block ``i`` being row ``i`` of each, ``chain_keys[i]`` its key.
+
+        The value of each block is byte for byte the one :meth:`offer` makes of its
+        ``[2, *rest]`` arrays, but nothing is stacked or sliced on the caller's thread
+        (the checks are per array, not per block): what a manager hands over from one
+        gather per plane.  The planes must not be modified afterwards."""
+        self._check_open()
+        self._raise_pending()
+        digests = [_check_digest(d, self._key_size) for d in chain_keys]
+        n = len(digests)
+        if isinstance(planes, np.ndarray) or len(planes) != 2 * len(self._layout):
+            count = "an array" if isinstance(planes, np.ndarray) else f"{len(planes)} arrays"
+            raise ShapeMismatchError(f"blocks as planes are {2 * len(self._layout)} arrays (K "
+                                     f"and V of each layer), got {count}")
+        nbytes = 0
+        for i, a in enumerate(planes):
+            spec = self._layout[i // 2]
+            want = (n, *spec.shape[1:])
+            if not isinstance(a, np.ndarray):
+                raise DtypeMismatchError(f"plane {i} must be a host numpy array, got "
+                                         f"{type(a).__name__}")
+            if a.dtype != spec.dtype:
+                raise DtypeMismatchError(f"plane {i} has dtype {a.dtype}, expected {spec.dtype} "
+                                         f"({spec.label})")
+            if spec.shape[0] != 2 or a.shape != want:
+                raise ShapeMismatchError(f"plane {i} has shape {a.shape}, expected {want} (K or "
+                                         f"V of {n} blocks of layer shape {spec.shape})")
+            nbytes += a.nbytes
+        each = nbytes // n if n else 0
+        return self._enqueue([(d, _PlaneBlock(planes, b), each) for b, d in enumerate(digests)])
+
+    def _enqueue(self, staged: list[tuple[bytes, Sequence[np.ndarray], int]]) -> int:
         if not staged:
             return 0
         accepted = dropped = 0

@@ -522,3 +522,47 @@ def test_a_damaged_value_in_a_later_window_ends_the_run_there(store, ns):
         assert same(conn.fetch_run(ds), bs[:5])
         conn.flush(10)
         assert conn.stats().corrupt_values == 1 and store.get([ns.key(ds[5])]) == [None]
+
+
+# --- offer_planes: a manager's batch form ------------------------------------------------
+
+
+def _planes(bs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """K and V of each layer of ``bs`` as ``[n, ...]`` planes (what a gather gives)."""
+    return [np.stack([b[layer][plane] for b in bs]) for layer in range(len(LAYOUT))
+            for plane in (0, 1)]
+
+
+def test_offer_planes_makes_the_values_offer_makes(store, ns):
+    ds, bs = digests(5), blocks(5, seed=3)
+    other = f"conn-{uuid.uuid4().hex}"
+    twin = FaultyStore(other)
+    try:
+        with connector(store, ns) as a, connector(twin, ns) as b:
+            assert a.offer(list(zip(ds, bs))) == 5
+            assert b.offer_planes(ds, _planes(bs)) == 5
+            assert a.flush(10) and b.flush(10)
+            keys = ns.keys(ds)
+            assert store.get(keys) == twin.get(keys)  # byte for byte
+            assert same(b.fetch_run(ds), bs)
+            assert b.offer_planes([], [p[:0] for p in _planes(bs)]) == 0
+    finally:
+        MemoryStore.drop(other)
+
+
+@pytest.mark.parametrize("bad, error, fragment", [
+    (lambda p: p[:-1], ShapeMismatchError, "4 arrays"),
+    (lambda p: np.stack(p), ShapeMismatchError, "an array"),
+    (lambda p: [p[0][:2], *p[1:]], ShapeMismatchError, "plane 0 has shape"),
+    (lambda p: [p[0].astype(np.float32), *p[1:]], DtypeMismatchError, "float32"),
+    (lambda p: [p[0].tolist(), *p[1:]], DtypeMismatchError, "list"),
+])
+def test_bad_planes_are_refused_and_nothing_is_queued(store, ns, bad, error, fragment):
+    ds, bs = digests(3), blocks(3)
+    with connector(store, ns) as conn:
+        with pytest.raises(error, match=fragment):
+            conn.offer_planes(ds, bad(_planes(bs)))
+        with pytest.raises(StoreKeyError):
+            conn.offer_planes([b"short", *ds[1:]], _planes(bs))
+        assert conn.stats().blocks_offered == 0 and conn.flush(5)
+        assert store.calls["put"] == 0

@@ -145,10 +145,10 @@ class KvCacheManager:
             self._fast = None
             self._last_batch = None
             try:
-                self._co.close()
-            finally:
                 if self._link is not None:
                     self._link.close()  # sends what is queued (bounded), closes the store
+            finally:
+                self._co.close()
 
     def __enter__(self) -> KvCacheManager:
         return self

@@ -25,6 +25,7 @@ coordinator's ``link``:
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -120,6 +121,7 @@ class StoreLink:
         self.misses = 0
         self.dropped = 0
         self.write_error: StoreError | None = None
+        self._deferred = False
         if config.store is None:
             return
         connector_kw, link_kw, store_kw = _split_options(config.store_options)
@@ -131,6 +133,12 @@ class StoreLink:
         self.connector = StoreConnector.open(config.store, config, store_options=store_kw,
                                              **connector_kw)
         self._dtype = config.dtype
+        # Pools in host memory that change in place can be read by the writer thread.
+        self._deferred = (config.device.type == "cpu"
+                          and backend.capabilities().mutable_pools)
+        self._pools_lock = threading.Lock()
+        self._pools_gone = False
+        self._block_bytes = sum(spec.nbytes for spec in self.connector.layout)
         layout = self.connector.layout[0]
         self._host_dtype = layout.dtype
         _, self._bs, self._heads, self._dim = layout.shape
@@ -148,7 +156,14 @@ class StoreLink:
     # --- write-behind ---------------------------------------------------------------
 
     def completed(self, group: GroupParts, blocks: np.ndarray) -> None:
-        """``blocks`` just became complete: offer those whose digests are known."""
+        """``blocks`` just became complete: offer those whose digests are known.
+
+        With pools in host memory, blocks the prefix index serves (registered and
+        complete, hence never written in place: every write path copies them first)
+        are copied by the writer thread, which then proves each unchanged (still
+        served, same generation and key: a block freed, evicted, truncated or reset
+        meanwhile moved its generation first) and drops any that is not.  Other blocks
+        are copied here, now."""
         conn = self.connector
         if conn is None:
             return
@@ -159,14 +174,42 @@ class StoreLink:
         if conn.breaker_state is BreakerState.open:
             self.dropped += blocks.size  # the store is left alone: no copy for nothing
             return
-        planes = self._host_planes(group, blocks)
-        raw = self.digests.block_digest[blocks].tobytes()
         try:
-            conn.offer_planes([raw[i:i + 16] for i in range(0, len(raw), 16)], planes)
+            if self._deferred:
+                later = group.prefix.servable(blocks)
+                if later.any():
+                    self._offer_later(conn, group, blocks[later])
+                    blocks = blocks[~later]
+                    if not blocks.size:
+                        return
+            planes = self._host_planes(group, blocks)
+            conn.offer_planes(self._digest_list(blocks), planes)
         except StoreError as exc:  # strict: an earlier background write failed
             self.dropped += blocks.size
             if self.write_error is None:
                 self.write_error = exc
+
+    def _digest_list(self, blocks: np.ndarray) -> list[bytes]:
+        raw = self.digests.block_digest[blocks].tobytes()
+        return [raw[i:i + 16] for i in range(0, len(raw), 16)]
+
+    def _offer_later(self, conn: StoreConnector, group: GroupParts, blocks: np.ndarray) -> None:
+        prefix = group.prefix
+        gens, keys = prefix.gen[blocks].copy(), prefix.key[blocks].copy()
+
+        def produce() -> list[list[np.ndarray] | None]:  # on the writer thread
+            with self._pools_lock:
+                if self._pools_gone:
+                    return [None] * blocks.size
+                planes = self._host_planes(group, blocks)
+                # Read after the copy: a change to a block's memory is preceded, on the
+                # engine's thread, by moving its generation (or un-serving it).
+                same = (prefix.servable(blocks) & (prefix.gen[blocks] == gens)
+                        & (prefix.key[blocks] == keys))
+            return [[plane[i] for plane in planes] if ok else None
+                    for i, ok in enumerate(same.tolist())]
+
+        conn.offer_lazy(self._digest_list(blocks), self._block_bytes, produce)
 
     def _host_planes(self, group: GroupParts, blocks: np.ndarray) -> list[np.ndarray]:
         """K and V of every layer of ``blocks``, ``[blocks, block_size, heads, dim]`` on
@@ -287,7 +330,13 @@ class StoreLink:
             raise error
 
     def close(self) -> None:
-        """Send what is queued (up to ``close_timeout``), stop the writer, close the store."""
-        if self.connector is not None:
+        """Send what is queued (up to ``close_timeout``), stop the writer, close the store;
+        afterwards no block is read from the pools (the manager releases them next)."""
+        if self.connector is None:
+            return
+        try:
             self.connector.close(self._close_timeout)
-            self._raise_write_error()
+        finally:
+            with self._pools_lock:  # a writer still copying finishes first
+                self._pools_gone = True
+        self._raise_write_error()

@@ -592,3 +592,92 @@ def test_stats_add_the_store_fields_and_metrics_export_them():
     assert s.store_hits == 5 and s.store_bytes_loaded > 0
     line = kvcore.metrics.format_stats(s)
     assert "store_hits=5" in line
+
+
+# --- blocks copied by the writer thread -----------------------------------------------------
+
+
+class GatedStore(MemoryStore):
+    """``gated://NAME``: a memory store whose writer-side calls wait for ``gate``."""
+
+    name = "gated"
+    schemes = ("gated",)
+    gate: Any = None
+
+    def _exists(self, keys: list) -> list:
+        if GatedStore.gate is not None:
+            GatedStore.gate.wait(30)
+        return super()._exists(keys)
+
+
+@pytest.fixture
+def gated() -> Iterator[str]:
+    import threading
+    register_store(GatedStore, replace_existing=True)
+    GatedStore.gate = threading.Event()
+    try:
+        yield f"gated://t-{uuid.uuid4().hex}"
+    finally:
+        GatedStore.gate.set()
+        GatedStore.gate = None
+        unregister_store("gated")
+
+
+def test_a_block_reused_before_the_writer_copies_it_is_not_written(gated):
+    """Completed blocks of host pools are copied by the writer thread later.  Here the
+    writer is held while the engine frees the prompt's blocks, drops them from the
+    prefix cache and writes another prompt into the very same blocks: when the writer
+    runs, it must notice and write nothing of them."""
+    tokens, other = prompt(20, 9), prompt(21, 9)
+    mgr = KvCacheManager(cfg(gated, num_blocks=4), backend="numpy")
+    h = prefill(mgr, "a", tokens)  # blocks 0, 1 complete: offered, writer held
+    first = mgr._co.groups[0].table.blocks[mgr._seqs["a"].row, :2].tolist()
+    mgr.deallocate(h)
+    mgr.gc()                                   # forgotten: free, empty
+    h2 = prefill(mgr, "b", other)              # the same blocks, other K/V
+    assert mgr._co.groups[0].table.blocks[mgr._seqs["b"].row, :2].tolist() == first
+    GatedStore.gate.set()
+    assert mgr.flush_store(10)
+    s = mgr.store_stats()
+    assert s.blocks_changed == 2 and s.blocks_written == 2  # only b's own blocks
+    mgr.close()
+    reader = KvCacheManager(cfg(gated), backend="numpy")
+    assert prefill(reader, "r", tokens).num_cached_tokens() == 0
+    r = prefill(reader, "r2", other)
+    assert r.num_cached_tokens() == 8
+    assert_holds(reader, r, other)
+    del h2
+
+
+def test_closing_while_the_writer_is_held_releases_the_pools_safely(gated):
+    mgr = KvCacheManager(cfg(gated, store_options={"close_timeout": 0.2}), backend="numpy")
+    for i in range(3):
+        prefill(mgr, f"a{i}", prompt(30 + i, 17))
+    mgr.close()  # the writer is stuck in the store: the queue is dropped, pools released
+    GatedStore.gate.set()
+    conn = mgr._link.connector  # type: ignore[union-attr]
+    conn._worker.join(10)  # it resumes, finds the pools gone, copies nothing
+    assert not conn._worker.is_alive()
+    s = conn.stats()
+    assert s.blocks_written == 0 and s.dropped_writes + s.blocks_changed >= 8
+    assert mgr.closed
+
+
+def test_torch_bfloat16_blocks_travel_bit_for_bit_nan_payloads_included():
+    import torch
+    u = url()
+    tokens = prompt(40, 13)
+    bits = np.random.default_rng(5).integers(0, 2**16, (3, 2, 13, 2, 4), dtype=np.uint16)
+    bits[0, 0, 0, 0, :4] = [0x7FC1, 0xFF81, 0x8000, 0x0001]  # NaN payloads, -0, subnormal
+    planes = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    with KvCacheManager(cfg(u, dtype="bfloat16"), backend="torch") as a:
+        h = a.allocate(AllocationRequest(request_id="a", prompt_token_ids=tokens))
+        for layer in range(3):
+            a.write(h, layer, planes[layer, 0], planes[layer, 1])
+    b = KvCacheManager(cfg(u, dtype="bfloat16"), backend="torch")
+    r = b.allocate(AllocationRequest(request_id="b", prompt_token_ids=tokens))
+    assert r.num_cached_tokens() == 12
+    for layer in range(3):
+        for plane, ref in enumerate(r.kv_cache(layer)):
+            got = ref.native.view(torch.int16).numpy().view(np.uint16)
+            assert got.tobytes() == bits[layer, plane, :12].tobytes(), (layer, plane)

@@ -81,6 +81,7 @@ class _Counters:
     breaker_rejections: int = 0
     corrupt_values: int = 0
     deleted_values: int = 0
+    blocks_changed: int = 0
     last_error: str | None = None
 
 
@@ -101,6 +102,43 @@ class _PlaneBlock:
     def __iter__(self) -> Any:
         index = self._index
         return (plane[index] for plane in self._planes)
+
+
+class _LazyJob:
+    """The arrays of blocks offered with :meth:`StoreConnector.offer_lazy`, made once."""
+
+    __slots__ = ("_produce", "_count", "_result", "_lock")
+
+    def __init__(self, produce: Callable[[], Sequence[Any]], count: int) -> None:
+        self._produce = produce
+        self._count = count
+        self._result: Sequence[Any] | BaseException | None = None
+        self._lock = threading.Lock()
+
+    def get(self, index: int) -> Any:
+        """Block ``index``'s arrays, ``None`` (changed) or the exception ``produce``
+        raised."""
+        with self._lock:
+            if self._result is None:
+                try:
+                    made = list(self._produce())
+                    if len(made) != self._count:
+                        raise StoreKeyError(f"produce returned {len(made)} blocks for "
+                                            f"{self._count} offered")
+                    self._result = made
+                except Exception as exc:  # noqa: BLE001 - reported, never kills the writer
+                    self._result = exc
+                self._produce = None  # type: ignore[assignment]  # what it held can go
+            result = self._result
+        return result if isinstance(result, BaseException) else result[index]
+
+
+class _LazyBlock:
+    __slots__ = ("job", "index")
+
+    def __init__(self, job: _LazyJob, index: int) -> None:
+        self.job = job
+        self.index = index
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -262,6 +300,49 @@ class StoreConnector:
         each = nbytes // n if n else 0
         return self._enqueue([(d, _PlaneBlock(planes, b), each) for b, d in enumerate(digests)])
 
+    def offer_lazy(self, chain_keys: Sequence[bytes], block_bytes: int,
+                   produce: Callable[[], Sequence[Sequence[np.ndarray] | None]]) -> int:
+        """:meth:`offer` for blocks whose arrays are made later, on the writer thread:
+        ``produce()`` is called once, before the first of them is encoded, and returns
+        per block its arrays (as :meth:`offer` takes them, or the ``2 * layers`` planes
+        of one block) or ``None`` for a block that changed in the meantime: that one is
+        not written (counted in ``blocks_changed`` and ``dropped_writes``).  An
+        exception from ``produce`` drops them all (counted, ``last_error``).
+
+        For a manager whose pools are host memory: the copy of a completed block then
+        leaves the engine's thread, and ``produce`` proves the block unchanged after
+        copying it.  ``block_bytes`` sizes each block for the queue."""
+        self._check_open()
+        self._raise_pending()
+        digests = [_check_digest(d, self._key_size) for d in chain_keys]
+        size = _positive_int("block_bytes", block_bytes)
+        if not callable(produce):
+            raise StoreConfigError(f"produce must be callable, got {produce!r:.80}")
+        job = _LazyJob(produce, len(digests))
+        return self._enqueue([(d, _LazyBlock(job, i), size) for i, d in enumerate(digests)])
+
+    def _resolve(self, todo: list[tuple[str, tuple[bytes, Any, int]]]
+                 ) -> list[tuple[str, tuple[bytes, Any, int]]]:
+        """Lazy blocks of ``todo`` made concrete (writer thread); changed ones left out."""
+        out = []
+        changed = failed = 0
+        for key, (digest, arrays, size) in todo:
+            if isinstance(arrays, _LazyBlock):
+                made = arrays.job.get(arrays.index)
+                if made is None or isinstance(made, BaseException):
+                    if isinstance(made, BaseException):
+                        failed += 1
+                        if failed == 1:
+                            self._error(made, pending=False)
+                    else:
+                        changed += 1
+                    continue
+                arrays = made
+            out.append((key, (digest, arrays, size)))
+        if changed or failed:
+            self._count(blocks_changed=changed, dropped_writes=changed + failed)
+        return out
+
     def _enqueue(self, staged: list[tuple[bytes, Sequence[np.ndarray], int]]) -> int:
         if not staged:
             return 0
@@ -356,6 +437,7 @@ class StoreConnector:
                 present = self._store.exists(keys)
                 todo = [(k, b) for (k, b), p in zip(todo, present) if not p]
                 self._count(blocks_skipped_existing=len(batch) - len(todo))
+            todo = self._resolve(todo)
             # Stores that write scattered buffers get the arrays' own memory: no copy.
             encode = self._codec.encode_parts if self._store.accepts_parts else \
                 self._codec.encode

@@ -566,3 +566,39 @@ def test_bad_planes_are_refused_and_nothing_is_queued(store, ns, bad, error, fra
             conn.offer_planes([b"short", *ds[1:]], _planes(bs))
         assert conn.stats().blocks_offered == 0 and conn.flush(5)
         assert store.calls["put"] == 0
+
+
+def test_offer_lazy_makes_blocks_on_the_writer_thread_and_drops_changed_ones(store, ns):
+    ds, bs = digests(4), blocks(4, seed=9)
+    threads: list[str] = []
+
+    def produce():
+        threads.append(threading.current_thread().name)
+        return [bs[0], None, _planes(bs)[0:0] or [p[2] for p in _planes(bs)], None]
+
+    with connector(store, ns) as conn:
+        assert conn.offer_lazy(ds, 1000, produce) == 4
+        assert conn.flush(10)
+        assert threads == ["kvcore-store-writer"]  # once, and not on the caller's thread
+        s = conn.stats()
+        assert (s.blocks_written, s.blocks_changed, s.dropped_writes) == (2, 2, 2)
+        assert same(conn.fetch_run(ds[:1]), bs[:1])  # block 0 as offer takes it
+        assert store.get(ns.keys(ds[1:2])) == [None]
+        assert same([conn._codec.decode(store.get(ns.keys(ds[2:3]))[0], ds[2])], bs[2:3])
+
+
+def test_a_failing_or_lying_produce_drops_its_blocks_and_says_why(store, ns):
+    ds = digests(3)
+    with connector(store, ns) as conn:
+        conn.offer_lazy(ds, 100, lambda: 1 / 0)
+        conn.offer_lazy(ds, 100, lambda: [None])  # one answer for three blocks
+        assert conn.flush(10)
+        s = conn.stats()
+        assert s.blocks_written == 0 and s.dropped_writes == 6 and s.blocks_changed == 0
+        assert s.errors == 2 and "produce returned 1 blocks for 3" in s.last_error
+        with pytest.raises(StoreConfigError, match="block_bytes"):
+            conn.offer_lazy(ds, 0, lambda: [None] * 3)
+        with pytest.raises(StoreConfigError, match="callable"):
+            conn.offer_lazy(ds, 10, None)
+        with pytest.raises(StoreKeyError):
+            conn.offer_lazy([b"x"], 10, lambda: [None])

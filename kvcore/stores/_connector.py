@@ -14,7 +14,10 @@ What the manager calls, and when (nothing else; every method is thread-safe):
    Blocks that were themselves loaded from the store need not be offered again.
    ``offer_planes(chain_keys, planes)`` takes a batch of blocks as K and V planes
    per layer (what one gather per plane gives), with the same values, and checks
-   per array instead of per block: the manager's form.
+   per array instead of per block: the manager's form.  ``offer_lazy(chain_keys,
+   block_bytes, produce)`` queues blocks whose arrays ``produce()`` makes later, on
+   the writer thread (``None`` for a block that changed meanwhile): a manager with
+   host pools copies its served blocks there, off the engine's thread.
 3. **allocate(), after the local prefix hits**, once it knows the request fits:
    ``fetch_run(chain_keys_of_the_next_full_blocks)`` asks the store for all of them
    in one round trip and returns the decoded arrays of the leading run found (block
@@ -56,6 +59,7 @@ from ._codec import BlockCodec
 from ._format import ArraySpec
 from ._keys import DIGEST_SIZE
 from ._namespace import FROM_CONFIG, StoreNamespace, block_layout
+from ._offers import LazyBlock, LazyJob, PlaneBlock
 from ._registry import open_store
 from ._stats import StoreStats
 from ._store import Store
@@ -83,62 +87,6 @@ class _Counters:
     deleted_values: int = 0
     blocks_changed: int = 0
     last_error: str | None = None
-
-
-class _PlaneBlock:
-    """Block ``index`` of :meth:`StoreConnector.offer_planes`' planes, as the sequence
-    of arrays its value is made of (K and V of each layer, sliced when encoded, by
-    the writer thread)."""
-
-    __slots__ = ("_planes", "_index")
-
-    def __init__(self, planes: Sequence[np.ndarray], index: int) -> None:
-        self._planes = planes
-        self._index = index
-
-    def __len__(self) -> int:
-        return len(self._planes)
-
-    def __iter__(self) -> Any:
-        index = self._index
-        return (plane[index] for plane in self._planes)
-
-
-class _LazyJob:
-    """The arrays of blocks offered with :meth:`StoreConnector.offer_lazy`, made once."""
-
-    __slots__ = ("_produce", "_count", "_result", "_lock")
-
-    def __init__(self, produce: Callable[[], Sequence[Any]], count: int) -> None:
-        self._produce = produce
-        self._count = count
-        self._result: Sequence[Any] | BaseException | None = None
-        self._lock = threading.Lock()
-
-    def get(self, index: int) -> Any:
-        """Block ``index``'s arrays, ``None`` (changed) or the exception ``produce``
-        raised."""
-        with self._lock:
-            if self._result is None:
-                try:
-                    made = list(self._produce())
-                    if len(made) != self._count:
-                        raise StoreKeyError(f"produce returned {len(made)} blocks for "
-                                            f"{self._count} offered")
-                    self._result = made
-                except Exception as exc:  # noqa: BLE001 - reported, never kills the writer
-                    self._result = exc
-                self._produce = None  # type: ignore[assignment]  # what it held can go
-            result = self._result
-        return result if isinstance(result, BaseException) else result[index]
-
-
-class _LazyBlock:
-    __slots__ = ("job", "index")
-
-    def __init__(self, job: _LazyJob, index: int) -> None:
-        self.job = job
-        self.index = index
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -298,7 +246,7 @@ class StoreConnector:
                                          f"V of {n} blocks of layer shape {spec.shape})")
             nbytes += a.nbytes
         each = nbytes // n if n else 0
-        return self._enqueue([(d, _PlaneBlock(planes, b), each) for b, d in enumerate(digests)])
+        return self._enqueue([(d, PlaneBlock(planes, b), each) for b, d in enumerate(digests)])
 
     def offer_lazy(self, chain_keys: Sequence[bytes], block_bytes: int,
                    produce: Callable[[], Sequence[Sequence[np.ndarray] | None]]) -> int:
@@ -318,21 +266,23 @@ class StoreConnector:
         size = _positive_int("block_bytes", block_bytes)
         if not callable(produce):
             raise StoreConfigError(f"produce must be callable, got {produce!r:.80}")
-        job = _LazyJob(produce, len(digests))
-        return self._enqueue([(d, _LazyBlock(job, i), size) for i, d in enumerate(digests)])
+        job = LazyJob(produce, len(digests))
+        return self._enqueue([(d, LazyBlock(job, i), size) for i, d in enumerate(digests)])
 
     def _resolve(self, todo: list[tuple[str, tuple[bytes, Any, int]]]
                  ) -> list[tuple[str, tuple[bytes, Any, int]]]:
         """Lazy blocks of ``todo`` made concrete (writer thread); changed ones left out."""
         out = []
         changed = failed = 0
+        reported: set[int] = set()
         for key, (digest, arrays, size) in todo:
-            if isinstance(arrays, _LazyBlock):
+            if isinstance(arrays, LazyBlock):
                 made = arrays.job.get(arrays.index)
                 if made is None or isinstance(made, BaseException):
                     if isinstance(made, BaseException):
                         failed += 1
-                        if failed == 1:
+                        if id(made) not in reported:  # once per failed produce()
+                            reported.add(id(made))
                             self._error(made, pending=False)
                     else:
                         changed += 1

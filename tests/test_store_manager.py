@@ -60,7 +60,11 @@ def prefill(mgr: KvCacheManager, rid: str, tokens: list[int], **req: Any) -> Any
 
 
 def read(mgr: KvCacheManager, h: Any, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    k, v = h.kv_cache(layer)
+    pair = h.kv_cache(layer)
+    if pair is None:  # nothing written
+        empty = np.zeros((0, 2, 4), np.float32)
+        return empty, empty
+    k, v = pair
     return mgr.backend.to_numpy(k.native), mgr.backend.to_numpy(v.native)
 
 
@@ -681,3 +685,94 @@ def test_torch_bfloat16_blocks_travel_bit_for_bit_nan_payloads_included():
         for plane, ref in enumerate(r.kv_cache(layer)):
             got = ref.native.view(torch.int16).numpy().view(np.uint16)
             assert got.tobytes() == bits[layer, plane, :12].tobytes(), (layer, plane)
+
+
+# --- an adversarial random run -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_runs_never_put_a_wrong_block_in_the_store(seed):
+    """A writer does random things (shared prompts, decode steps, chunks with and
+    without token ids, truncation and continuing differently, forks, frees, gc and a
+    reset, a small pool that evicts) writing the truth wherever token ids are known
+    and junk where they are not.  Then fresh readers ask for every token sequence that
+    was ever recorded: whatever the store serves must be the truth of that prefix."""
+    rng = np.random.default_rng(seed)
+    u = url()
+    mgr = KvCacheManager(cfg(u, num_blocks=48), backend="numpy")
+    stems = [prompt(1000 + i, int(rng.integers(4, 14))) for i in range(3)]
+    live: dict[str, list[int | None]] = {}  # rid -> tokens (None: written without ids)
+    seen: list[list[int]] = []
+    serial = 0
+
+    def write_new(rid: str, seq: list[int | None], start: int) -> None:
+        h = mgr.get_handle(rid)
+        known = [t for t in seq[:len(seq)]] if None not in seq else None
+        for layer in range(3):
+            if known is not None:
+                k, v = truth(known, layer, 0)[start:], truth(known, layer, 1)[start:]
+            else:
+                k = v = np.full((len(seq) - start, 2, 4), -3.0, np.float32)
+            mgr.write(h, layer, k, v, start=start)
+
+    for _ in range(120):
+        op = rng.integers(0, 9)
+        try:
+            if op <= 1 or not live:  # a prompt sharing a stem
+                stem = stems[int(rng.integers(0, 3))]
+                tokens = stem + prompt(int(rng.integers(1 << 30)), int(rng.integers(1, 12)))
+                serial += 1
+                rid = f"r{serial}"
+                h = mgr.allocate(AllocationRequest(request_id=rid, prompt_token_ids=tokens))
+                live[rid] = list(tokens)
+                write_new(rid, live[rid], h.num_cached_tokens())
+                seen.append(list(tokens))
+            else:
+                rid = list(live)[int(rng.integers(0, len(live)))]
+                seq = live[rid]
+                h = mgr.get_handle(rid)
+                if op <= 3:  # a decode step or a chunk, with ids (when the chain is intact)
+                    n = int(rng.integers(1, 6))
+                    new = prompt(int(rng.integers(1 << 30)), n)
+                    ids = None if None in seq else new
+                    mgr.extend(h, n, token_ids=ids)
+                    seq.extend(new if ids is not None else [None] * n)
+                    write_new(rid, seq, len(seq) - n)
+                    if ids is not None:
+                        seen.append(list(seq))
+                elif op == 4:  # tokens whose ids are not given: junk K/V
+                    n = int(rng.integers(1, 6))
+                    mgr.extend(h, n)
+                    seq.extend([None] * n)
+                    write_new(rid, seq, len(seq) - n)
+                elif op == 5:  # roll back, then continue differently
+                    keep = int(rng.integers(0, len(seq) + 1))
+                    mgr.truncate(h, keep)
+                    del seq[keep:]
+                elif op == 6:
+                    serial += 1
+                    child = f"r{serial}"
+                    mgr.fork(h, child)
+                    live[child] = list(seq)
+                elif op == 7:
+                    mgr.deallocate(h)
+                    del live[rid]
+                else:
+                    (mgr.gc if rng.random() < 0.7 else mgr.reset_prefix_cache)()
+        except OutOfBlocksError:
+            for rid in list(live)[:2]:
+                mgr.deallocate(rid)
+                del live[rid]
+        mgr.check_invariants()
+    mgr.close()
+    assert mgr._link.connector.stats().blocks_written > 0  # type: ignore[union-attr]
+    served = 0
+    for i, tokens in enumerate(seen):
+        reader = KvCacheManager(cfg(u), backend="numpy")
+        r = reader.allocate(AllocationRequest(request_id="r", prompt_token_ids=tokens,
+                                              allow_full_hit=True))
+        assert r.num_cached_tokens() % 4 == 0
+        assert_holds(reader, r, tokens)
+        served += r.num_cached_tokens()
+        reader.close()
+    assert served > 0

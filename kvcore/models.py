@@ -319,6 +319,10 @@ class CacheConfig(_Record):
     # A config may hold secrets (hash_key, a store password): errors never echo input.
     model_config = ConfigDict(hide_input_in_errors=True)
 
+    def __hash__(self) -> int:
+        # store_options is a dict: hash every other field (equal configs still hash equal).
+        return hash(tuple(v for k, v in self.__dict__.items() if k != "store_options"))
+
     def __repr_args__(self) -> Any:
         for name, value in super().__repr_args__():
             if name == "store":

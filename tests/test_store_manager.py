@@ -34,7 +34,8 @@ def url() -> str:
     return f"memory://test-{uuid.uuid4().hex}"
 
 
-def cfg(store: str | None, num_blocks: int = 64, **fields: Any) -> CacheConfig:
+def cfg(store: str | None = None, num_blocks: int = 64, **fields: Any) -> CacheConfig:
+    store = fields.pop("store", store)
     if store is not None:
         fields.setdefault("hash_key", KEY)
     return CacheConfig(**{**SHAPE, **fields}, num_blocks=num_blocks, store=store)
@@ -776,3 +777,10 @@ def test_random_runs_never_put_a_wrong_block_in_the_store(seed):
         served += r.num_cached_tokens()
         reader.close()
     assert served > 0
+
+
+def test_configs_with_store_options_hash_and_compare_by_value():
+    fields = dict(store="memory://x", hash_key=KEY, store_options={"timeout": 1})
+    a, b = cfg(**fields), cfg(**fields)
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a != cfg(**{**fields, "store_options": {"timeout": 2}})

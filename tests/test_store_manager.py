@@ -784,3 +784,14 @@ def test_configs_with_store_options_hash_and_compare_by_value():
     a, b = cfg(**fields), cfg(**fields)
     assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
     assert a != cfg(**{**fields, "store_options": {"timeout": 2}})
+
+
+def test_strict_mode_raises_failed_writes_from_flush_store(flaky):
+    mgr = KvCacheManager(cfg(flaky, store_options={"strict": True}), backend="numpy")
+    FlakyStore.down = True
+    prefill(mgr, "a", prompt(60, 4))  # one block, nothing to look up: only a write
+    with pytest.raises(StoreConnectionError, match="flaky store is down"):
+        mgr.flush_store(10)
+    assert mgr.flush_store(10)  # raised once
+    FlakyStore.down = False
+    mgr.close()

@@ -105,7 +105,9 @@ def _split_options(options: dict[str, Any] | None) -> tuple[dict[str, Any], dict
 
 class StoreLink:
     """Digests, write-behind and read-through for one manager (see the module
-    docstring).  Called under the manager's lock."""
+    docstring).  Called under the manager's lock; only the copies of deferred blocks
+    run on the connector's writer thread (guarded by ``_pools_lock`` against the pools
+    being released)."""
 
     def __init__(self, co: Coordinator, config: CacheConfig, backend: Backend,
                  hash_key: bytes) -> None:
@@ -129,7 +131,8 @@ class StoreLink:
         if link_kw.get("authenticate", False):
             connector_kw["mac_key"] = hashlib.blake2b(b"", digest_size=32, key=hash_key,
                                                       person=_MAC_PERSON).digest()
-        from .stores import StoreConnector
+        from .stores import BreakerState, StoreConnector
+        self._breaker_open = BreakerState.open
         self.connector = StoreConnector.open(config.store, config, store_options=store_kw,
                                              **connector_kw)
         self._dtype = config.dtype
@@ -170,8 +173,7 @@ class StoreLink:
         blocks = blocks[self.digests.known(blocks)]
         if not blocks.size:
             return
-        from .stores import BreakerState
-        if conn.breaker_state is BreakerState.open:
+        if conn.breaker_state is self._breaker_open:
             self.dropped += blocks.size  # the store is left alone: no copy for nothing
             return
         try:

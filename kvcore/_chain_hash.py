@@ -19,7 +19,9 @@ miss and never returns another prefix's K/V.  The key is therefore not a
 cryptographic hash; by default its weights come from a random per-manager secret
 (``CacheConfig.hash_seed=None``), so nothing outside the process can aim at it, and
 a fixed seed gives reproducible keys for tests.  Keys that leave the process (a
-shared store) are cryptographic and computed elsewhere.
+shared store) are cryptographic: :mod:`kvcore._chain_digests` computes them when a
+store or ``CacheConfig.crypto_block_keys`` asks (about 0.44 us per 16-token block,
+against about 0.05 us for these; ``kvcore bench -w store``).
 """
 
 from __future__ import annotations

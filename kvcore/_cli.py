@@ -62,6 +62,13 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.store is not None:
+        if args.generate:
+            print("kvcore demo: --store and --generate are separate demos; give one",
+                  file=sys.stderr)
+            return 2
+        from ._demo_store import run_store_demo
+        return run_store_demo(args.store, backend=args.backend)
     from ._demo import run_demo
     return run_demo(backend=args.backend, generate=args.generate)
 
@@ -112,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="greedy and beam-search generate() with a tiny random Llama through "
                         "transformers, checked against DynamicCache (needs "
                         'pip install "kvcore[transformers]")')
+    p.add_argument("--store", metavar="URL", default=None,
+                   help="two processes share a prompt through the store at URL "
+                        "(redis://host:6379/0, redis+cluster://host:7000, "
+                        "file:///path): the second reads back, bit-identical, what the "
+                        "first wrote; prints the hit rate")
     sub.add_parser("bench", help="benchmarks (kvcore bench --help)", add_help=False)
     p = sub.add_parser("conformance", help="run the conformance suite on backends",
                        description="Run the kvcore conformance suite against installed "

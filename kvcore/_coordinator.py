@@ -26,6 +26,7 @@ remembered slot-mapping check.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -57,6 +58,22 @@ class Counters:
     cow: int = 0
     #: Blocks a sliding window gave back while their sequence went on.
     window_releases: int = 0
+
+
+class BlockLink(Protocol):
+    """What the coordinator tells the optional link beyond the process (a store, or
+    cryptographic block keys; :mod:`kvcore._store_link`): full blocks recorded in the
+    prefix chain, and blocks that became complete.  ``None`` when there is none, so
+    a cache without one pays a ``None`` check."""
+
+    def recorded(self, row: int, first: int, stop: int, keys: np.ndarray) -> None: ...
+
+    def recorded_step(self, rows: np.ndarray, logical: np.ndarray, tokens: np.ndarray,
+                      keys: np.ndarray) -> None: ...
+
+    def completed(self, group: GroupParts, blocks: np.ndarray) -> None: ...
+
+    def stats_fields(self) -> dict[str, int]: ...
 
 
 class GroupParts:
@@ -133,7 +150,8 @@ class Coordinator:
         self.backend = backend
         self.block_size = c.block_size
         self.layouts = c.groups
-        self.tables = SequenceTables(c.block_size, c.num_layers, len(self.layouts))
+        self.tables = SequenceTables(c.block_size, c.num_layers, len(self.layouts),
+                                     digests=c.store is not None or c.crypto_block_keys)
         self.groups: list[GroupParts] = []
         self.swap: SwapSpace | None = None
         try:
@@ -163,6 +181,8 @@ class Coordinator:
         self.counters = Counters()
         self.epoch = 0
         self.salts = SaltRegistry(self.hasher, self._salts_in_use)
+        #: The link beyond the process, set by the manager (see :class:`BlockLink`).
+        self.link: BlockLink | None = None
 
     def group(self, index: object) -> GroupParts:
         """Layer group ``index`` (``None``: the primary group)."""
@@ -179,6 +199,10 @@ class Coordinator:
     def salt(self, extra_key: str | None) -> int:
         """The salt id of ``extra_key`` (see :mod:`kvcore._salts`)."""
         return self.salts.id(extra_key)
+
+    def extra_key(self, salt: int) -> str | None:
+        """The ``extra_key`` of a live salt id (the inverse of :meth:`salt`)."""
+        return self.salts.name(salt)
 
     def root_key(self, salt: int) -> int:
         return self.salts.root(salt)
@@ -239,6 +263,8 @@ class Coordinator:
                 self.root_key(int(t.salt[row]))
             keys = self.hasher.keys(tokens, parent_key)
         t.chain_key[row, first:stop] = keys
+        if self.link is not None:
+            self.link.recorded(row, first, stop, keys)
         t.hashed[row] = stop
         salt = int(t.salt[row])
         for g in self.token_groups:
@@ -272,6 +298,8 @@ class Coordinator:
         parent_keys = np.where(has_parent, t.chain_key[rows, prev], self.salts.roots[t.salt[rows]])
         keys = self.hasher.step(parent_keys, tokens)
         t.chain_key[rows, logical] = keys
+        if self.link is not None:
+            self.link.recorded_step(rows, logical, tokens, keys)
         t.hashed[rows] = logical + 1
         salts = t.salt[rows]
         for g in self.token_groups:

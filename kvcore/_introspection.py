@@ -88,7 +88,8 @@ def manager_stats(co: Coordinator, seqs: Mapping[str, SequenceRecord]) -> CacheM
         copy_on_write_copies=n.cow,
         window_released_blocks=n.window_releases,
         pressure=pressure_level(co),
-        utilization=used / total)
+        utilization=used / total,
+        **(co.link.stats_fields() if co.link is not None else {}))
 
 
 def flashinfer_table(co: Coordinator, rows: np.ndarray, g: GroupParts) -> FlashInferPageTable:

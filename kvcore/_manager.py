@@ -18,7 +18,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,10 @@ from .errors import (CacheError, CapacityError, DuplicateRequestError, HandleSwa
                      UnknownRequestError, UnsupportedError)
 from .models import (AllocationRequest, CacheConfig, CacheGcStats, CacheHandleStats,
                      CacheManagerStats, MemoryPressure)
+
+if TYPE_CHECKING:
+    from ._store_link import StoreLink
+    from .stores import StoreStats
 
 __all__ = ["KvCacheManager"]
 
@@ -83,6 +87,15 @@ class KvCacheManager:
         self._config = config
         self._backend = be
         self._co = Coordinator(config, be)
+        #: Block digests and the store (kvcore._store_link), when the config asks.
+        self._link: StoreLink | None = None
+        if config.store is not None or config.crypto_block_keys:
+            from ._store_link import open_link
+            try:
+                self._link = self._co.link = open_link(self._co, config, be)
+            except BaseException:
+                self._co.close()
+                raise
         self._token = object()  # the identity every SlotMapping of this manager carries
         self._dir = SequenceDirectory(self, be.handle_class, self._co.tables)
         self._seqs = self._dir.seqs
@@ -132,7 +145,11 @@ class KvCacheManager:
             self._seqs.clear()
             self._fast = None
             self._last_batch = None
-            self._co.close()
+            try:
+                if self._link is not None:
+                    self._link.close()  # sends what is queued (bounded), closes the store
+            finally:
+                self._co.close()
 
     def __enter__(self) -> KvCacheManager:
         return self
@@ -250,10 +267,20 @@ class KvCacheManager:
                         f"request {rid!r} needs {need} new blocks{where} "
                         f"({request.num_tokens} tokens, {plan.hits} blocks from the prefix "
                         f"cache) but only {free} are free")
+            link = self._link
+            # The store's blocks after the local hits (one round trip), before anything
+            # changes: room for them is part of the plan, a fault is a miss.
+            fetched = link.prepare(co, plan, request) if link is not None else None
             row = co.tables.take_row()
             commit_allocation(co, plan, row, request.num_tokens or 0)
             seq = SequenceRecord(rid, row, co.tables, self._grow, co.primary.layout.index)
             self._seqs[rid] = seq
+            if fetched is not None:
+                try:
+                    link.committed(co, plan, row, fetched)  # type: ignore[union-attr]
+                except BaseException:
+                    self.deallocate(rid)  # a backend failing mid-load: give it all back
+                    raise
             self._after_change()
             return self._handle(seq)
 
@@ -490,6 +517,37 @@ class KvCacheManager:
         that does not fit (:class:`~kvcore.errors.OutOfBlocksError`) changes nothing.
         """
         return _persist.load(self, path, request_ids, extra_key)
+
+    # --- the store (kvcore._store_link) ------------------------------------------------
+
+    def flush_store(self, timeout: float | None = None) -> bool:
+        """Wait until the blocks queued for the store were sent (``True``) or ``timeout``
+        seconds passed (``False``); ``True`` at once without a store.  With the store
+        option ``strict``, raises the first failed write."""
+        with self._lock:
+            self._check_open("flush_store")
+            link = self._link
+        return True if link is None else link.flush(timeout)
+
+    def store_stats(self) -> StoreStats | None:
+        """The store connector's own counters (queue, breaker, timeouts...), or ``None``
+        without a store.  :meth:`stats` has the store's hits, misses and bytes too."""
+        with self._lock:
+            self._check_open("store_stats")
+            return None if self._link is None else self._link.stats()
+
+    def block_digests(self, handle: Handle) -> list[bytes]:
+        """The keyed cryptographic chain keys (16 bytes, BLAKE2b keyed with
+        ``config.hash_key``) of the sequence's full blocks whose token ids are known, in
+        order: the names its blocks have in a store.  Needs a store or
+        ``crypto_block_keys=True``."""
+        with self._lock:
+            seq = self._seq_of(handle, "block_digests")
+            if self._link is None:
+                raise UnsupportedError("block_digests: this manager computes no cryptographic "
+                                       "block keys; configure a store or "
+                                       "crypto_block_keys=True")
+            return self._link.digests.of_row(seq.row)
 
     # --- swap ---------------------------------------------------------------------------
 

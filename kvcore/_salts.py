@@ -38,6 +38,7 @@ class SaltRegistry:
         self._hasher = hasher
         self._in_use = in_use
         self._ids: dict[str | None, int] = {None: 0}
+        self._names: dict[int, str | None] = {0: None}
         self._roots = np.zeros(8, dtype=np.uint64)
         self._roots[0] = hasher.root(None)
         self._next = 1           # ids [1, _next) have been handed out at least once
@@ -71,10 +72,16 @@ class SaltRegistry:
                 self._roots = grown
         self._roots[sid] = self._hasher.root(extra_key)
         self._ids[extra_key] = sid
+        self._names[sid] = extra_key
         return sid
 
     def root(self, sid: int) -> int:
         return int(self._roots[sid])
+
+    def name(self, sid: int) -> str | None:
+        """The ``extra_key`` of a live id (ids are reused once freed: never keep a
+        name or anything derived from it by id)."""
+        return self._names[sid]
 
     def reclaim(self) -> int:
         """Free the ids nothing references any more; returns how many were freed."""
@@ -83,6 +90,8 @@ class SaltRegistry:
         live[0] = True
         stale = [key for key, sid in self._ids.items() if not live[sid]]
         for key in stale:
-            self._free.append(self._ids.pop(key))
+            sid = self._ids.pop(key)
+            del self._names[sid]
+            self._free.append(sid)
         self._reclaim_at = max(_FIRST_RECLAIM, 2 * len(self._ids))
         return len(stale)

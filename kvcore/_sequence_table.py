@@ -26,9 +26,12 @@ import numpy as np
 from ._block_table import BlockTable
 from .errors import CacheError, InvalidHandleError
 
-__all__ = ["GroupTable", "ManagedBlockTable", "SequenceRecord", "SequenceTables"]
+__all__ = ["DIGEST_DTYPE", "GroupTable", "ManagedBlockTable", "SequenceRecord",
+           "SequenceTables"]
 
 _ids = itertools.count()
+#: One 16-byte chain digest per element.
+DIGEST_DTYPE = np.dtype("V16")
 
 
 class GroupTable:
@@ -88,9 +91,12 @@ class SequenceTables:
     what all layer groups share, and one :class:`GroupTable` per group."""
 
     def __init__(self, block_size: int, num_layers: int, num_groups: int = 1,
-                 rows: int = 16, width: int = 8) -> None:
+                 rows: int = 16, width: int = 8, *, digests: bool = False) -> None:
         self.block_size = block_size
         self.num_layers = num_layers
+        #: Whether ``digest`` is kept (a store, or ``crypto_block_keys``); else it has no
+        #: columns and costs nothing.
+        self.keeps_digests = digests
         self._alloc(rows, width)
         self.groups = [GroupTable(rows, width) for _ in range(num_groups)]
         self._free_rows = list(range(rows - 1, -1, -1))
@@ -115,14 +121,18 @@ class SequenceTables:
         self.hashing = np.zeros(rows, dtype=bool)
         self.hashed = np.zeros(rows, dtype=np.int64)
         self.chain_key = np.zeros((rows, width), dtype=np.uint64)
+        #: The keyed cryptographic chain key (16 bytes) of each full block, valid below
+        #: ``hashed`` (kept by :mod:`kvcore._chain_digests` when ``keeps_digests``).
+        self.digest = np.zeros((rows, width if self.keeps_digests else 0), dtype=DIGEST_DTYPE)
         self.salt = np.zeros(rows, dtype=np.int64)
         self.token_ids = np.zeros((rows, width * bs), dtype=np.int32)
         self.known = np.zeros(rows, dtype=np.int64)
         self.last_access = np.zeros(rows, dtype=np.float64)
 
     _FIELDS = ("length", "written", "version", "cached", "joined", "swapped", "encoder",
-               "hashing", "hashed", "chain_key", "salt", "token_ids", "known", "last_access")
-    _WIDE = ("chain_key", "token_ids")
+               "hashing", "hashed", "chain_key", "salt", "token_ids", "known", "last_access",
+               "digest")
+    _WIDE = ("chain_key", "token_ids", "digest")
 
     @property
     def capacity(self) -> int:
@@ -169,6 +179,8 @@ class SequenceTables:
         for name in self._WIDE:
             array = getattr(self, name)
             cols = new * bs if name == "token_ids" else new
+            if name == "digest" and not self.keeps_digests:
+                continue
             grown = np.zeros((array.shape[0], cols), dtype=array.dtype)
             grown[:, :array.shape[1]] = array
             setattr(self, name, grown)

@@ -96,6 +96,8 @@ def settle(co: Coordinator, fast: FastPath) -> None:
             new = g.store.mark_filled(np.asarray(mine, dtype=np.int64), done)
             if new.size:
                 g.prefix.on_complete(new)
+                if co.link is not None:
+                    co.link.completed(g, new)
 
 
 def fast_layers(co: Coordinator, g: GroupParts, layers: np.ndarray) -> list[int]:
@@ -111,6 +113,8 @@ def _complete_blocks(co: Coordinator, g: GroupParts, local: int, slots: np.ndarr
     new = g.store.mark_filled(local, done)
     if new.size:
         g.prefix.on_complete(new)
+        if co.link is not None:
+            co.link.completed(g, new)
 
 
 def write_range(co: Coordinator, row: int, request_id: str, layer: int, planes: tuple[Any, ...],

@@ -8,12 +8,13 @@ field name or a negative count is refused at construction with a
 from __future__ import annotations
 
 import enum
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, NamedTuple
 
 import numpy as np
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
-                      PrivateAttr, StrictBool, model_validator)
+                      PrivateAttr, SecretBytes, model_validator)
 
 from ._chain_hash import token_array
 from ._device import Device, DType
@@ -56,10 +57,114 @@ def _token_ids(value: Any) -> Any:
     return tuple(token_array(value, "prompt_token_ids").tolist())
 
 
-PositiveInt = Annotated[int, BeforeValidator(_strict_int), Field(gt=0)]
-NonNegativeInt = Annotated[int, BeforeValidator(_strict_int), Field(ge=0)]
+def _at_least(low: int) -> Any:
+    """:func:`_strict_int` and the bound, checked here so the message names the value
+    (a config hides pydantic's ``input_value``: it may hold secrets)."""
+    def check(value: Any) -> int:
+        number = _strict_int(value)
+        if number < low:
+            raise ValueError(f"expected an int >= {low}, got {number}")
+        return number
+    return check
+
+
+def _fraction(value: Any) -> float:
+    number = _strict_float(value)
+    if not 0 < number <= 1:
+        raise ValueError(f"expected a fraction in (0, 1], got {number!r}")
+    return number
+
+
+def _strict_bool(value: Any) -> bool:
+    """Switches are bools: refuse ``1``, ``"yes"`` and ``None``, naming the value (a
+    config hides pydantic's ``input_value``)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"expected True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+Flag = Annotated[bool, BeforeValidator(_strict_bool)]
+PositiveInt = Annotated[int, BeforeValidator(_at_least(1)), Field(gt=0)]
+NonNegativeInt = Annotated[int, BeforeValidator(_at_least(0)), Field(ge=0)]
 TokenIds = Annotated[tuple[int, ...] | None, BeforeValidator(_token_ids)]
-Fraction = Annotated[float, BeforeValidator(_strict_float), Field(gt=0, le=1)]
+Fraction = Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=1)]
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: Option names whose values are secrets: never shown in a repr or a JSON dump.
+_SECRET_OPTIONS = ("password", "ssl_password", "mac_key")
+
+
+def _store_url(value: Any) -> Any:
+    """``store``: ``None`` or a URL with a scheme (the plugin, its options and the
+    server are checked when a manager opens it).  Never echoes the URL: it may hold
+    a password."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _URL_SCHEME.match(value.strip()):
+        what = "a str without a scheme" if isinstance(value, str) else type(value).__name__
+        raise ValueError(f"store must be a URL such as redis://host:6379/0, "
+                         f"redis+cluster://host:7000 or file:///var/cache/kvcore, got {what}")
+    return value.strip()
+
+
+def _redacted_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from .stores._url import redact_url  # only configs with a store get here
+    return redact_url(value)
+
+
+def _redacted_options(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return {k: "***" if k in _SECRET_OPTIONS else v for k, v in value.items()}
+
+
+def _store_options(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"store_options must be a dict of option names (str) to values, got "
+                         f"{type(value).__name__}")
+    return dict(value)
+
+
+def _hash_key(value: Any) -> Any:
+    """``hash_key``: 16..64 secret bytes; the message names the type or length, never
+    the bytes."""
+    if value is None:
+        return None
+    if isinstance(value, SecretBytes):
+        value = value.get_secret_value()
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError(f"hash_key must be 16..64 bytes, got {type(value).__name__} (make one "
+                         "with kvcore.stores.new_hash_key(); from hex: bytes.fromhex(text))")
+    raw = bytes(value)
+    if not 16 <= len(raw) <= 64:
+        raise ValueError(f"hash_key must be 16..64 bytes, got {len(raw)} bytes (make one with "
+                         "kvcore.stores.new_hash_key())")
+    return SecretBytes(raw)
+
+
+def _namespace(value: Any) -> Any:
+    if not isinstance(value, str) or not _NAMESPACE.match(value):
+        raise ValueError(f"store_namespace must be 1..64 characters of [A-Za-z0-9_-], got "
+                         f"{value!r}")
+    return value
+
+
+def _model_id(value: Any) -> Any:
+    if value is not None and (not isinstance(value, str) or not 1 <= len(value) <= 256):
+        raise ValueError(f"model_id must be a str of 1..256 characters or None, got {value!r}")
+    return value
+
+
+StoreUrl = Annotated[str | None, BeforeValidator(_store_url),
+                     PlainSerializer(_redacted_url, when_used="json")]
+StoreOptionsField = Annotated[dict[str, Any] | None, BeforeValidator(_store_options),
+                              PlainSerializer(_redacted_options, when_used="json")]
+HashKey = Annotated[SecretBytes | None, BeforeValidator(_hash_key)]
 
 
 class _Record(BaseModel):
@@ -178,7 +283,7 @@ class CacheConfig(_Record):
     block_size: PositiveInt = 16
     num_blocks: PositiveInt
     device: DeviceField = Device("cpu")
-    enable_prefix_caching: StrictBool = True
+    enable_prefix_caching: Flag = True
     #: Blocks in the swap pool (0: no swapping).  The swap pool lives on ``swap_device``.
     swap_blocks: NonNegativeInt = 0
     swap_device: DeviceField = Device("cpu")
@@ -191,6 +296,68 @@ class CacheConfig(_Record):
     #: hits are verified exactly either way (a key collision costs a miss, never data).
     hash_seed: Annotated[int, BeforeValidator(_strict_int)] | None = None
     layer_groups: tuple[LayerGroup, ...] = ()
+    #: A store to share full prefix blocks through (``redis://host:6379/0``,
+    #: ``redis+cluster://h:7000``, ``file:///var/cache/kvcore``, ``memory://name``):
+    #: completed blocks are written behind, ``allocate`` reads the next blocks of a
+    #: prompt through (see docs/scale-out.md).  Needs ``hash_key``; configs without
+    #: ``layer_groups`` only (a manager refuses others).
+    store: StoreUrl = None
+    #: Options for the store (``password``, ``timeout``, TLS files...) and the
+    #: connector (``strict``, ``queue_blocks``, ``queue_bytes``, ``batch_blocks``,
+    #: ``batch_bytes``, ``failure_threshold``, ``cooldown_s``, ``skip_existing``,
+    #: ``delete_corrupt``, ``read_window``) and ``authenticate`` (a MAC on every
+    #: value, keyed from ``hash_key``) and ``close_timeout`` (seconds ``close()`` waits
+    #: for queued writes).  Secret values are never shown in a repr or JSON dump.
+    store_options: StoreOptionsField = None
+    #: The secret (16..64 bytes) the keyed cryptographic block keys are computed with.
+    #: Required with ``store``: every process that should share blocks must have the
+    #: same one, and nobody else (whoever holds it can compute the key of any prompt
+    #: they can guess).  With ``crypto_block_keys`` alone, ``None`` draws a random one
+    #: per manager.  Never shown in a repr, an error or a JSON dump.
+    hash_key: HashKey = None
+    #: Compute the keyed BLAKE2b chain key of every full block (issue 10) even without
+    #: a store (``KvCacheManager.block_digests``); always on with a store.
+    crypto_block_keys: Flag = False
+    #: The model and adapter the K/V come from (``"meta-llama/Llama-3.1-8B@lora-7"``):
+    #: part of the store namespace's fingerprint, so blocks of other weights never mix.
+    model_id: Annotated[str | None, BeforeValidator(_model_id)] = None
+    #: The deployment / tenant name every store key starts with (``kvc1.<name>.``).
+    store_namespace: Annotated[str, BeforeValidator(_namespace)] = "default"
+
+    # A config may hold secrets (hash_key, a store password): errors never echo input.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    def __hash__(self) -> int:
+        # store_options is a dict: hash every other field (equal configs still hash equal).
+        return hash(tuple(v for k, v in self.__dict__.items() if k != "store_options"))
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name == "store":
+                value = _redacted_url(value)
+            elif name == "store_options":
+                value = _redacted_options(value)
+            yield name, value
+
+    @model_validator(mode="after")
+    def _store_fields_fit(self) -> CacheConfig:
+        if self.store is not None:
+            if self.hash_key is None:
+                raise ValueError(
+                    "store is set but hash_key is not: blocks are shared only between "
+                    "processes with the same secret hash_key (16..64 bytes; make one with "
+                    "kvcore.stores.new_hash_key() and give it to every process that should "
+                    "share blocks, and to nobody else)")
+            if not self.enable_prefix_caching:
+                raise ValueError("store needs enable_prefix_caching=True: blocks are found in "
+                                 "a store by their prefix chain")
+        else:
+            if self.store_options is not None:
+                raise ValueError("store_options is set but store is not")
+            if self.hash_key is not None and not self.crypto_block_keys:
+                raise ValueError("hash_key is used only with store=... or "
+                                 "crypto_block_keys=True")
+        return self
 
     @model_validator(mode="after")
     def _groups_cover_every_layer_once(self) -> CacheConfig:
@@ -334,8 +501,8 @@ class AllocationRequest(_Record):
     num_tokens: NonNegativeInt | None = None
     prompt_token_ids: TokenIds = None
     extra_key: str | None = None
-    allow_full_hit: StrictBool = False
-    join_pending: StrictBool = False
+    allow_full_hit: Flag = False
+    join_pending: Flag = False
     #: Encoder tokens to reserve in cross-attention layer groups (default: the
     #: group's ``encoder_tokens``).
     encoder_tokens: PositiveInt | None = None
@@ -413,6 +580,25 @@ class CacheManagerStats(_Record):
     window_released_blocks: NonNegativeInt = 0
     pressure: MemoryPressure = MemoryPressure.low
     utilization: float = Field(0.0, ge=0.0, le=1.0)
+    #: With a store (``CacheConfig.store``; all 0 without): prompt blocks loaded from
+    #: it at allocation (apart from the local ``prefix_cache_hits``), and their tokens;
+    #: blocks asked for and not served (absent, damaged, or the store failing).
+    store_hits: NonNegativeInt = 0
+    store_hit_tokens: NonNegativeInt = 0
+    store_misses: NonNegativeInt = 0
+    #: Bytes of values read from / written to the store.
+    store_bytes_loaded: NonNegativeInt = 0
+    store_bytes_stored: NonNegativeInt = 0
+    #: Completed blocks written to the store, and those dropped (queue full, store
+    #: failing or circuit open): write-behind never waits.
+    store_blocks_written: NonNegativeInt = 0
+    store_dropped_writes: NonNegativeInt = 0
+    #: Store calls that failed or timed out, and values refused as damaged or foreign
+    #: (each a miss, and deleted).
+    store_errors: NonNegativeInt = 0
+    store_corrupt_misses: NonNegativeInt = 0
+    #: Blocks waiting in the write-behind queue now.
+    store_queued_blocks: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _blocks_add_up(self) -> CacheManagerStats:

@@ -178,7 +178,7 @@ def test_fields_added_later_are_exported_by_the_generic_rule(config, monkeypatch
     assert specs["store_read_latency_s"] == ("gauge", "kvcore_store_read_latency_s")
     mgr = kvcore.KvCacheManager(config, backend="numpy")
     real = mgr.stats
-    monkeypatch.setattr(mgr, "stats", lambda: _FutureStats(**real().model_dump(), store_hits=7))
+    monkeypatch.setattr(mgr, "stats", lambda: _FutureStats(**{**real().model_dump(), "store_hits": 7}))
     registry = CollectorRegistry()
     register(mgr, registry=registry)
     assert _scrape(registry)[("kvcore_store_hits_total", (("manager", "default"),))] == 7.0

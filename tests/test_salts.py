@@ -77,3 +77,23 @@ def test_a_reused_salt_id_never_serves_the_salt_that_held_it_before():
     assert mgr.stats().prefix_cache_hit_tokens - 0 >= 2 * BS
     assert np.all(np.from_dlpack(h.key_cache(0))[:2 * BS] == 6.0)
     mgr.check_invariants()
+
+
+def test_store_keys_follow_the_salt_after_its_id_is_reused():
+    """Cryptographic block keys take the tenant's extra_key by salt id; once ids are
+    reclaimed and handed to other strings, each sequence's keys must still be those of
+    its own salt (a stale id -> name cache would key one tenant's blocks as another's)."""
+    from kvcore.stores import chain_keys
+    key = b"k" * 32
+    cfg = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, dtype="float32",
+                      block_size=BS, num_blocks=16, crypto_block_keys=True, hash_key=key)
+    mgr = KvCacheManager(cfg, "numpy")
+    for i in range(300):  # one-off salts: ids are freed and reused
+        serve(mgr, f"c{i}", f"churn-{i}", [9000 + i] * BS, 0.0)
+    prompt = list(range(500, 500 + 2 * BS + 1))
+    for salt in ("alice", "bob", None):
+        h = mgr.allocate(AllocationRequest(request_id=f"q-{salt}", prompt_token_ids=prompt,
+                                           extra_key=salt))
+        want = chain_keys(None, np.array(prompt[:2 * BS]).reshape(2, BS), salt, key)
+        assert mgr.block_digests(h) == want
+        mgr.deallocate(h)

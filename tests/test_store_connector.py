@@ -522,3 +522,83 @@ def test_a_damaged_value_in_a_later_window_ends_the_run_there(store, ns):
         assert same(conn.fetch_run(ds), bs[:5])
         conn.flush(10)
         assert conn.stats().corrupt_values == 1 and store.get([ns.key(ds[5])]) == [None]
+
+
+# --- offer_planes: a manager's batch form ------------------------------------------------
+
+
+def _planes(bs: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """K and V of each layer of ``bs`` as ``[n, ...]`` planes (what a gather gives)."""
+    return [np.stack([b[layer][plane] for b in bs]) for layer in range(len(LAYOUT))
+            for plane in (0, 1)]
+
+
+def test_offer_planes_makes_the_values_offer_makes(store, ns):
+    ds, bs = digests(5), blocks(5, seed=3)
+    other = f"conn-{uuid.uuid4().hex}"
+    twin = FaultyStore(other)
+    try:
+        with connector(store, ns) as a, connector(twin, ns) as b:
+            assert a.offer(list(zip(ds, bs))) == 5
+            assert b.offer_planes(ds, _planes(bs)) == 5
+            assert a.flush(10) and b.flush(10)
+            keys = ns.keys(ds)
+            assert store.get(keys) == twin.get(keys)  # byte for byte
+            assert same(b.fetch_run(ds), bs)
+            assert b.offer_planes([], [p[:0] for p in _planes(bs)]) == 0
+    finally:
+        MemoryStore.drop(other)
+
+
+@pytest.mark.parametrize("bad, error, fragment", [
+    (lambda p: p[:-1], ShapeMismatchError, "4 arrays"),
+    (lambda p: np.stack(p), ShapeMismatchError, "an array"),
+    (lambda p: [p[0][:2], *p[1:]], ShapeMismatchError, "plane 0 has shape"),
+    (lambda p: [p[0].astype(np.float32), *p[1:]], DtypeMismatchError, "float32"),
+    (lambda p: [p[0].tolist(), *p[1:]], DtypeMismatchError, "list"),
+])
+def test_bad_planes_are_refused_and_nothing_is_queued(store, ns, bad, error, fragment):
+    ds, bs = digests(3), blocks(3)
+    with connector(store, ns) as conn:
+        with pytest.raises(error, match=fragment):
+            conn.offer_planes(ds, bad(_planes(bs)))
+        with pytest.raises(StoreKeyError):
+            conn.offer_planes([b"short", *ds[1:]], _planes(bs))
+        assert conn.stats().blocks_offered == 0 and conn.flush(5)
+        assert store.calls["put"] == 0
+
+
+def test_offer_lazy_makes_blocks_on_the_writer_thread_and_drops_changed_ones(store, ns):
+    ds, bs = digests(4), blocks(4, seed=9)
+    threads: list[str] = []
+
+    def produce():
+        threads.append(threading.current_thread().name)
+        return [bs[0], None, _planes(bs)[0:0] or [p[2] for p in _planes(bs)], None]
+
+    with connector(store, ns) as conn:
+        assert conn.offer_lazy(ds, 1000, produce) == 4
+        assert conn.flush(10)
+        assert threads == ["kvcore-store-writer"]  # once, and not on the caller's thread
+        s = conn.stats()
+        assert (s.blocks_written, s.blocks_changed, s.dropped_writes) == (2, 2, 2)
+        assert same(conn.fetch_run(ds[:1]), bs[:1])  # block 0 as offer takes it
+        assert store.get(ns.keys(ds[1:2])) == [None]
+        assert same([conn._codec.decode(store.get(ns.keys(ds[2:3]))[0], ds[2])], bs[2:3])
+
+
+def test_a_failing_or_lying_produce_drops_its_blocks_and_says_why(store, ns):
+    ds = digests(3)
+    with connector(store, ns) as conn:
+        conn.offer_lazy(ds, 100, lambda: 1 / 0)
+        conn.offer_lazy(ds, 100, lambda: [None])  # one answer for three blocks
+        assert conn.flush(10)
+        s = conn.stats()
+        assert s.blocks_written == 0 and s.dropped_writes == 6 and s.blocks_changed == 0
+        assert s.errors == 2 and "produce returned 1 blocks for 3" in s.last_error
+        with pytest.raises(StoreConfigError, match="block_bytes"):
+            conn.offer_lazy(ds, 0, lambda: [None] * 3)
+        with pytest.raises(StoreConfigError, match="callable"):
+            conn.offer_lazy(ds, 10, None)
+        with pytest.raises(StoreKeyError):
+            conn.offer_lazy([b"x"], 10, lambda: [None])

@@ -21,13 +21,15 @@ block ``layers`` x ``[2, block_size, kv_heads, head_dim]``) is written and read:
 * ``load_prefix`` (pre-integration): ``fetch_run`` + ``KvCacheManager.write`` of the
   blocks into a freshly allocated sequence, against writing the same K/V fresh; once
   the manager reads through at ``allocate`` this becomes the allocate-with-hits path.
-* ``chain_keys`` and ``offer``: per-block costs an engine pays on its own thread
-  (hashing a full block; handing a completed block to the write-behind queue).
+* ``chain_keys_per_block`` / ``step_keys_per_block``: the keyed BLAKE2b chain key of
+  a block against the in-process 64-bit prefix key, for a prompt's chain and for a
+  decode step's completed blocks; ``offer_per_block``: handing a completed block to the
+  write-behind queue.  Per-block costs an engine pays on its own thread.
 
-The decode-step overhead with a store attached (issue target 1.1x) and loading a
-prefix through ``allocate`` need the manager to own a connector: they live in
-:mod:`kvcore.bench._store_manager`, which measures them once the manager takes a store
-and until then says why not in ``details["with_manager"]``.
+Through a manager that owns a connector (:mod:`kvcore.bench._store_manager`): the
+decode-step overhead with a store attached (issue target 1.1x), loading a prefix
+through ``allocate`` against writing it fresh, and a one-block hit through
+``allocate``.
 
 Redis: ``--store-url redis://...`` (or ``redis+cluster://``), else a throwaway
 ``redis-server`` started on a free loopback port (``kv_redis.testing``), else the
@@ -241,9 +243,7 @@ def _run(backend: Backend, p: BenchParams, progress: Progress, url: str) -> Work
             result.details["with_manager"] = f"failed: {type(exc).__name__}: {exc}"
 
         # --- per-block costs on the engine's thread --------------------------------------
-        hash_s = [_timed(lambda: chain_keys(None, tokens, None, hash_key)) / n
-                  for _ in range(p.repeats + 1)][1:]
-        result.add(Figure(name="chain_keys_per_block", value=median(hash_s), unit="s"))
+        _key_costs(result, tokens, hash_key, p)
         # offer() as the engine's thread sees it, the write-behind thread running.
         offer_s = []
         for _ in range(p.repeats + 1):
@@ -260,6 +260,40 @@ def _run(backend: Backend, p: BenchParams, progress: Progress, url: str) -> Work
         client.close()
         store.close()
     return result
+
+
+def _key_costs(result: WorkloadResult, tokens: np.ndarray, hash_key: bytes,
+               p: BenchParams) -> None:
+    """Both block keys, per block: the keyed BLAKE2b chain key that names a block outside
+    the process, against the in-process 64-bit prefix key; for a prompt's chain (as
+    ``allocate`` computes them) and for a decode step's completed blocks (one per
+    sequence, as a step computes them)."""
+    from .._chain_hash import ChainHasher
+    from ..stores._keys import ChainKeyer
+    n = tokens.shape[0]
+    rows = np.ascontiguousarray(tokens, dtype=np.int32)
+    hasher, keyer = ChainHasher(p.block_size, p.seed), ChainKeyer(hash_key)
+    reps = range(max(p.repeats, 5) + 1)
+    crypto = [_timed(lambda: chain_keys(None, rows, None, hash_key)) / n for _ in reps][1:]
+    local = [_timed(lambda: hasher.keys(rows, 1)) / n for _ in reps][1:]
+    result.add(Figure(name="chain_keys_per_block", value=median(crypto), unit="s",
+                      baseline=median(local),
+                      baseline_label=f"the in-process 64-bit prefix key of the same {n} "
+                                     "blocks (ChainHasher.keys, vectorised)",
+                      ratio=median(crypto) / median(local),
+                      ratio_meaning="keyed BLAKE2b / in-process key, per block of a prompt"))
+    parents = np.arange(n, dtype=np.uint64)
+    roots = [bytes(16)] * n
+    extras = [b""] * n
+    crypto = [_timed(lambda: keyer.steps(roots, rows, extras)) / n for _ in reps][1:]
+    local = [_timed(lambda: hasher.step(parents, rows)) / n for _ in reps][1:]
+    result.add(Figure(name="step_keys_per_block", value=median(crypto), unit="s",
+                      baseline=median(local),
+                      baseline_label=f"the in-process key of {n} sequences' completed blocks "
+                                     "in one step (ChainHasher.step)",
+                      ratio=median(crypto) / median(local),
+                      ratio_meaning="keyed BLAKE2b / in-process key, per block of a decode "
+                                    "step"))
 
 
 def _pipeline_set(client: Any, keys: list[str], values: list[bytes]) -> None:

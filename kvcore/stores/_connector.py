@@ -12,6 +12,12 @@ What the manager calls, and when (nothing else; every method is thread-safe):
    batches.  When the queue is full the blocks are dropped and counted; ``offer``
    never waits.  The arrays must not be modified afterwards (pass fresh copies).
    Blocks that were themselves loaded from the store need not be offered again.
+   ``offer_planes(chain_keys, planes)`` takes a batch of blocks as K and V planes
+   per layer (what one gather per plane gives), with the same values, and checks
+   per array instead of per block: the manager's form.  ``offer_lazy(chain_keys,
+   block_bytes, produce)`` queues blocks whose arrays ``produce()`` makes later, on
+   the writer thread (``None`` for a block that changed meanwhile): a manager with
+   host pools copies its served blocks there, off the engine's thread.
 3. **allocate(), after the local prefix hits**, once it knows the request fits:
    ``fetch_run(chain_keys_of_the_next_full_blocks)`` asks the store for all of them
    in one round trip and returns the decoded arrays of the leading run found (block
@@ -52,7 +58,8 @@ from ._breaker import BreakerState, CircuitBreaker
 from ._codec import BlockCodec
 from ._format import ArraySpec
 from ._keys import DIGEST_SIZE
-from ._namespace import StoreNamespace, block_layout
+from ._namespace import FROM_CONFIG, StoreNamespace, block_layout
+from ._offers import LazyBlock, LazyJob, PlaneBlock
 from ._registry import open_store
 from ._stats import StoreStats
 from ._store import Store
@@ -78,6 +85,7 @@ class _Counters:
     breaker_rejections: int = 0
     corrupt_values: int = 0
     deleted_values: int = 0
+    blocks_changed: int = 0
     last_error: str | None = None
 
 
@@ -147,13 +155,14 @@ class StoreConnector:
         self._c = _Counters()
 
     @classmethod
-    def open(cls, url: str, config: Any, *, model_id: str | None = None,
-             namespace: str = "default", store_options: dict[str, Any] | None = None,
+    def open(cls, url: str, config: Any, *, model_id: Any = FROM_CONFIG,
+             namespace: Any = FROM_CONFIG, store_options: dict[str, Any] | None = None,
              **kwargs: Any) -> StoreConnector:
         """Open the store at ``url`` for a cache of ``config`` (a CacheConfig): the
         namespace and the block layout (one ``[2, block_size, num_kv_heads, head_dim]``
-        array per layer) come from it.  ``store_options`` go to the store (``password``,
-        ``timeout``, TLS files); other keywords to the connector."""
+        array per layer) come from it, and ``model_id`` / ``namespace`` unless given
+        (the config's ``model_id`` / ``store_namespace``).  ``store_options`` go to the
+        store (``password``, ``timeout``, TLS files); other keywords to the connector."""
         ns = StoreNamespace.from_config(config, model_id=model_id, namespace=namespace)
         store = open_store(url, **(store_options or {}))
         try:
@@ -203,6 +212,88 @@ class StoreConnector:
         self._check_open()
         self._raise_pending()
         staged = [self._check_block(block) for block in blocks]
+        return self._enqueue(staged)
+
+    def offer_planes(self, chain_keys: Sequence[bytes], planes: Sequence[np.ndarray]) -> int:
+        """:meth:`offer` for ``n`` blocks given as planes: per layer of :attr:`layout`
+        (each ``[2, *rest]``), K then V as ``[n, *rest]`` arrays (``2 * layers``
+        arrays), block ``i`` being row ``i`` of each, ``chain_keys[i]`` its key.
+
+        The value of each block is byte for byte the one :meth:`offer` makes of its
+        ``[2, *rest]`` arrays, but nothing is stacked or sliced on the caller's thread
+        (the checks are per array, not per block): what a manager hands over from one
+        gather per plane.  The planes must not be modified afterwards."""
+        self._check_open()
+        self._raise_pending()
+        digests = [_check_digest(d, self._key_size) for d in chain_keys]
+        n = len(digests)
+        if isinstance(planes, np.ndarray) or len(planes) != 2 * len(self._layout):
+            count = "an array" if isinstance(planes, np.ndarray) else f"{len(planes)} arrays"
+            raise ShapeMismatchError(f"blocks as planes are {2 * len(self._layout)} arrays (K "
+                                     f"and V of each layer), got {count}")
+        nbytes = 0
+        for i, a in enumerate(planes):
+            spec = self._layout[i // 2]
+            want = (n, *spec.shape[1:])
+            if not isinstance(a, np.ndarray):
+                raise DtypeMismatchError(f"plane {i} must be a host numpy array, got "
+                                         f"{type(a).__name__}")
+            if a.dtype != spec.dtype:
+                raise DtypeMismatchError(f"plane {i} has dtype {a.dtype}, expected {spec.dtype} "
+                                         f"({spec.label})")
+            if spec.shape[0] != 2 or a.shape != want:
+                raise ShapeMismatchError(f"plane {i} has shape {a.shape}, expected {want} (K or "
+                                         f"V of {n} blocks of layer shape {spec.shape})")
+            nbytes += a.nbytes
+        each = nbytes // n if n else 0
+        return self._enqueue([(d, PlaneBlock(planes, b), each) for b, d in enumerate(digests)])
+
+    def offer_lazy(self, chain_keys: Sequence[bytes], block_bytes: int,
+                   produce: Callable[[], Sequence[Sequence[np.ndarray] | None]]) -> int:
+        """:meth:`offer` for blocks whose arrays are made later, on the writer thread:
+        ``produce()`` is called once, before the first of them is encoded, and returns
+        per block its arrays (as :meth:`offer` takes them, or the ``2 * layers`` planes
+        of one block) or ``None`` for a block that changed in the meantime: that one is
+        not written (counted in ``blocks_changed`` and ``dropped_writes``).  An
+        exception from ``produce`` drops them all (counted, ``last_error``).
+
+        For a manager whose pools are host memory: the copy of a completed block then
+        leaves the engine's thread, and ``produce`` proves the block unchanged after
+        copying it.  ``block_bytes`` sizes each block for the queue."""
+        self._check_open()
+        self._raise_pending()
+        digests = [_check_digest(d, self._key_size) for d in chain_keys]
+        size = _positive_int("block_bytes", block_bytes)
+        if not callable(produce):
+            raise StoreConfigError(f"produce must be callable, got {produce!r:.80}")
+        job = LazyJob(produce, len(digests))
+        return self._enqueue([(d, LazyBlock(job, i), size) for i, d in enumerate(digests)])
+
+    def _resolve(self, todo: list[tuple[str, tuple[bytes, Any, int]]]
+                 ) -> list[tuple[str, tuple[bytes, Any, int]]]:
+        """Lazy blocks of ``todo`` made concrete (writer thread); changed ones left out."""
+        out = []
+        changed = failed = 0
+        reported: set[int] = set()
+        for key, (digest, arrays, size) in todo:
+            if isinstance(arrays, LazyBlock):
+                made = arrays.job.get(arrays.index)
+                if made is None or isinstance(made, BaseException):
+                    if isinstance(made, BaseException):
+                        failed += 1
+                        if id(made) not in reported:  # once per failed produce()
+                            reported.add(id(made))
+                            self._error(made, pending=False)
+                    else:
+                        changed += 1
+                    continue
+                arrays = made
+            out.append((key, (digest, arrays, size)))
+        if changed or failed:
+            self._count(blocks_changed=changed, dropped_writes=changed + failed)
+        return out
+
+    def _enqueue(self, staged: list[tuple[bytes, Sequence[np.ndarray], int]]) -> int:
         if not staged:
             return 0
         accepted = dropped = 0
@@ -296,6 +387,7 @@ class StoreConnector:
                 present = self._store.exists(keys)
                 todo = [(k, b) for (k, b), p in zip(todo, present) if not p]
                 self._count(blocks_skipped_existing=len(batch) - len(todo))
+            todo = self._resolve(todo)
             # Stores that write scattered buffers get the arrays' own memory: no copy.
             encode = self._codec.encode_parts if self._store.accepts_parts else \
                 self._codec.encode

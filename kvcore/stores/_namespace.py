@@ -70,12 +70,20 @@ NON_LAYOUT_FIELDS: tuple[str, ...] = (
     "hash_key",
     "store",
     "store_options",
+    "crypto_block_keys",
+    # These two do decide which blocks are comparable, but they are not layout: they
+    # enter the fingerprint as from_config's model_id / namespace (which default to
+    # them), exactly as the arguments of a connector opened by hand.
+    "model_id",
+    "store_namespace",
 )
 _REQUIRED = ("num_layers", "num_kv_heads", "head_dim", "dtype", "block_size")
 FINGERPRINT_SIZE = 16
 _PERSON = b"kvcore.ns.v1"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DEFAULT_NAMESPACE = "default"
+#: from_config's default for model_id / namespace: take them from the config.
+FROM_CONFIG: Any = type("FromConfig", (), {"__repr__": lambda self: "FROM_CONFIG"})()
 
 
 def _canonical(value: Any) -> Any:
@@ -147,11 +155,17 @@ class StoreNamespace:
         _check_name(self.namespace)
 
     @classmethod
-    def from_config(cls, config: Any, *, model_id: str | None = None,
-                    namespace: str = _DEFAULT_NAMESPACE) -> StoreNamespace:
+    def from_config(cls, config: Any, *, model_id: Any = FROM_CONFIG,
+                    namespace: Any = FROM_CONFIG) -> StoreNamespace:
         """The namespace of ``config``'s layout, ``model_id`` (model and adapter, e.g.
         ``"meta-llama/Llama-3.1-8B@lora-7"``) and ``namespace`` (the deployment or
-        tenant name, ``[A-Za-z0-9_-]{1,64}``)."""
+        tenant name, ``[A-Za-z0-9_-]{1,64}``).  Left out, they are the config's own
+        ``model_id`` and ``store_namespace`` (``None`` and ``"default"`` when it has
+        none)."""
+        if model_id is FROM_CONFIG:
+            model_id = getattr(config, "model_id", None)
+        if namespace is FROM_CONFIG:
+            namespace = getattr(config, "store_namespace", None) or _DEFAULT_NAMESPACE
         _check_name(namespace)
         if model_id is not None and not isinstance(model_id, str):
             raise StoreKeyError(f"model_id must be a str or None, got {model_id!r}")

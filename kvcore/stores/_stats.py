@@ -31,8 +31,11 @@ class StoreStats(BaseModel):
     blocks_written: NonNegativeInt = 0
     #: Offered blocks already in the store (checked before sending them).
     blocks_skipped_existing: NonNegativeInt = 0
-    #: Blocks not written: queue full, breaker open, or their batch failed.
+    #: Blocks not written: queue full, breaker open, their batch failed, or changed.
     dropped_writes: NonNegativeInt = 0
+    #: Blocks offered lazily (``offer_lazy``) that changed before the writer thread
+    #: copied them: not written (a manager's block freed or reused meanwhile).
+    blocks_changed: NonNegativeInt = 0
     #: Store calls that failed (unreachable, timed out, a node down).
     errors: NonNegativeInt = 0
     timeouts: NonNegativeInt = 0

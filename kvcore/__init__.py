@@ -20,7 +20,7 @@ from __future__ import annotations
 from . import errors
 from ._backend import KVCORE_API_VERSION, Backend, BackendCapabilities
 from ._block_table import BlockTable
-from ._device import Device, DType
+from ._device import CODEC_DTYPES, FLOAT_DTYPES, Device, DType
 from ._handle import KvCacheHandle
 from ._hookspecs import BackendSpec, hookimpl, hookspec
 from ._manager import KvCacheManager
@@ -42,6 +42,7 @@ __all__ = [
     "BackendRecord",
     "BackendSpec",
     "BlockTable",
+    "CODEC_DTYPES",
     "CacheConfig",
     "CacheFileInfo",
     "CacheGcStats",
@@ -50,6 +51,7 @@ __all__ = [
     "CacheManagerStats",
     "DType",
     "Device",
+    "FLOAT_DTYPES",
     "FlashInferPageTable",
     "KvCacheHandle",
     "KvCacheManager",

@@ -16,7 +16,7 @@ import numpy as np
 from kv_numpy._backend import NumpyBackend
 from kv_numpy._handle import NumpyKvCacheHandle
 
-from kvcore import BackendCapabilities, Device, DType, TensorRef
+from kvcore import FLOAT_DTYPES, BackendCapabilities, Device, DType, TensorRef
 
 from ._planted import Planted
 
@@ -103,7 +103,7 @@ class OverclaimingBf16Backend(NumpyBackend):
     name = "broken-bf16-claim"
 
     def capabilities(self) -> BackendCapabilities:
-        return BackendCapabilities(device_types=("cpu",), dtypes=tuple(DType),
+        return BackendCapabilities(device_types=("cpu",), dtypes=FLOAT_DTYPES,
                                    swap_device_types=("cpu",))
 
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,

@@ -62,14 +62,17 @@ from kvcore.errors import (DeviceMismatchError, DtypeMismatchError, PoolAllocati
                            UnsupportedError)
 
 from . import _cuda
-from ._array_ops import TorchOps
+from ._array_ops import TORCH_DTYPES, TorchOps
 from ._handle import TorchKvCacheHandle
 
 __all__ = ["TorchBackend"]
 
-_TORCH_DTYPES = {DType.float16: torch.float16, DType.bfloat16: torch.bfloat16,
-                 DType.float32: torch.float32}
+#: Element types of pools and arrays (float8 values exist only inside the codecs).
+_TORCH_DTYPES = {d: TORCH_DTYPES[d] for d in (DType.float16, DType.bfloat16, DType.float32,
+                                              DType.uint8, DType.int8)}
 _FROM_TORCH = {v: k for k, v in _TORCH_DTYPES.items()}
+_CODECS = tuple(d for d in (DType.float8_e4m3, DType.float8_e5m2, DType.int8)
+                if d in TORCH_DTYPES)
 _CPU = Device("cpu")
 #: Reads of at least this many blocks try the whole-block gather (below it the check
 #: on a fresh index costs about what it saves).
@@ -216,7 +219,11 @@ class TorchBackend(Backend):
             devices = ("cpu", "cuda") if cuda else ("cpu",)
             self._caps = BackendCapabilities(
                 device_types=devices,
-                dtypes=(DType.float16, DType.bfloat16, DType.float32),
+                dtypes=(DType.float16, DType.bfloat16, DType.float32, DType.uint8, DType.int8),
+                codecs=_CODECS,
+                unsupported_codecs={d: f"torch {torch.__version__} has no {d.value} dtype"
+                                    for d in (DType.float8_e4m3, DType.float8_e5m2)
+                                    if d not in _CODECS},
                 swap_device_types=devices,
                 dlpack=True,
                 pinned_memory=cuda,
@@ -525,7 +532,7 @@ class TorchBackend(Backend):
         self.check_dtype(dtype)
         bits = check_bits(bits, dtype)
         # torch has no unsigned views of every width: the signed twin holds the same bits.
-        signed = bits.view(np.int32 if dtype is DType.float32 else np.int16)
+        signed = bits.view({4: np.int32, 2: np.int16, 1: np.int8}[dtype.itemsize])
         host = torch.from_numpy(signed.copy()).view(_TORCH_DTYPES[dtype])
         return host.to(device=_torch_device(device))
 

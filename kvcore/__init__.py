@@ -25,6 +25,7 @@ from ._handle import KvCacheHandle
 from ._hookspecs import BackendSpec, hookimpl, hookspec
 from ._manager import KvCacheManager
 from ._paged_handle import PagedKvCacheHandle
+from ._codecs import Codec, codec_for
 from ._cache_file import CacheFileInfo, CacheLayout, SavedSequence, inspect_cache_file
 from ._registry import (BackendRecord, get_backend, list_backends, refresh_backends,
                         register_backend, unregister_backend)
@@ -49,6 +50,7 @@ __all__ = [
     "CacheHandleStats",
     "CacheLayout",
     "CacheManagerStats",
+    "Codec",
     "DType",
     "Device",
     "FLOAT_DTYPES",
@@ -64,6 +66,7 @@ __all__ = [
     "__version__",
     "blocks_in_budget",
     "bytes_per_token",
+    "codec_for",
     "errors",
     "get_backend",
     "hookimpl",

@@ -13,7 +13,7 @@ from kvcore.errors import BackendError
 from ._version import __version__
 
 __all__ = ["BackendProblem", "capability_skip", "describe", "record_of", "require_device_type",
-           "require_dlpack", "require_dtype", "resolve"]
+           "require_codec", "require_dlpack", "require_dtype", "resolve"]
 
 
 class BackendProblem(Exception):
@@ -85,6 +85,15 @@ def require_dtype(backend: Backend, dtype: DType) -> None:
         reason = caps.unsupported_dtypes.get(dtype, "not declared in its capabilities")
         capability_skip("dtypes", f"backend {backend.name!r} does not support "
                         f"{dtype.value}: {reason}")
+
+
+def require_codec(backend: Backend, codec: DType) -> None:
+    """Skip unless ``backend`` serves the quantized ``codec``, naming its declared reason."""
+    caps = backend.capabilities()
+    if codec not in caps.codecs:
+        reason = caps.unsupported_codecs.get(codec, "not declared in its capabilities")
+        capability_skip("codecs", f"backend {backend.name!r} does not serve the "
+                        f"{codec.value} codec: {reason}")
 
 
 def require_dlpack(backend: Backend, dtype: DType) -> None:

@@ -5,7 +5,8 @@ registered under to its :class:`Planted` record: the contract clause the suite's
 first failure must name, and a test of that clause that must fail.  This module has
 the first eight; ``broken_arrays``, ``broken_ops`` and ``broken_torch`` one or more
 per class of bug the suite hunts (identity, pools, arrays, orders, sizes, caches,
-overwrites, bit patterns).  None of it is part of any distribution.
+overwrites, bit patterns), ``broken_groups`` one per clause of layer groups and
+quantized codecs.  None of it is part of any distribution.
 """
 
 from __future__ import annotations
@@ -153,8 +154,9 @@ ORIGINAL_BUGS = [
 
 def _planted() -> dict[str, Planted]:
     from .broken_arrays import ARRAY_BUGS
+    from .broken_groups import GROUP_BUGS
     from .broken_ops import OPS_BUGS
-    bugs = [*ORIGINAL_BUGS, *ARRAY_BUGS, *OPS_BUGS]
+    bugs = [*ORIGINAL_BUGS, *ARRAY_BUGS, *OPS_BUGS, *GROUP_BUGS]
     try:
         from .broken_torch import TORCH_BUGS
     except ImportError:  # torch not installed: the torch bugs cannot exist here

@@ -458,9 +458,10 @@ class TorchBackend(Backend):
         shares its memory.  A CUDA producer is imported with its GPU made current, so
         a ``cuda:1`` array imports while ``cuda:0`` is current, and the producer orders
         its work before torch's current stream of that GPU.  Read-only numpy arrays are
-        shared too (the cache only reads K/V).  One exception: an array with negative
-        strides (``a[::-1]``) is copied once first, keeping its dtype, because DLPack
-        import in torch cannot represent it.
+        shared too (the cache only reads K/V), and so are ``ml_dtypes.bfloat16`` numpy
+        arrays (the kv_numpy backend's bfloat16), through an int16 view.  One exception:
+        an array with negative strides (``a[::-1]``) is copied once first, keeping its
+        dtype, because DLPack import in torch cannot represent it.
         """
         if isinstance(obj, TensorRef) and isinstance(obj.native, torch.Tensor):
             obj = obj.native
@@ -481,6 +482,11 @@ class TorchBackend(Backend):
         if isinstance(strides, tuple) and any(s < 0 for s in strides):
             # torch.from_dlpack aborts the process on negative strides (torch 2.x).
             obj = obj.copy()
+        if isinstance(obj, np.ndarray) and obj.dtype.name == "bfloat16" and device.is_cpu:
+            # ml_dtypes' bfloat16 has no DLPack code; its bits are torch's bfloat16:
+            # shared without a copy through a 16-bit integer view (a non-contiguous one
+            # is copied once first).
+            return torch.from_numpy(np.ascontiguousarray(obj).view(np.int16)).view(torch.bfloat16)
         try:
             if device.is_cuda:
                 with torch.cuda.device(device.index):

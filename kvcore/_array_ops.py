@@ -9,7 +9,7 @@ one from ``array_ops()``; for a library following the Python array API standard,
 :class:`NamespaceOps` over its namespace is usually all it takes.
 
 The quantized codecs (:mod:`kvcore._codecs`) use a few more operations (``abs``,
-``divide``, ``multiply``, ``clip``, ``rint``, ``astype``, and the float8 conversions).  They are not
+``divide``, ``multiply``, ``clip``, ``rint``, ``astype``, ``stack``, and the float8 conversions).  They are not
 abstract, so an ``ArrayOps`` written before them still works: its backend simply
 serves no codec (the defaults raise :class:`~kvcore.errors.UnsupportedError`).
 """
@@ -129,6 +129,10 @@ class ArrayOps(abc.ABC):
         only values the type holds are passed)."""
         raise self._no_codec_op("astype")
 
+    def stack(self, arrays: list[Any]) -> Any:
+        """The arrays (one shape and dtype) stacked along a new first axis."""
+        raise self._no_codec_op("stack")
+
     def float8_bits(self, a: Any, dtype: DType) -> Any:
         """float32 ``a`` rounded to nearest even into the float8 ``dtype``
         (``float8_e4m3`` or ``float8_e5m2``; values are within its finite range), as
@@ -159,6 +163,7 @@ class NamespaceOps(ArrayOps):
         self.dtypes: dict[DType, Any] = dict(dtypes)
         # numpy warns (or raises, under np.seterr) on 0/0 and x/0; IEEE results wanted.
         self._numpy = xp is np
+        self._tables: dict[DType, np.ndarray] = {}
 
     def from_host(self, host: np.ndarray, like: Any) -> Any:
         return self.xp.asarray(host)
@@ -224,10 +229,21 @@ class NamespaceOps(ArrayOps):
         native = self._dtype(dtype)
         return a if a.dtype == native else a.astype(native)
 
+    def stack(self, arrays: list[Any]) -> Any:
+        return self.xp.stack(arrays)
+
     def float8_bits(self, a: Any, dtype: DType) -> Any:
         return a.astype(self._dtype(dtype)).view(self._dtype(DType.uint8))
 
     def float8_values(self, codes: Any, dtype: DType) -> Any:
+        if self._numpy:
+            # A table of the 256 values: ml_dtypes' element-by-element cast measured
+            # about 5x slower than this gather (same values, exactly).
+            table = self._tables.get(dtype)
+            if table is None:
+                table = self._tables[dtype] = (np.arange(256, dtype=np.uint8)
+                                               .view(self._dtype(dtype)).astype(np.float32))
+            return table.take(codes)
         return codes.view(self._dtype(dtype)).astype(self._dtype(DType.float32))
 
 

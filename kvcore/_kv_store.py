@@ -211,7 +211,12 @@ class KvStore:
         """:meth:`scatter` of a codec: encode every plane once, scatter the codes into
         their pool(s) and the scales into theirs."""
         encode, ops = self.codec.encode, self._ops  # type: ignore[union-attr]
-        encoded = [encode(ops, plane) for plane in planes]
+        if len(planes) == 2 and planes[0].shape == planes[1].shape:
+            # K and V of one shape: encoded as one array (half the array calls).
+            codes, scales = encode(ops, ops.stack(list(planes)))
+            encoded = [(codes[0], scales[0]), (codes[1], scales[1])]
+        else:
+            encoded = [encode(ops, plane) for plane in planes]
         pools = self.pools[local]
         scatter = self.backend.scatter
         rows = self.layout.rows_per_pool(tuple(codes for codes, _ in encoded))

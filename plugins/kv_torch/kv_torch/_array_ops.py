@@ -31,6 +31,7 @@ class TorchOps(ArrayOps):
 
     def __init__(self, module: Any = torch) -> None:
         self.torch = module
+        self._tables: dict[DType, Any] = {}
 
     def from_host(self, host: np.ndarray, like: Any) -> Any:
         if like.is_cuda:  # through pinned memory: a pageable copy would block the host
@@ -89,11 +90,22 @@ class TorchOps(ArrayOps):
     def astype(self, a: Any, dtype: DType) -> Any:
         return a.to(self._dtype(dtype))
 
+    def stack(self, arrays: list[Any]) -> Any:
+        return self.torch.stack(arrays)
+
     def float8_bits(self, a: Any, dtype: DType) -> Any:
         return a.to(self._dtype(dtype)).view(self.torch.uint8)
 
     def float8_values(self, codes: Any, dtype: DType) -> Any:
-        return codes.view(self._dtype(dtype)).float()
+        if codes.is_cuda:
+            return codes.view(self._dtype(dtype)).float()
+        # On the CPU a table of the 256 values: torch's float8 -> float32 cast measured
+        # about 3x slower than this gather (same values, exactly).
+        table = self._tables.get(dtype)
+        if table is None:
+            table = self._tables[dtype] = self.torch.arange(
+                256, dtype=self.torch.uint8).view(self._dtype(dtype)).float()
+        return table.index_select(0, codes.reshape(-1).int()).view(codes.shape)
 
     def device_key(self, a: Any) -> str:
         # With the current stream: arrays staged for one stream are not reused on

@@ -20,9 +20,9 @@ from ._timing import Progress, clock
 __all__ = ["WORKLOADS", "main"]
 
 #: Every workload, in the order they run.
-WORKLOADS = ("append", "read", "blocks", "fork", "generate", "prompt_copy", "store")
+WORKLOADS = ("append", "read", "blocks", "fork", "generate", "prompt_copy", "store", "memory")
 #: What runs without ``--workload``: ``generate`` joins when its integration exists
-#: (``prompt_copy`` and ``store`` run when asked for).
+#: (``prompt_copy``, ``store`` and ``memory`` run when asked for).
 DEFAULT_WORKLOADS = ("append", "read", "blocks", "fork")
 
 _HELP = {
@@ -38,6 +38,7 @@ _HELP = {
     "fork_tokens": "tokens of the forked sequence (fork)", "fork_children": "children (fork)",
     "copy_prompt": "tokens of the copied prompt cache (prompt_copy)",
     "copies": "copies of the prompt cache (prompt_copy)",
+    "memory_tokens": "tokens of the generation whose KV bytes are counted (memory)",
     "repeats": "timed repeats per workload (after one warm-up)", "seed": "random seed",
 }
 
@@ -247,4 +248,7 @@ def _measure(backends: list[Backend], workloads: list[str], params: BenchParams,
                 results.append(run_store(backend, params, progress, store_url))
             except StoreUnavailable as exc:
                 skipped.append({"backend": backend.name, "workload": "store", "reason": str(exc)})
+        if "memory" in workloads:
+            from ._memory import run_memory
+            results.append(run_memory(backend, params, progress))
     return results

@@ -259,3 +259,15 @@ def test_a_config_of_layer_groups_quantizes_every_group():
         err = (got.native.double() - x.double()).abs().numpy()
         assert (err <= c.error_bound(x.numpy(), DType.float16)).all()
     assert cfg.bytes_per_token == 1 * (12 + 4) + 2 * (8 + 4 + 2 * 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_append_bench_runs_a_codec_cache_and_checks_its_reads(capsys, backend):
+    import json
+
+    from kvcore.bench import main
+    assert main(["--quick", "--json", "-w", "append,read", "-b", backend, "--dtype", "int8"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    [append] = [r for r in doc["results"] if r["workload"] == "append"]
+    assert append["details"]["shape"]["dtype"] == "int8"
+    assert append["figures"]["decode_step_s"]["value"] > 0

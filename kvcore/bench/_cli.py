@@ -27,7 +27,8 @@ DEFAULT_WORKLOADS = ("append", "read", "blocks", "fork")
 
 _HELP = {
     "layers": "model layers (append, read, fork)", "kv_heads": "KV heads",
-    "head_dim": "head dimension", "dtype": "cache dtype (float16, float32, bfloat16)",
+    "head_dim": "head dimension", "dtype": "cache dtype (float16, float32, bfloat16; append/read also float8_e4m3, "
+             "float8_e5m2, int8)",
     "block_size": "tokens per block", "batch": "sequences in the append batch",
     "prompt": "prompt tokens per sequence (append)", "decode_steps": "decode steps (append)",
     "pool_blocks": "blocks in the pool (blocks)", "sequences": "requests served (blocks)",

@@ -21,11 +21,12 @@ from . import errors
 from ._backend import KVCORE_API_VERSION, Backend, BackendCapabilities
 from ._batch_read import BatchKv
 from ._block_table import BlockTable
-from ._device import Device, DType
+from ._device import CODEC_DTYPES, FLOAT_DTYPES, Device, DType
 from ._handle import KvCacheHandle
 from ._hookspecs import BackendSpec, hookimpl, hookspec
 from ._manager import KvCacheManager
 from ._paged_handle import PagedKvCacheHandle
+from ._codecs import Codec, codec_for
 from ._cache_file import CacheFileInfo, CacheLayout, SavedSequence, inspect_cache_file
 from ._registry import (BackendRecord, get_backend, list_backends, refresh_backends,
                         register_backend, unregister_backend)
@@ -44,14 +45,17 @@ __all__ = [
     "BackendSpec",
     "BatchKv",
     "BlockTable",
+    "CODEC_DTYPES",
     "CacheConfig",
     "CacheFileInfo",
     "CacheGcStats",
     "CacheHandleStats",
     "CacheLayout",
     "CacheManagerStats",
+    "Codec",
     "DType",
     "Device",
+    "FLOAT_DTYPES",
     "FlashInferPageTable",
     "KvCacheHandle",
     "KvCacheManager",
@@ -64,6 +68,7 @@ __all__ = [
     "__version__",
     "blocks_in_budget",
     "bytes_per_token",
+    "codec_for",
     "errors",
     "get_backend",
     "hookimpl",

@@ -27,7 +27,12 @@ decisions, validation, statistics) lives once in the core and every backend gets
 for free.
 
 Pool layout: one array per layer, shaped ``[planes, num_blocks, block_size,
-num_kv_heads, head_dim]``.  A K/V pool has two planes (0 is K, 1 is V).  A *slot* is
+num_kv_heads, head_dim]``.  A quantized cache (a codec dtype) keeps two per layer: its
+codes (``uint8`` or ``int8``, ``[2, ..., heads, head_dim]``) and its scales
+(``float32``, ``[2, ..., heads, 1]``); a backend that declares ``uint8`` / ``int8`` in
+:attr:`BackendCapabilities.dtypes` allocates and moves them like any pool, and one
+that declares codecs in :attr:`BackendCapabilities.codecs` also provides the array
+operations the codecs compute with (:meth:`Backend.array_ops`).  A K/V pool has two planes (0 is K, 1 is V).  A *slot* is
 ``block * block_size + offset``, so viewing a pool as ``[planes, num_blocks *
 block_size, num_kv_heads, head_dim]`` makes a slot a plain row index (the layout
 vLLM's ``reshape_and_cache`` writes into).
@@ -45,9 +50,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ._device import DEVICE_TYPE_RE, Device, DType
+from ._codecs import codec_for
+from ._device import CODEC_DTYPES, DEVICE_TYPE_RE, FLOAT_DTYPES, Device, DType
 from .errors import UnsupportedError
 
 if TYPE_CHECKING:
@@ -78,9 +84,21 @@ class BackendCapabilities(BaseModel):
 
     #: Device types pools can live on: ``"cpu"``, ``"cuda"``, ``"mps"``, ``"tpu"``...
     device_types: tuple[str, ...] = ("cpu",)
+    #: Element types pools and arrays can have: float dtypes (a cache of one holds
+    #: K/V as written) and the storage dtypes of codec pools (``uint8``, ``int8``).
+    #: Float8 formats are codecs, declared in ``codecs``, never here.
     dtypes: tuple[DType, ...] = (DType.float16, DType.float32)
     #: Dtypes the backend cannot hold, with the reason shown when tests skip them.
     unsupported_dtypes: Mapping[DType, str] = Field(default_factory=dict)
+    #: Quantized codecs (``float8_e4m3``, ``float8_e5m2``, ``int8``) a cache on this
+    #: backend may use: it holds the codec's storage dtype and ``float32`` (scales),
+    #: and its :meth:`Backend.array_ops` computes the codec (``kvcore._codecs``).
+    codecs: tuple[DType, ...] = ()
+    #: Codecs the backend does not serve, with the reason (shown when refused).
+    unsupported_codecs: Mapping[DType, str] = Field(default_factory=dict)
+    #: Declared dtypes whose arrays cannot travel through DLPack here, with the
+    #: reason (numpy's ``ml_dtypes.bfloat16``: DLPack export and import refuse it).
+    no_dlpack_dtypes: Mapping[DType, str] = Field(default_factory=dict)
     #: Device types a pool on this backend can swap blocks out to.
     swap_device_types: tuple[str, ...] = ("cpu",)
     #: Whether arrays the backend returns export DLPack (``__dlpack__``).
@@ -102,6 +120,41 @@ class BackendCapabilities(BaseModel):
             raise ValueError(f"device types must be a sequence of names, got the string "
                              f"{value!r}")
         return _device_types(value)
+
+    @field_validator("dtypes")
+    @classmethod
+    def _no_codecs_in_dtypes(cls, value: tuple[DType, ...]) -> tuple[DType, ...]:
+        for d in value:
+            if d in (DType.float8_e4m3, DType.float8_e5m2):
+                raise ValueError(f"{d.value} is a codec, not a pool dtype: declare it in "
+                                 "codecs (its codes are stored as uint8); dtypes lists "
+                                 f"element types of pools ({', '.join(f.value for f in FLOAT_DTYPES)},"
+                                 " uint8, int8)")
+        return value
+
+    @field_validator("codecs")
+    @classmethod
+    def _only_codecs(cls, value: tuple[DType, ...]) -> tuple[DType, ...]:
+        for d in value:
+            if d not in CODEC_DTYPES:
+                raise ValueError(f"codecs lists quantized codecs "
+                                 f"({', '.join(c.value for c in CODEC_DTYPES)}), not {d.value}")
+        return value
+
+    @model_validator(mode="after")
+    def _codecs_are_storable(self) -> BackendCapabilities:
+        for d in self.codecs:
+            codec = codec_for(d)
+            needs = [t for t in (codec.code_dtype, codec.scale_dtype) if t not in self.dtypes]
+            if needs:
+                raise ValueError(f"codec {d.value} is stored as {codec.code_dtype.value} codes "
+                                 f"and {codec.scale_dtype.value} scales: declare "
+                                 f"{', '.join(t.value for t in needs)} in dtypes too")
+        both = set(self.codecs) & set(self.unsupported_codecs)
+        if both:
+            raise ValueError(f"codecs both served and unsupported: "
+                             f"{sorted(d.value for d in both)}")
+        return self
 
 
 class Backend(abc.ABC):
@@ -155,6 +208,26 @@ class Backend(abc.ABC):
             raise UnsupportedError(f"backend {self.name!r} does not support dtype "
                                    f"{dtype.value!r}: {reason}")
 
+    def check_codec(self, dtype: DType) -> None:
+        """Refuse a quantized codec this backend does not serve, with its declared
+        reason (:class:`~kvcore.errors.UnsupportedError` naming backend and codec)."""
+        caps = self.capabilities()
+        if dtype not in caps.codecs:
+            reason = caps.unsupported_codecs.get(dtype, "not declared in its capabilities "
+                                                        "(BackendCapabilities.codecs)")
+            raise UnsupportedError(f"backend {self.name!r} does not serve the "
+                                   f"{dtype.value!r} codec: {reason}")
+
+    def check_cache_dtypes(self, dtype: DType, compute_dtype: DType) -> None:
+        """Refuse a cache of ``dtype`` computing in ``compute_dtype`` (a config's) that
+        this backend cannot hold: a float dtype it does not declare, or a codec it does
+        not serve (its K/V are written and read in ``compute_dtype``)."""
+        if dtype.is_codec:
+            self.check_codec(dtype)
+            self.check_dtype(compute_dtype)
+        else:
+            self.check_dtype(dtype)
+
     # --- pools --------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -163,6 +236,8 @@ class Backend(abc.ABC):
                        pinned: bool = False, planes: int = 2) -> Any:
         """A zero-filled ``[planes, num_blocks, block_size, num_kv_heads, head_dim]``
         array: every call returns fresh memory, never a pool handed out before.
+        ``dtype`` is one the backend declares (a float dtype, or ``uint8`` / ``int8``
+        for the codes of a quantized cache).
 
         ``pinned`` asks for page-locked host memory (a swap pool serving a GPU pool);
         backends without the notion ignore it.  When the memory cannot be had, raise
@@ -290,7 +365,8 @@ class Backend(abc.ABC):
 
 #: The unsigned integer type holding one element's bits, per dtype.
 BITS_DTYPES = {DType.float16: np.dtype(np.uint16), DType.bfloat16: np.dtype(np.uint16),
-               DType.float32: np.dtype(np.uint32)}
+               DType.float32: np.dtype(np.uint32), DType.int8: np.dtype(np.uint8),
+               DType.uint8: np.dtype(np.uint8)}
 
 
 def check_bits(bits: Any, dtype: DType) -> np.ndarray:
@@ -313,4 +389,8 @@ def bits_as_host(bits: Any, dtype: DType) -> np.ndarray:
         return bits.view(np.float16)
     if dtype is DType.float32:
         return bits.view(np.float32)
+    if dtype is DType.int8:
+        return bits.view(np.int8)
+    if dtype is DType.uint8:
+        return bits
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)

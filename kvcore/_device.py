@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEVICE_TYPE_RE", "Device", "DType", "DeviceLike", "DTypeLike"]
+__all__ = ["CODEC_DTYPES", "DEVICE_TYPE_RE", "FLOAT_DTYPES", "Device", "DType", "DeviceLike",
+           "DTypeLike"]
 
 #: A device type: a lower-case identifier (``cpu``, ``cuda``, ``mps``, ``xla``, ``tpu``...).
 DEVICE_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -103,20 +104,47 @@ class Device:
 
 
 class DType(str, enum.Enum):
-    """Element types a KV cache can hold; every backend uses these names."""
+    """Element types a KV cache can hold; every backend uses these names.
+
+    Three roles (see ``docs/quantized-kv.md``):
+
+    * **float dtypes** (``float16``, ``bfloat16``, ``float32``): a cache of one stores
+      K/V as they are written, and K/V are written and read in it;
+    * **codecs** (``float8_e4m3``, ``float8_e5m2``, ``int8``): a cache of one stores
+      one byte per element plus a float32 scale per token and head
+      (:mod:`kvcore._codecs`); K/V are written and read in the config's
+      ``compute_dtype``.  ``float8_e4m3`` is the OCP E4M3 format without infinities
+      (``torch.float8_e4m3fn``, ``ml_dtypes.float8_e4m3fn``);
+    * **storage dtypes** of codec pools: ``uint8`` (the bit patterns of float8
+      codes) and ``int8`` (int8 codes).  ``uint8`` is never a cache's dtype.
+    """
 
     float16 = "float16"
     bfloat16 = "bfloat16"
     float32 = "float32"
+    float8_e4m3 = "float8_e4m3"
+    float8_e5m2 = "float8_e5m2"
+    int8 = "int8"
+    uint8 = "uint8"
 
     @property
     def itemsize(self) -> int:
-        return 4 if self is DType.float32 else 2
+        return _ITEMSIZE[self.value]
+
+    @property
+    def is_float(self) -> bool:
+        """A float dtype: stored as written, and the dtype K/V are computed in."""
+        return self.value in _FLOATS
+
+    @property
+    def is_codec(self) -> bool:
+        """A quantized codec: a cache of it stores codes plus scales."""
+        return self.value in _CODECS
 
     @classmethod
     def parse(cls, value: DTypeLike) -> DType:
         """Accept a DType, its name, or anything whose ``str()`` ends in the name
-        (``numpy.dtype('float16')``, ``torch.bfloat16``)."""
+        (``numpy.dtype('float16')``, ``torch.bfloat16``, ``torch.float8_e4m3fn``)."""
         if isinstance(value, DType):
             return value
         if isinstance(value, type):  # numpy.float16 and friends are classes
@@ -124,9 +152,7 @@ class DType(str, enum.Enum):
         else:
             value_text = str(value)
         text = value_text.rsplit(".", 1)[-1].strip().lower()
-        aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16",
-                   "fp16": "float16", "fp32": "float32"}
-        text = aliases.get(text, text)
+        text = _ALIASES.get(text, text)
         try:
             return cls(text)
         except ValueError:
@@ -135,6 +161,18 @@ class DType(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float8_e4m3": 1, "float8_e5m2": 1,
+             "int8": 1, "uint8": 1}
+_FLOATS = frozenset({"float16", "bfloat16", "float32"})
+_CODECS = frozenset({"float8_e4m3", "float8_e5m2", "int8"})
+_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+            "fp32": "float32", "fp8": "float8_e4m3", "fp8_e4m3": "float8_e4m3",
+            "float8_e4m3fn": "float8_e4m3", "fp8_e5m2": "float8_e5m2"}
+#: The float dtypes, the codecs and the storage dtypes of codec pools, in order.
+FLOAT_DTYPES = tuple(DType(v) for v in ("float16", "bfloat16", "float32"))
+CODEC_DTYPES = tuple(DType(v) for v in ("float8_e4m3", "float8_e5m2", "int8"))
 
 
 DeviceLike = Device | str | Any

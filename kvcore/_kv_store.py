@@ -7,7 +7,11 @@ is built and released by :meth:`KvStore.close`, as its :class:`LayerLayout` says
 
 * a K/V layer: one pool of two planes (K at 0, V at 1), the layout vLLM writes;
 * a layer whose V is narrower or wider than K: one pool per plane;
-* a latent (MLA) layer: one pool of one plane, one vector per token.
+* a latent (MLA) layer: one pool of one plane, one vector per token;
+* a quantized cache (a codec dtype, :mod:`kvcore._codecs`): the same code pools, of
+  ``uint8`` / ``int8``, plus one ``float32`` pool of the scales ``[planes, ..., heads,
+  1]`` (one per token, head and plane).  Writes encode once per layer and scatter
+  once per pool; reads gather codes and scales and decode them.
 
 Every pool-changing backend call returns the pool that now holds the data (contract
 version 2) and the store keeps what it gets back, so immutable array libraries work
@@ -21,6 +25,8 @@ never reads K/V nobody has written yet; the prefix index reads ``complete``.
 Arrays handed in (K/V to write) are validated here: the backend's own type or any
 DLPack producer on the cache's device, the cache's dtype (never cast), the expected
 shape; anything else is a typed error naming what was given and what was expected.
+K/V are given and read in the config's ``compute_dtype`` (the cache's dtype, unless it
+is a codec).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._backend import Backend
+from ._codecs import Codec
+from ._device import DType
 from ._tensor_ref import TensorRef
 from .errors import (DeviceMismatchError, DtypeMismatchError, KvCoreError, PoolAllocationError,
                      ShapeMismatchError, UnsupportedError)
@@ -42,29 +50,40 @@ class PoolSpec(NamedTuple):
     planes: int
     heads: int
     dim: int
+    #: The pool's element type: the cache's dtype, or a codec's code / scale dtype.
+    dtype: DType
 
 
 class LayerLayout:
     """How one layer of a group stores what a write gives it: its pools, and where
-    each plane (0 is K or the latent vector, 1 is V) lives."""
+    each plane (0 is K or the latent vector, 1 is V) lives; for a codec, also where
+    each plane's scales live."""
 
-    def __init__(self, group: GroupLayout) -> None:
+    def __init__(self, group: GroupLayout, dtype: DType = DType.float16,
+                 codec: Codec | None = None) -> None:
         heads, k_dim, v_dim = group.num_kv_heads, group.k_dim, group.v_dim
+        store = dtype if codec is None else codec.code_dtype
         if v_dim is None:  # latent: one plane
-            self.pools: tuple[PoolSpec, ...] = (PoolSpec(1, heads, k_dim),)
+            self.pools: tuple[PoolSpec, ...] = (PoolSpec(1, heads, k_dim, store),)
             self.sources: tuple[tuple[int, int], ...] = ((0, 0),)
         elif v_dim == k_dim:
-            self.pools = (PoolSpec(2, heads, k_dim),)
+            self.pools = (PoolSpec(2, heads, k_dim, store),)
             self.sources = ((0, 0), (0, 1))
         else:
-            self.pools = (PoolSpec(1, heads, k_dim), PoolSpec(1, heads, v_dim))
+            self.pools = (PoolSpec(1, heads, k_dim, store), PoolSpec(1, heads, v_dim, store))
             self.sources = ((0, 0), (1, 0))
         self.planes = len(self.sources)
         self.row_shapes = tuple((heads, self.pools[p].dim) for p, _ in self.sources)
+        self.codec = codec
+        #: Where each plane's scales live (codecs): the last pool, one plane each.
+        self.scale_sources: tuple[tuple[int, int], ...] = ()
+        if codec is not None:
+            self.scale_sources = tuple((len(self.pools), p) for p in range(self.planes))
+            self.pools += (PoolSpec(self.planes, heads, 1, codec.scale_dtype),)
 
     def rows_per_pool(self, planes: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """The arrays to scatter into each pool, from one array per plane."""
-        if len(self.pools) == 1:
+        """The arrays to scatter into each code pool, from one array per plane."""
+        if len(self.pools) == 1 or (self.codec is not None and len(self.pools) == 2):
             return [planes]
         return [(planes[0],), (planes[1],)]
 
@@ -76,7 +95,10 @@ class KvStore:
         self.config = config
         self.group = group
         self.backend = backend
-        self.layout = LayerLayout(group)
+        #: The dtype K/V are given and read in (the config's compute_dtype).
+        self.kv_dtype: DType = config.compute_dtype  # type: ignore[assignment]
+        self.codec: Codec | None = config.codec
+        self.layout = LayerLayout(group, config.dtype, self.codec)
         self.num_blocks = group.num_blocks
         self.layers = group.layers
         #: ``pools[local layer][i]``: the layer's i-th pool (see :class:`LayerLayout`).
@@ -91,6 +113,13 @@ class KvStore:
         # Whether the backend reads whole blocks (Backend.gather_blocks overridden).
         self._whole_blocks = type(backend).gather_blocks is not Backend.gather_blocks
         self._shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
+        if self.codec is not None:
+            # A codec's writes encode and its reads decode: the float paths below stay
+            # as they are (no per-call check of which kind of store this is).
+            self._ops = backend.array_ops()
+            self.scatter = self._scatter_codes  # type: ignore[method-assign]
+            self.gather = self._gather_codes  # type: ignore[method-assign]
+            self.gather_blocks = self._gather_blocks_codes  # type: ignore[method-assign]
 
     # --- indices ------------------------------------------------------------------
 
@@ -109,7 +138,7 @@ class KvStore:
 
     def native_kv(self, key: Any, value: Any, tokens: int | None) -> tuple[tuple[Any, ...], int]:
         """K and V (or the latent vector, with ``value`` None) as backend arrays of the
-        cache's dtype and ``[n, heads, dim]`` shapes (``n == tokens`` when given, else
+        cache's compute dtype and ``[n, heads, dim]`` shapes (``n == tokens`` when given, else
         any ``n >= 1``, the same for every plane)."""
         be, c, layout = self.backend, self.config, self.layout
         if layout.planes == 1 and value is not None:
@@ -134,10 +163,12 @@ class KvStore:
             shape, dtype, device = be.describe(native)
             if device != c.device:
                 raise DeviceMismatchError(f"{what} is on {device}, the cache is on {c.device}")
-            if dtype is not c.dtype:
+            if dtype is not self.kv_dtype:
                 seen = dtype.value if dtype is not None else str(getattr(native, "dtype", "?"))
+                holds = (c.dtype.value if self.codec is None else
+                         f"{c.dtype.value} codes written and read as {self.kv_dtype.value}")
                 raise DtypeMismatchError(f"{what} has dtype {seen}, the cache holds "
-                                         f"{c.dtype.value}; kvcore does not cast, convert it first")
+                                         f"{holds}; kvcore does not cast, convert it first")
             want = (tokens if tokens is not None else (shape[0] if shape else -1), heads, dim)
             if len(shape) != 3 or tuple(shape) != want or want[0] < 1:
                 expect = f"[{tokens if tokens is not None else 'n >= 1'}, {heads}, {dim}]"
@@ -161,12 +192,12 @@ class KvStore:
                                                   for shape in self.layout.row_shapes)
         if len(shapes) != 2:
             return False
-        describe, c = self.backend.describe, self.config
+        describe, device, dtype = self.backend.describe, self.config.device, self.kv_dtype
         k_shape, k_dtype, k_device = describe(key)
         v_shape, v_dtype, v_device = describe(value)
         return (tuple(k_shape) == shapes[0] and tuple(v_shape) == shapes[1]
-                and k_dtype is c.dtype and v_dtype is c.dtype
-                and k_device == c.device and v_device == c.device)
+                and k_dtype is dtype and v_dtype is dtype
+                and k_device == device and v_device == device)
 
     # --- data ---------------------------------------------------------------------
 
@@ -194,11 +225,50 @@ class KvStore:
 
     def gather_blocks(self, local: int, plane: int, index: Any) -> Any:
         """Whole blocks of one plane, ``blocks.shape + (block_size, heads, dim)``, for an
-        index from :meth:`block_index`."""
+        index from :meth:`block_index` (a codec's decoded to the compute dtype)."""
         pool, pool_plane = self.layout.sources[plane]
+        return self._pool_blocks(self.pools[local][pool], pool_plane, index)
+
+    def _pool_blocks(self, pool: Any, plane: int, index: Any) -> Any:
         if self._whole_blocks:
-            return self.backend.gather_blocks(self.pools[local][pool], pool_plane, index)
-        return self.backend.gather(self.pools[local][pool], pool_plane, index)
+            return self.backend.gather_blocks(pool, plane, index)
+        return self.backend.gather(pool, plane, index)
+
+    def _gather_blocks_codes(self, local: int, plane: int, index: Any) -> Any:
+        """:meth:`gather_blocks` of a codec: whole blocks of codes and scales, decoded."""
+        pools = self.pools[local]
+        pool, pool_plane = self.layout.sources[plane]
+        codes = self._pool_blocks(pools[pool], pool_plane, index)
+        pool, pool_plane = self.layout.scale_sources[plane]
+        scales = self._pool_blocks(pools[pool], pool_plane, index)
+        return self.codec.decode(self._ops, codes, scales, self.kv_dtype)  # type: ignore[union-attr]
+
+    def _scatter_codes(self, local: int, index: Any, planes: tuple[Any, ...]) -> None:
+        """:meth:`scatter` of a codec: encode every plane once, scatter the codes into
+        their pool(s) and the scales into theirs."""
+        encode, ops = self.codec.encode, self._ops  # type: ignore[union-attr]
+        if len(planes) == 2 and planes[0].shape == planes[1].shape:
+            # K and V of one shape: encoded as one array (half the array calls).
+            codes, scales = encode(ops, ops.stack(list(planes)))
+            encoded = [(codes[0], scales[0]), (codes[1], scales[1])]
+        else:
+            encoded = [encode(ops, plane) for plane in planes]
+        pools = self.pools[local]
+        scatter = self.backend.scatter
+        rows = self.layout.rows_per_pool(tuple(codes for codes, _ in encoded))
+        for i, code_rows in enumerate(rows):
+            pools[i] = scatter(pools[i], index, code_rows)
+        pools[-1] = scatter(pools[-1], index, [scales for _, scales in encoded])
+
+    def _gather_codes(self, local: int, plane: int, index: Any) -> Any:
+        """:meth:`gather` of a codec: the plane's codes and scales, decoded to the
+        compute dtype."""
+        pools, gather = self.pools[local], self.backend.gather
+        pool, pool_plane = self.layout.sources[plane]
+        codes = gather(pools[pool], pool_plane, index)
+        pool, pool_plane = self.layout.scale_sources[plane]
+        scales = gather(pools[pool], pool_plane, index)
+        return self.codec.decode(self._ops, codes, scales, self.kv_dtype)  # type: ignore[union-attr]
 
     def copy_blocks(self, src: np.ndarray, dst: np.ndarray) -> None:
         """Copy whole blocks (every layer, every plane) and their written state."""
@@ -232,11 +302,15 @@ class KvStore:
     def layer_pools(self, local: int) -> tuple[TensorRef, ...]:
         c = self.config
         return tuple(TensorRef(pool, (spec.planes, self.num_blocks, c.block_size, spec.heads,
-                                      spec.dim), c.dtype, c.device, self.backend)
+                                      spec.dim), spec.dtype, c.device, self.backend)
                      for pool, spec in zip(self.pools[local], self.layout.pools))
 
     def layer_pool(self, local: int) -> TensorRef:
         if len(self.layout.pools) != 1:
+            if self.codec is not None:
+                raise UnsupportedError(f"layer {self.layers[local]} of a {self.config.dtype.value} "
+                                       "cache keeps its codes and its scales in separate pools; "
+                                       "use layer_pools(layer)")
             raise UnsupportedError(f"layer {self.layers[local]} keeps K and V of different "
                                    "widths in two pools; use layer_pools(layer)")
         return self.layer_pools(local)[0]
@@ -263,7 +337,7 @@ def allocate_pools(backend: Backend, config: CacheConfig, layout: LayerLayout, l
             layer = []
             for spec in layout.pools:
                 layer.append(backend.allocate_layer(num_blocks, c.block_size, spec.heads,
-                                                    spec.dim, c.dtype, device, pinned=pinned,
+                                                    spec.dim, spec.dtype, device, pinned=pinned,
                                                     planes=spec.planes))
                 made.append(layer[-1])
             pools.append(layer)
@@ -272,8 +346,8 @@ def allocate_pools(backend: Backend, config: CacheConfig, layout: LayerLayout, l
         if isinstance(exc, KvCoreError) or not isinstance(exc, (MemoryError, RuntimeError,
                                                                  ValueError, OverflowError)):
             raise
-        per_layer = sum(s.planes * s.heads * s.dim for s in layout.pools) \
-            * c.dtype.itemsize * c.block_size * num_blocks
+        per_layer = sum(s.planes * s.heads * s.dim * s.dtype.itemsize for s in layout.pools) \
+            * c.block_size * num_blocks
         raise PoolAllocationError(f"backend {backend.name!r} could not allocate a pool of "
                                   f"{per_layer} bytes per layer ({layers} layers, "
                                   f"{per_layer * layers} bytes in all) on {device}: "

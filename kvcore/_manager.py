@@ -79,7 +79,7 @@ class KvCacheManager:
             raise TypeError(f"backend must be a backend name, a kvcore.Backend or None, got "
                             f"{type(backend).__name__}")
         be = backend if isinstance(backend, Backend) else get_backend(backend)
-        be.check_dtype(config.dtype)
+        be.check_cache_dtypes(config.dtype, config.compute_dtype)  # type: ignore[arg-type]
         try:
             be.check_device(config.device)
         except UnsupportedError as exc:

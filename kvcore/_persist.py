@@ -146,7 +146,12 @@ def load_saved(manager: KvCacheManager, saved: SavedFile, request_ids: Sequence[
 
 
 def check_single_group(config: CacheConfig, op: str) -> None:
-    """Cache files hold one layout for every layer: refuse a manager of layer groups."""
+    """Cache files hold one float layout for every layer: refuse a manager of layer
+    groups, or of a quantized codec (a file holds K/V bits; a codec's codes and scales
+    would have to round-trip through its decoded values)."""
+    if config.dtype.is_codec:
+        raise UnsupportedError(f"{op}: cache files hold float16, bfloat16 or float32 K/V; "
+                               f"this manager's dtype is the {config.dtype.value} codec")
     if config.layer_groups:
         raise UnsupportedError(f"{op}: cache files hold caches whose layers share one "
                                "layout; this manager has layer_groups (sliding, latent or "

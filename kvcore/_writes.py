@@ -337,4 +337,4 @@ def read_layer(co: Coordinator, seq: SequenceRecord, layer: int,
     array = g.store.gather(local, plane, seq.read_index)
     t.last_access[row] = time.time()
     heads, dim = g.store.layout.row_shapes[plane]
-    return TensorRef(array, (n - lo, heads, dim), c.dtype, c.device, co.backend)
+    return TensorRef(array, (n - lo, heads, dim), g.store.kv_dtype, c.device, co.backend)

@@ -17,6 +17,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerial
                       PrivateAttr, SecretBytes, model_validator)
 
 from ._chain_hash import token_array
+from ._codecs import codec_for
 from ._device import Device, DType
 
 __all__ = [
@@ -260,9 +261,16 @@ class GroupLayout(NamedTuple):
         """Whether blocks follow the decoder tokens (every kind but ``cross``)."""
         return self.kind is not GroupKind.cross
 
-    def bytes_per_token(self, itemsize: int) -> int:
-        """K/V bytes of one token over the group's layers."""
-        per_layer = self.num_kv_heads * (self.k_dim + (self.v_dim or 0)) * itemsize
+    def bytes_per_token(self, dtype: DType | int) -> int:
+        """K/V bytes of one token over the group's layers, for a cache of ``dtype``
+        (a codec adds its scale per head and plane); an ``int`` is an element size."""
+        scales = 0
+        if isinstance(dtype, DType):
+            codec = codec_for(dtype)
+            if codec is not None:
+                scales = codec.scale_dtype.itemsize * (1 if self.v_dim is None else 2)
+            dtype = dtype.itemsize
+        per_layer = self.num_kv_heads * ((self.k_dim + (self.v_dim or 0)) * dtype + scales)
         return per_layer * len(self.layers)
 
 
@@ -279,7 +287,13 @@ class CacheConfig(_Record):
     num_layers: PositiveInt
     num_kv_heads: PositiveInt
     head_dim: PositiveInt
+    #: What the pools hold: a float dtype (K/V as written), or a quantized codec
+    #: (``float8_e4m3``, ``float8_e5m2``, ``int8``: one byte per element plus a float32
+    #: scale per token and head; see ``docs/quantized-kv.md``).
     dtype: DTypeField = DType.float16
+    #: The float dtype K/V are written and read in: ``dtype`` itself for a float
+    #: cache, ``float16`` by default for a codec.  Filled in at construction.
+    compute_dtype: DTypeField | None = None
     block_size: PositiveInt = 16
     num_blocks: PositiveInt
     device: DeviceField = Device("cpu")
@@ -360,6 +374,31 @@ class CacheConfig(_Record):
         return self
 
     @model_validator(mode="after")
+    def _dtypes_fit(self) -> CacheConfig:
+        dtype, compute = self.dtype, self.compute_dtype
+        if not (dtype.is_float or dtype.is_codec):
+            raise ValueError(f"dtype {dtype.value!r} is a storage type of codec pools, not a "
+                             "cache dtype; use float16, bfloat16, float32 or a codec: "
+                             "float8_e4m3, float8_e5m2, int8")
+        if compute is None:
+            compute = dtype if dtype.is_float else DType.float16
+        elif dtype.is_float and compute is not dtype:
+            raise ValueError(f"compute_dtype={compute.value!r} differs from dtype="
+                             f"{dtype.value!r}: a float cache is written and read in its own "
+                             "dtype (compute_dtype applies to codecs)")
+        elif not compute.is_float:
+            raise ValueError(f"compute_dtype must be float16, bfloat16 or float32 (what K/V "
+                             f"are written and read in), got {compute.value!r}")
+        object.__setattr__(self, "compute_dtype", compute)
+        return self
+
+    @property
+    def codec(self) -> Any:
+        """The :class:`~kvcore._codecs.Codec` of a quantized cache; ``None`` for a float
+        dtype."""
+        return codec_for(self.dtype)
+
+    @model_validator(mode="after")
     def _groups_cover_every_layer_once(self) -> CacheConfig:
         if not self.layer_groups:
             return self
@@ -415,12 +454,12 @@ class CacheConfig(_Record):
         if not self.layer_groups:
             return bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim,
                                    self.dtype)
-        size = self.dtype.itemsize
-        return sum(g.bytes_per_token(size) for g in self.groups if g.token_based)
+        return sum(g.bytes_per_token(self.dtype) for g in self.groups if g.token_based)
 
     def group_bytes_per_block(self, group: int) -> int:
-        """Bytes of one block of layer group ``group`` (all its layers, K and V)."""
-        return self.groups[group].bytes_per_token(self.dtype.itemsize) * self.block_size
+        """Bytes of one block of layer group ``group`` (all its layers, K and V, and a
+        codec's scales)."""
+        return self.groups[group].bytes_per_token(self.dtype) * self.block_size
 
     @property
     def bytes_per_block(self) -> int:
@@ -448,8 +487,12 @@ class CacheConfig(_Record):
 
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: DType | str) -> int:
-    """Bytes of K and V for one token across ``num_layers`` layers."""
-    return 2 * num_layers * num_kv_heads * head_dim * DType.parse(dtype).itemsize
+    """Bytes of K and V for one token across ``num_layers`` layers (with a codec's
+    float32 scale per head, K and V)."""
+    dtype = DType.parse(dtype)
+    codec = codec_for(dtype)
+    scales = 0 if codec is None else codec.scale_dtype.itemsize
+    return 2 * num_layers * num_kv_heads * (head_dim * dtype.itemsize + scales)
 
 
 def blocks_in_budget(memory_bytes: int, bytes_per_block: int) -> int:

@@ -76,10 +76,11 @@ def test_the_guide_example_passes_the_suite(guide_project: Path) -> None:
     assert doc["passed"] and doc["first_failure"] is None, doc["first_failure"]
     results = {c["id"]: c["result"] for c in doc["clauses"]}
     assert set(results) == set(CLAUSES)
-    # What the example declares is tested; only what it does not declare or provide
-    # (pinned memory, the optional gather_blocks) is skipped.
-    assert {c for c, r in results.items() if r != "passed"} == {"capabilities.pinned-memory",
-                                                                 "backend.gather-blocks"}
+    # What the example declares or provides is tested; only the rest is skipped: pinned
+    # memory, the optional gather_blocks, and the codecs (no uint8, no codec declared).
+    assert {c for c, r in results.items() if r != "passed"} == {
+        "capabilities.pinned-memory", "backend.gather-blocks", "codec.storage",
+        "codec.round-trip", "codec.codes-exact"}
     assert "kvcore backend 'mybackend' (kv_mybackend._backend.MyBackend) from kv-mybackend " \
            "0.1.0" in proc.stderr
 
@@ -98,15 +99,20 @@ def test_the_guide_example_passes_as_a_subclass_in_its_own_tests(guide_project: 
     assert "kvcore conformance: backend 'mybackend', clause by clause" in proc.stdout
     (doc,) = json.loads(report.read_text())["backends"]
     assert doc["backend"] == "mybackend" and doc["passed"]
-    assert doc["summary"]["passed"] == len(CLAUSES) - 2  # all but pinned memory, gather_blocks
-    # ConformanceSuite runs the backend's own operations first, the stateful test last.
+    # All but pinned memory, gather_blocks and the three codec clauses.
+    assert doc["summary"]["passed"] == len(CLAUSES) - 5
+    # ConformanceSuite runs the backend's own operations first, the stateful test after
+    # the manager's, the areas added later (layer groups, codecs) last.
     collected = subprocess.run([sys.executable, "-m", "pytest", "-q", "--co", "-p",
                                 "no:cacheprovider", "tests"], check=True,
                                cwd=guide_project / "project", env=env, capture_output=True,
                                text=True, timeout=600).stdout.splitlines()
     names = [line.split("::")[-1].split("[")[0] for line in collected if "::" in line]
     assert names[0] == "test_backend_declares_identity", names[:3]
-    assert names[-1] == "test_random_operations_without_swap", names[-3:]
+    assert names[-1] == "test_codec_reads_decode_the_stored_codes_and_moves_keep_them", \
+        names[-3:]
+    assert names.index("test_random_operations_without_swap") < names.index(
+        "test_sliding_window_holds_its_window_and_gives_old_blocks_back")
     assert names.index("test_scatter_writes_only_the_given_slots") < names.index(
         "test_special_values_survive_scatter_and_gather") < names.index(
         "test_write_read_round_trip_across_layers_and_blocks")

@@ -44,6 +44,9 @@ CLASSES = {
     "identity": {"backend.identity"},
     "API version 2": {"backend.returns-pool", "capabilities.mutable-pools", "backend.planes",
                       "backend.layer-forms", "backend.release-layer"},
+    "layer groups": {"groups.sliding-window", "groups.latent", "groups.kv-widths",
+                     "groups.cross"},
+    "quantized codecs": {"codec.storage", "codec.round-trip", "codec.codes-exact"},
 }
 
 #: Full runs: besides its own clause, the clauses each of these must also fail, and

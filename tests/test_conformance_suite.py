@@ -81,11 +81,11 @@ def test_suite_passes_on_the_shipped_backends(pytester: pytest.Pytester) -> None
 
 def test_undeclared_capabilities_are_skipped_with_their_reason(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(*SUITE, "--kv-backend", "numpy", "-rs", "-k",
-                                "allocate_layer_is_zeroed")
-    result.assert_outcomes(passed=2, skipped=4)
+                                "allocate_layer_is_zeroed or reads_export_dlpack")
+    result.assert_outcomes(passed=5, skipped=7)
     out = result.stdout.str()
-    assert ("[capability dtypes] backend 'numpy' does not support bfloat16: numpy has no "
-            "bfloat16 dtype") in out
+    assert ("[capability no_dlpack_dtypes] backend 'numpy': bfloat16 arrays do not speak "
+            "DLPack: numpy's DLPack export and import refuse ml_dtypes.bfloat16") in out
     assert "[capability device_types] backend 'numpy' declares device_types=['cpu'], not 'cuda'" in out
 
 
@@ -95,8 +95,8 @@ def test_report_header_names_backend_distribution_api_and_capabilities(
     result.stdout.fnmatch_lines([
         ("kvcore backend 'numpy' (kv_numpy._backend.NumpyBackend) from kvcore-numpy 0.1.0; "
          "array library 'numpy'; API version 2 (kvcore * provides 2)"),
-        ("  declared capabilities: devices=cpu dtypes=float16,float32 swap_to=cpu dlpack=yes "
-         "pinned_memory=no unsupported: bfloat16 (numpy has no bfloat16 dtype)"),
+        ("  declared capabilities: devices=cpu dtypes=float16,bfloat16,float32,uint8,int8 "
+         "swap_to=cpu dlpack=yes pinned_memory=no codecs=float8_e4m3,float8_e5m2,int8"),
         "  suite: kvcore-conformance * at *"])
 
 
@@ -234,7 +234,7 @@ def test_json_on_stdout_keeps_stdout_clean(capsys: pytest.CaptureFixture[str]) -
 def test_clause_table_lists_every_clause_with_its_result(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(*SUITE, "--kv-backend", "numpy", "-k",
                                 "registered_name or pinned or allocate_layer_is_zeroed")
-    result.assert_outcomes(passed=3, skipped=5)
+    result.assert_outcomes(passed=4, skipped=4)
     out = result.stdout.str()
     assert "kvcore conformance: backend 'numpy', clause by clause" in out
     table = out[out.index("clause by clause"):]
@@ -244,11 +244,11 @@ def test_clause_table_lists_every_clause_with_its_result(pytester: pytest.Pytest
     assert re.search(r"^backend\.identity +passed +1 +0 +0 ", table, re.MULTILINE)
     assert re.search(r"^capabilities\.pinned-memory +skipped +0 +0 +1 +\[capability "
                      r"pinned_memory\] backend 'numpy' declares pinned_memory=False", table, re.MULTILINE)
-    assert re.search(r"^backend\.allocate-layer +passed +2 +0 +4 *$", table, re.MULTILINE)
+    assert re.search(r"^backend\.allocate-layer +passed +3 +0 +3 *$", table, re.MULTILINE)
     assert re.search(r"^backend\.scatter +not run .*deselected", table, re.MULTILINE)
     assert "skipped (4 tests): [capability device_types]" not in table  # counted per test
-    assert re.search(r"^skipped \(\d+ tests?\): \[capability dtypes\] backend 'numpy' does "
-                     r"not support bfloat16", table, re.MULTILINE)
+    assert re.search(r"^skipped \(\d+ tests?\): \[capability device_types\] backend 'numpy' "
+                     r"declares device_types=\['cpu'\], not 'cuda'", table, re.MULTILINE)
 
 
 def test_run_refuses_unknown_backends_and_empty_runs(capsys: pytest.CaptureFixture[str]) -> None:

@@ -135,7 +135,10 @@ def test_declared_capabilities_and_device_checks() -> None:
     assert be.handle_class is CupyKvCacheHandle and be.array_library == "cupy"
     caps = be.capabilities()
     assert caps.device_types == ("cuda",) and set(caps.swap_device_types) == {"cpu", "cuda"}
-    assert caps.dtypes == (DType.float16, DType.float32)
+    assert caps.dtypes == (DType.float16, DType.float32, DType.uint8, DType.int8)
+    assert caps.codecs == (DType.int8,)
+    with pytest.raises(UnsupportedError, match="'float8_e4m3' codec: cupy has no float8 dtype"):
+        be.check_codec(DType.float8_e4m3)
     with pytest.raises(UnsupportedError, match="bfloat16.*cupy has no bfloat16"):
         be.check_dtype(DType.bfloat16)
     with pytest.raises(UnsupportedError, match="'cpu'.*cuda:N"):

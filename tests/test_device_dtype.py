@@ -61,9 +61,24 @@ def test_dtype_parse_accepts_library_spellings(value, want):
 
 
 def test_dtype_parse_rejects_unknown_listing_choices():
-    with pytest.raises(ValueError, match="'int8' is not one of float16, bfloat16, float32"):
-        DType.parse("int8")
+    with pytest.raises(ValueError, match="'int16' is not one of float16, bfloat16, float32, "
+                                         "float8_e4m3, float8_e5m2, int8, uint8"):
+        DType.parse("int16")
+
+
+@pytest.mark.parametrize("value, want", [("fp8", DType.float8_e4m3),
+                                         ("torch.float8_e4m3fn", DType.float8_e4m3),
+                                         ("float8_e5m2", DType.float8_e5m2),
+                                         (np.int8, DType.int8), (np.dtype("uint8"), DType.uint8)])
+def test_dtype_parse_accepts_codec_and_storage_spellings(value, want):
+    assert DType.parse(value) is want
 
 
 def test_itemsizes():
-    assert [d.itemsize for d in DType] == [2, 2, 4]
+    assert [d.itemsize for d in DType] == [2, 2, 4, 1, 1, 1, 1]
+
+
+def test_roles_split_float_codec_and_storage_dtypes():
+    assert [d for d in DType if d.is_float] == [DType.float16, DType.bfloat16, DType.float32]
+    assert [d for d in DType if d.is_codec] == [DType.float8_e4m3, DType.float8_e5m2, DType.int8]
+    assert not DType.uint8.is_float and not DType.uint8.is_codec

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import kvcore
-from kvcore import AllocationRequest, KvCacheManager
+from kv_numpy import NumpyBackend
+
+from kvcore import AllocationRequest, DType, KvCacheManager
 from kvcore.errors import (CacheError, CapacityError, DeviceMismatchError, DtypeMismatchError,
                            DuplicateRequestError, InvalidHandleError, LayerIndexError,
                            OutOfBlocksError, ShapeMismatchError, StaleSlotMappingError,
@@ -454,11 +456,43 @@ def test_layer_pool_is_the_live_pool_not_a_copy(manager, config, rng):
     np.testing.assert_array_equal(pool.native[1, block], v)
 
 
+class _Fp16Only(NumpyBackend):
+    """numpy as a backend without bfloat16 or float8 would declare itself."""
+
+    name = "fp16-only"
+
+    def capabilities(self) -> kvcore.BackendCapabilities:
+        return kvcore.BackendCapabilities(
+            dtypes=(DType.float16, DType.float32, DType.int8),
+            unsupported_dtypes={DType.bfloat16: "this library has no bfloat16"},
+            codecs=(DType.int8,),
+            unsupported_codecs={DType.float8_e5m2: "this library has no float8"})
+
+
 def test_manager_refuses_a_dtype_its_backend_cannot_hold():
     cfg = kvcore.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=2,
                              dtype="bfloat16")
-    with pytest.raises(kvcore.errors.UnsupportedError, match="numpy has no bfloat16"):
-        KvCacheManager(cfg, backend="numpy")
+    with pytest.raises(kvcore.errors.UnsupportedError,
+                       match="'fp16-only' does not support dtype 'bfloat16': this library has "
+                             "no bfloat16"):
+        KvCacheManager(cfg, backend=_Fp16Only())
+
+
+@pytest.mark.parametrize("codec, why", [("float8_e5m2", "this library has no float8"),
+                                        ("float8_e4m3", "not declared in its capabilities")])
+def test_manager_refuses_a_codec_its_backend_does_not_serve(codec, why):
+    cfg = kvcore.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=2,
+                             dtype=codec)
+    with pytest.raises(kvcore.errors.UnsupportedError,
+                       match=f"backend 'fp16-only' does not serve the '{codec}' codec: {why}"):
+        KvCacheManager(cfg, backend=_Fp16Only())
+
+
+def test_manager_refuses_a_codec_computing_in_an_undeclared_dtype():
+    cfg = kvcore.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=2,
+                             dtype="int8", compute_dtype="bfloat16")
+    with pytest.raises(kvcore.errors.UnsupportedError, match="'bfloat16'"):
+        KvCacheManager(cfg, backend=_Fp16Only())
 
 
 def test_manager_refuses_a_device_its_backend_cannot_use():

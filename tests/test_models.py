@@ -54,7 +54,8 @@ def test_cache_config_parses_device_and_dtype_and_serialises_them_as_strings():
 
 
 @pytest.mark.parametrize("field, value", [("num_layers", 0), ("head_dim", -1), ("block_size", 0),
-                                          ("num_blocks", 0), ("device", "TPU!"), ("dtype", "int8"),
+                                          ("num_blocks", 0), ("device", "TPU!"), ("dtype", "int16"),
+                                          ("dtype", "uint8"),
                                           ("swap_blocks", -1), ("pressure_high", 1.5)])
 def test_cache_config_errors_name_the_field(field, value):
     fields = dict(SHAPE, num_blocks=8)

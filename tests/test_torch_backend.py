@@ -70,7 +70,8 @@ def test_backend_is_listed_available_and_selected(be: TorchBackend) -> None:
     assert records["torch"].distribution == "kvcore-torch"
     assert be.handle_class is TorchKvCacheHandle
     caps = be.capabilities()
-    assert caps.dtypes == tuple(DTYPES)
+    assert caps.dtypes == (*DTYPES, DType.uint8, DType.int8)
+    assert caps.codecs == (DType.float8_e4m3, DType.float8_e5m2, DType.int8)
     assert "cpu" in caps.device_types and "cpu" in caps.swap_device_types
     assert ("cuda" in caps.device_types) == (CUDA_REASON is None)
     assert caps.pinned_memory == (CUDA_REASON is None)

@@ -13,7 +13,7 @@ from kvcore.errors import BackendError
 from ._version import __version__
 
 __all__ = ["BackendProblem", "capability_skip", "describe", "record_of", "require_device_type",
-           "require_dtype", "resolve"]
+           "require_codec", "require_dlpack", "require_dtype", "resolve"]
 
 
 class BackendProblem(Exception):
@@ -43,6 +43,8 @@ def _caps_text(caps: BackendCapabilities) -> str:
             f"swap_to={','.join(caps.swap_device_types) or 'none'} "
             f"dlpack={'yes' if caps.dlpack else 'no'} "
             f"pinned_memory={'yes' if caps.pinned_memory else 'no'}"
+            + (f" codecs={','.join(d.value for d in caps.codecs) or 'none'}"
+               if caps.codecs or caps.unsupported_codecs else "")
             + (f" unsupported: {unsupported}" if unsupported else ""))
 
 
@@ -83,6 +85,27 @@ def require_dtype(backend: Backend, dtype: DType) -> None:
         reason = caps.unsupported_dtypes.get(dtype, "not declared in its capabilities")
         capability_skip("dtypes", f"backend {backend.name!r} does not support "
                         f"{dtype.value}: {reason}")
+
+
+def require_codec(backend: Backend, codec: DType) -> None:
+    """Skip unless ``backend`` serves the quantized ``codec``, naming its declared reason."""
+    caps = backend.capabilities()
+    if codec not in caps.codecs:
+        reason = caps.unsupported_codecs.get(codec, "not declared in its capabilities")
+        capability_skip("codecs", f"backend {backend.name!r} does not serve the "
+                        f"{codec.value} codec: {reason}")
+
+
+def require_dlpack(backend: Backend, dtype: DType) -> None:
+    """Skip unless arrays of ``dtype`` on ``backend`` speak DLPack (``dlpack`` declared,
+    and ``dtype`` not among ``no_dlpack_dtypes``), naming the declared reason."""
+    caps = backend.capabilities()
+    if not caps.dlpack:
+        capability_skip("dlpack", f"backend {backend.name!r} declares dlpack=False")
+    reason = caps.no_dlpack_dtypes.get(dtype)
+    if reason is not None:
+        capability_skip("no_dlpack_dtypes", f"backend {backend.name!r}: {dtype.value} arrays "
+                        f"do not speak DLPack: {reason}")
 
 
 def require_device_type(backend: Backend, device_type: str, *, swap: bool = False) -> None:

@@ -246,6 +246,42 @@ THREADS = _c("threads.safe", "the manager on this backend is safe to call from s
 STATEFUL = _c("stateful.dense-reference", "random sequences of operations read back exactly "
               "what a dense reference model holds, and freeing everything restores the pool")
 
+# --- layer groups (the manager and backend on every group kind) -------------------------
+GROUPS_SLIDING = _c(
+    "groups.sliding-window", "a sequence in a sliding-window group holds at most "
+    "ceil(window / block_size) + 1 blocks of it however long it grows, its reads return "
+    "exactly the tokens from first_position on (the whole window at least), the stats count "
+    "the blocks given back, and fork, copy-on-write and swap keep the window bit for bit")
+GROUPS_LATENT = _c(
+    "groups.latent", "a latent (MLA) layer keeps one vector of latent_dim per token: written "
+    "as key with value=None and read back as [tokens, 1, latent_dim] bit for bit (value_cache "
+    "None) through decode steps, fork, copy-on-write, swap and prefix sharing")
+GROUPS_KV_WIDTHS = _c(
+    "groups.kv-widths", "a layer whose V is narrower than K keeps one pool per plane "
+    "(layer_pools): K and V of their own widths are read back bit for bit through decode "
+    "steps, fork, copy-on-write, swap and prefix sharing")
+GROUPS_CROSS = _c(
+    "groups.cross", "a cross-attention layer holds the encoder tokens reserved at allocation, "
+    "written once with write(start=...) and read back bit for bit (kv_cache too) while the "
+    "decoder grows, through forks; decode slot mappings and writes past the reservation are "
+    "refused with typed errors")
+
+# --- quantized codecs --------------------------------------------------------------------
+CODEC_STORAGE = _c(
+    "codec.storage", "a backend declaring uint8 or int8 holds pools of them (planes 2 and "
+    "1, zero-filled) whose scatter, gather, copy_blocks and transfer_blocks carry all 256 "
+    "byte values bit for bit, and float32 pools one element wide (a codec's scales) as any "
+    "float32 pool")
+CODEC_ROUND_TRIP = _c(
+    "codec.round-trip", "a cache of each served codec reads back, in its compute dtype and "
+    "shape, every finite element within the codec's declared error bound of what was "
+    "written (through write and decode-step write_slots), and every element of a (token, "
+    "head) row holding an infinity or NaN as NaN")
+CODEC_CODES = _c(
+    "codec.codes-exact", "a codec cache's reads are the codec's decode of the codes and "
+    "scales layer_pools shows (bit for bit, NaN as NaN), and copy-on-write, prefix sharing "
+    "and swap carry codes and scales bit for bit: reads after them equal the reads before")
+
 
 def clause(id: str) -> Clause:
     """The clause called ``id`` (``KeyError`` names the known ones)."""

@@ -26,7 +26,8 @@ Fixtures (override any of them in your ``conftest.py`` or test class):
 
 ``kvcore_backend_name``, ``kvcore_backend``, ``kvcore_capabilities``,
 ``kvcore_dtype`` / ``kvcore_device`` / ``kvcore_swap_device`` (parametrized over every
-kvcore dtype / device type; the undeclared ones skip with the capability named),
+kvcore float dtype / device type; the undeclared ones skip with the capability named),
+``kvcore_codec`` (each quantized codec; the ones not served skip with the reason),
 ``kvcore_default_dtype``, ``kvcore_default_device``, ``kvcore_harness``,
 ``kvcore_default_harness``, ``kvcore_hypothesis_settings``.
 """
@@ -46,6 +47,7 @@ __all__ = ["pytest_addoption", "pytest_configure", "pytest_generate_tests",
            "pytest_report_header"]
 
 _DTYPES = ("float16", "bfloat16", "float32")  # kvcore.DType, spelled without importing it
+_CODECS = ("float8_e4m3", "float8_e5m2", "int8")
 _DEVICE_TYPES = ("cpu", "cuda")
 PROFILES = ("kvcore-ci", "kvcore-quick", "kvcore-thorough")
 
@@ -144,6 +146,17 @@ def kvcore_dtype(request: pytest.FixtureRequest, kvcore_backend: Backend) -> DTy
     dtype = DType(request.param)
     require_dtype(kvcore_backend, dtype)
     return dtype
+
+
+@pytest.fixture(params=_CODECS)
+def kvcore_codec(request: pytest.FixtureRequest, kvcore_backend: Backend) -> DType:
+    """Each quantized codec in turn; the ones the backend does not serve are skipped."""
+    from kvcore import DType
+
+    from ._backends import require_codec
+    codec = DType(request.param)
+    require_codec(kvcore_backend, codec)
+    return codec
 
 
 @pytest.fixture(params=_DEVICE_TYPES)

@@ -21,14 +21,15 @@ from ._timing import Progress, clock
 __all__ = ["WORKLOADS", "main"]
 
 #: Every workload, in the order they run.
-WORKLOADS = ("append", "read", "blocks", "fork", "generate", "prompt_copy", "store")
+WORKLOADS = ("append", "read", "blocks", "fork", "generate", "prompt_copy", "store", "memory")
 #: What runs without ``--workload``: ``generate`` joins when its integration exists
-#: (``prompt_copy`` and ``store`` run when asked for).
+#: (``prompt_copy``, ``store`` and ``memory`` run when asked for).
 DEFAULT_WORKLOADS = ("append", "read", "blocks", "fork")
 
 _HELP = {
     "layers": "model layers (append, read, fork)", "kv_heads": "KV heads",
-    "head_dim": "head dimension", "dtype": "cache dtype (float16, float32, bfloat16)",
+    "head_dim": "head dimension", "dtype": "cache dtype (float16, float32, bfloat16; append/read also float8_e4m3, "
+             "float8_e5m2, int8)",
     "block_size": "tokens per block", "batch": "sequences in the append batch",
     "prompt": "prompt tokens per sequence (append)", "decode_steps": "decode steps (append)",
     "pool_blocks": "blocks in the pool (blocks)", "sequences": "requests served (blocks)",
@@ -39,6 +40,7 @@ _HELP = {
     "fork_tokens": "tokens of the forked sequence (fork)", "fork_children": "children (fork)",
     "copy_prompt": "tokens of the copied prompt cache (prompt_copy)",
     "copies": "copies of the prompt cache (prompt_copy)",
+    "memory_tokens": "tokens of the generation whose KV bytes are counted (memory)",
     "repeats": "timed repeats per workload (after one warm-up)", "seed": "random seed",
 }
 
@@ -268,4 +270,7 @@ def _measure(backends: list[Backend], workloads: list[str], params: BenchParams,
                 results.append(run_store(backend, params, progress, store_url))
             except StoreUnavailable as exc:
                 skipped.append({"backend": backend.name, "workload": "store", "reason": str(exc)})
+        if "memory" in workloads:
+            from ._memory import run_memory
+            results.append(run_memory(backend, params, progress))
     return results

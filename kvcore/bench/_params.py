@@ -36,6 +36,8 @@ class BenchParams:
     # prompt_copy
     copy_prompt: int = 1024
     copies: int = 8
+    # memory
+    memory_tokens: int = 32768
     # measurement
     repeats: int = 3
     seed: int = 0

@@ -59,6 +59,7 @@ LAYOUT_FIELDS: tuple[str, ...] = (
 #: devices, policies, secrets): blocks move freely between caches that differ in them.
 NON_LAYOUT_FIELDS: tuple[str, ...] = (
     "num_blocks",
+    "compute_dtype",  # what reads decode to; a block's bytes (codes, scales) are the same
     "device",
     "enable_prefix_caching",
     "swap_blocks",

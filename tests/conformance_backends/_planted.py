@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcore import Backend
+from kvcore import Backend, BackendCapabilities, DType
 
 
 @dataclass(frozen=True)
@@ -26,3 +26,16 @@ class Planted:
     @property
     def registered_name(self) -> str:
         return self.name or self.backend.name
+
+
+class FloatOnlyCapabilities:
+    """Mixin for planted bugs written against the numpy backend before it held
+    bfloat16 and codecs: declares what it held then (float16, float32), so the bug
+    meets the suite as it was planted, first on its own clause."""
+
+    def capabilities(self) -> BackendCapabilities:
+        return BackendCapabilities(
+            device_types=("cpu",), dtypes=(DType.float16, DType.float32),
+            unsupported_dtypes={DType.bfloat16: "this planted bug keeps numpy's float16 and "
+                                                "float32 only"},
+            swap_device_types=("cpu",))

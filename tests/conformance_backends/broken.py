@@ -5,7 +5,8 @@ registered under to its :class:`Planted` record: the contract clause the suite's
 first failure must name, and a test of that clause that must fail.  This module has
 the first eight; ``broken_arrays``, ``broken_ops`` and ``broken_torch`` one or more
 per class of bug the suite hunts (identity, pools, arrays, orders, sizes, caches,
-overwrites, bit patterns).  None of it is part of any distribution.
+overwrites, bit patterns), ``broken_groups`` one per clause of layer groups and
+quantized codecs.  None of it is part of any distribution.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from kv_numpy._backend import NumpyBackend
 from kv_numpy._handle import NumpyKvCacheHandle
 
-from kvcore import BackendCapabilities, Device, DType, TensorRef
+from kvcore import FLOAT_DTYPES, BackendCapabilities, Device, DType, TensorRef
 
 from ._planted import Planted
 
@@ -103,7 +104,7 @@ class OverclaimingBf16Backend(NumpyBackend):
     name = "broken-bf16-claim"
 
     def capabilities(self) -> BackendCapabilities:
-        return BackendCapabilities(device_types=("cpu",), dtypes=tuple(DType),
+        return BackendCapabilities(device_types=("cpu",), dtypes=FLOAT_DTYPES,
                                    swap_device_types=("cpu",))
 
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -153,8 +154,9 @@ ORIGINAL_BUGS = [
 
 def _planted() -> dict[str, Planted]:
     from .broken_arrays import ARRAY_BUGS
+    from .broken_groups import GROUP_BUGS
     from .broken_ops import OPS_BUGS
-    bugs = [*ORIGINAL_BUGS, *ARRAY_BUGS, *OPS_BUGS]
+    bugs = [*ORIGINAL_BUGS, *ARRAY_BUGS, *OPS_BUGS, *GROUP_BUGS]
     try:
         from .broken_torch import TORCH_BUGS
     except ImportError:  # torch not installed: the torch bugs cannot exist here

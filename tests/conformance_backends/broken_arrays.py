@@ -12,7 +12,7 @@ from kv_numpy._backend import NumpyBackend
 
 from kvcore import Device, DType
 
-from ._planted import Planted
+from ._planted import FloatOnlyCapabilities, Planted
 
 
 class CopyPasteNameBackend(NumpyBackend):
@@ -55,7 +55,7 @@ class KvOnlyReleaseBackend(NumpyBackend):
             raise ValueError(f"not a K/V pool: shape {pool.shape}")
 
 
-class WidthDescribeBackend(NumpyBackend):
+class WidthDescribeBackend(FloatOnlyCapabilities, NumpyBackend):
     """describe maps element sizes to dtypes (2 bytes: float16), so an int16 array
     passes for float16 and is written into the cache as numbers."""
 
@@ -66,7 +66,7 @@ class WidthDescribeBackend(NumpyBackend):
         return shape, {2: DType.float16, 4: DType.float32}.get(array.dtype.itemsize), device
 
 
-class KeepsDtypeFromNumpyBackend(NumpyBackend):
+class KeepsDtypeFromNumpyBackend(FloatOnlyCapabilities, NumpyBackend):
     """from_numpy keeps any float input as it is instead of converting it."""
 
     name = "broken-from-numpy"
@@ -77,7 +77,7 @@ class KeepsDtypeFromNumpyBackend(NumpyBackend):
         return super().from_numpy(array, dtype, device)
 
 
-class ViewToNumpyBackend(NumpyBackend):
+class ViewToNumpyBackend(FloatOnlyCapabilities, NumpyBackend):
     """to_numpy returns the array itself: "it already is numpy"."""
 
     name = "broken-to-numpy"

@@ -11,7 +11,7 @@ from kv_numpy._backend import NumpyBackend
 
 from kvcore import Device, DType
 
-from ._planted import Planted
+from ._planted import FloatOnlyCapabilities, Planted
 
 
 class DropsLastRowBackend(NumpyBackend):
@@ -108,7 +108,7 @@ class SignedZeroBackend(NumpyBackend):
             return super().scatter(pool, slots, [r + r.dtype.type(0) for r in rows])
 
 
-class CanonicalNanBackend(NumpyBackend):
+class CanonicalNanBackend(FloatOnlyCapabilities, NumpyBackend):
     """from_numpy replaces every NaN with the one NaN (a "sanitising" conversion)."""
 
     name = "broken-nan-canonical"
@@ -129,7 +129,7 @@ class ArithmeticCopyBackend(NumpyBackend):
         return pool
 
 
-class FlushingSwapBackend(NumpyBackend):
+class FlushingSwapBackend(FloatOnlyCapabilities, NumpyBackend):
     """transfer_blocks flushes subnormals to zero (a swap path "cleaning" tiny values)."""
 
     name = "broken-subnormal-flush"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvcore import Backend, BackendCapabilities, Device, DType, PagedKvCacheHandle
+from kvcore import FLOAT_DTYPES, Backend, BackendCapabilities, Device, DType, PagedKvCacheHandle
 from kvcore.errors import DeviceMismatchError
 
 _CPU = Device("cpu")
@@ -63,7 +63,7 @@ class RefBitsBackend(Backend):
     handle_class = RefBitsHandle
 
     def capabilities(self) -> BackendCapabilities:
-        return BackendCapabilities(device_types=("cpu",), dtypes=tuple(DType),
+        return BackendCapabilities(device_types=("cpu",), dtypes=FLOAT_DTYPES,
                                    swap_device_types=("cpu",), dlpack=False)
 
     def allocate_layer(self, num_blocks: int, block_size: int, num_kv_heads: int,

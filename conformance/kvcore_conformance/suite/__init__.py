@@ -21,6 +21,8 @@ from ._harness import Harness
 from .backend_arrays import BackendArraysContract
 from .backend_ops import BackendOpsContract, BulkOperationsContract
 from .bits import BitPatternContract
+from .codecs import CodecContract
+from .groups import LayerGroupContract
 from .handles import HandleContract
 from .manager import ManagerContract
 from .sharing import PrefixSharingContract, StatsContract, SwapContract
@@ -34,10 +36,12 @@ __all__ = [
     "BitPatternContract",
     "BlockTableContract",
     "BulkOperationsContract",
+    "CodecContract",
     "ConformanceSuite",
     "ContractTests",
     "HandleContract",
     "Harness",
+    "LayerGroupContract",
     "ManagerContract",
     "PrefixSharingContract",
     "StatefulContract",
@@ -48,13 +52,15 @@ __all__ = [
 ]
 
 
-class ConformanceSuite(StatefulContract, ThreadSafetyContract, StatsContract, SwapContract,
+class ConformanceSuite(CodecContract, LayerGroupContract, StatefulContract,
+                       ThreadSafetyContract, StatsContract, SwapContract,
                        PrefixSharingContract, ManagerContract, HandleContract,
                        BlockTableContract, BitPatternContract, BackendOpsContract):
     """The whole contract in one class.
 
     pytest runs inherited tests base-last-first, so the bases are listed in reverse:
     the backend's own operations run first, then the bit patterns, then what the
-    manager builds on them, and the stateful test last, the order the clauses are
-    listed in (so the first failure names the operation at fault).
+    manager builds on them, the stateful test, then layer groups and quantized codecs
+    (areas added later, listed last), the order the clauses are listed in (so the first
+    failure names the operation at fault).
     """

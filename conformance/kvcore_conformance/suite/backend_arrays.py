@@ -17,6 +17,8 @@ import pytest
 
 import kvcore
 from kvcore import (
+    CODEC_DTYPES,
+    FLOAT_DTYPES,
     AllocationRequest,
     Backend,
     BackendCapabilities,
@@ -33,7 +35,7 @@ from kvcore.errors import (
     UnsupportedError,
 )
 
-from .._backends import capability_skip
+from .._backends import capability_skip, require_dlpack
 from .._clauses import (
     ALLOCATE_LAYER,
     ASARRAY,
@@ -198,7 +200,10 @@ class BackendArraysContract(ContractTests):
     @covers(CAPS_REFUSE_UNDECLARED)
     def test_undeclared_dtypes_and_devices_are_refused(self, kvcore_backend: Backend) -> None:
         caps = kvcore_backend.capabilities()
-        missing_dtypes = [d for d in DType if d not in caps.dtypes]
+        # Float dtypes not declared, and codecs not served: each is a cache dtype a
+        # config may name (uint8 is a storage type only, never a config's dtype).
+        missing_dtypes = ([d for d in FLOAT_DTYPES if d not in caps.dtypes]
+                          + [d for d in CODEC_DTYPES if d not in caps.codecs])
         missing_devices = [t for t in ("cpu", "cuda") if t not in caps.device_types]
         if not missing_dtypes and not missing_devices:
             capability_skip("dtypes/device_types", f"backend {kvcore_backend.name!r} declares "
@@ -410,8 +415,7 @@ class BackendArraysContract(ContractTests):
     def test_asarray_imports_dlpack_producers_without_a_copy(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         be = h.backend
-        if not be.capabilities().dlpack:
-            capability_skip("dlpack", f"backend {be.name!r} declares dlpack=False")
+        require_dlpack(be, h.dtype)
         refused = DLPackProducer(device=h.device.dlpack_device(),
                                  refuse="the test producer refuses to export")
         exc = expect_raises(ASARRAY_DLPACK, TypeError, lambda: be.asarray(refused, h.device),

@@ -15,7 +15,7 @@ import numpy as np
 
 from kvcore import Device
 
-from .._backends import capability_skip
+from .._backends import require_dlpack
 from .._clauses import (
     BITS_COPY_BLOCKS,
     BITS_DLPACK,
@@ -125,8 +125,7 @@ class BitPatternContract(ContractTests):
     def test_special_values_survive_dlpack_export(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
         be = h.backend
-        if not be.capabilities().dlpack:
-            capability_skip("dlpack", f"backend {be.name!r} declares dlpack=False")
+        require_dlpack(be, h.dtype)
         mgr = h.manager(num_blocks=8)
         n = mgr.block_size + 3
         handle = h.allocate(mgr, "special-dlpack", n)

@@ -12,7 +12,7 @@ import numpy as np
 from kvcore import CacheHandleStats, KvCacheManager, PagedKvCacheHandle, TensorRef
 from kvcore.errors import InvalidHandleError, LayerIndexError
 
-from .._backends import capability_skip
+from .._backends import require_dlpack
 from .._clauses import (
     DLPACK,
     HANDLE_AS_ANY,
@@ -214,8 +214,7 @@ class HandleContract(ContractTests):
     @covers(DLPACK)
     def test_reads_export_dlpack_on_the_cache_device(self, kvcore_harness: Harness) -> None:
         h = kvcore_harness
-        if not h.backend.capabilities().dlpack:
-            capability_skip("dlpack", f"backend {h.backend.name!r} declares dlpack=False")
+        require_dlpack(h.backend, h.dtype)
         mgr = h.manager()
         handle = h.allocate(mgr, "dl", 6)
         k, v = h.kv(6), h.kv(6)

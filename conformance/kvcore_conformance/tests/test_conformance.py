@@ -11,7 +11,9 @@ from kvcore_conformance.suite import (
     BackendOpsContract,
     BitPatternContract,
     BlockTableContract,
+    CodecContract,
     HandleContract,
+    LayerGroupContract,
     ManagerContract,
     PrefixSharingContract,
     StatefulContract,
@@ -58,4 +60,12 @@ class TestThreadSafety(ThreadSafetyContract):
 
 
 class TestStateful(StatefulContract):
+    pass
+
+
+class TestLayerGroups(LayerGroupContract):
+    pass
+
+
+class TestCodecs(CodecContract):
     pass

@@ -57,7 +57,8 @@ from ._handle import CupyKvCacheHandle
 
 __all__ = ["CupyBackend"]
 
-_NP_DTYPES = {DType.float16: np.dtype(np.float16), DType.float32: np.dtype(np.float32)}
+_NP_DTYPES = {DType.float16: np.dtype(np.float16), DType.float32: np.dtype(np.float32),
+               DType.int8: np.dtype(np.int8), DType.uint8: np.dtype(np.uint8)}
 _FROM_NP = {v: k for k, v in _NP_DTYPES.items()}
 _CPU = Device("cpu")
 
@@ -147,8 +148,12 @@ class CupyBackend(Backend):
     def capabilities(self) -> BackendCapabilities:
         return BackendCapabilities(
             device_types=("cuda",),
-            dtypes=(DType.float16, DType.float32),
+            dtypes=(DType.float16, DType.float32, DType.uint8, DType.int8),
             unsupported_dtypes={DType.bfloat16: "cupy has no bfloat16 dtype"},
+            # int8 codes: cupy's elementwise kernels; float8 needs a float8 dtype.
+            codecs=(DType.int8,),
+            unsupported_codecs={DType.float8_e4m3: "cupy has no float8 dtype",
+                                DType.float8_e5m2: "cupy has no float8 dtype"},
             swap_device_types=("cpu", "cuda"),
             dlpack=True,
             pinned_memory=True,

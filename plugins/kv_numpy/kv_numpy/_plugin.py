@@ -12,6 +12,6 @@ def kvcore_backends() -> list[kvcore.BackendSpec]:
         load="kv_numpy._backend:NumpyBackend",
         api_version=2,
         requires=("numpy",),
-        description="NumPy arrays in host memory (cpu; float16, float32)",
+        description="NumPy arrays in host memory (cpu; float16, bfloat16, float32; fp8 and int8 codecs)",
         install_hint='pip install "kvcore[numpy]"',
     )]

@@ -62,14 +62,17 @@ from kvcore.errors import (DeviceMismatchError, DtypeMismatchError, PoolAllocati
                            UnsupportedError)
 
 from . import _cuda
-from ._array_ops import TorchOps
+from ._array_ops import TORCH_DTYPES, TorchOps
 from ._handle import TorchKvCacheHandle
 
 __all__ = ["TorchBackend"]
 
-_TORCH_DTYPES = {DType.float16: torch.float16, DType.bfloat16: torch.bfloat16,
-                 DType.float32: torch.float32}
+#: Element types of pools and arrays (float8 values exist only inside the codecs).
+_TORCH_DTYPES = {d: TORCH_DTYPES[d] for d in (DType.float16, DType.bfloat16, DType.float32,
+                                              DType.uint8, DType.int8)}
 _FROM_TORCH = {v: k for k, v in _TORCH_DTYPES.items()}
+_CODECS = tuple(d for d in (DType.float8_e4m3, DType.float8_e5m2, DType.int8)
+                if d in TORCH_DTYPES)
 _CPU = Device("cpu")
 #: Reads of at least this many blocks try the whole-block gather (below it the check
 #: on a fresh index costs about what it saves).
@@ -216,7 +219,11 @@ class TorchBackend(Backend):
             devices = ("cpu", "cuda") if cuda else ("cpu",)
             self._caps = BackendCapabilities(
                 device_types=devices,
-                dtypes=(DType.float16, DType.bfloat16, DType.float32),
+                dtypes=(DType.float16, DType.bfloat16, DType.float32, DType.uint8, DType.int8),
+                codecs=_CODECS,
+                unsupported_codecs={d: f"torch {torch.__version__} has no {d.value} dtype"
+                                    for d in (DType.float8_e4m3, DType.float8_e5m2)
+                                    if d not in _CODECS},
                 swap_device_types=devices,
                 dlpack=True,
                 pinned_memory=cuda,
@@ -468,9 +475,10 @@ class TorchBackend(Backend):
         shares its memory.  A CUDA producer is imported with its GPU made current, so
         a ``cuda:1`` array imports while ``cuda:0`` is current, and the producer orders
         its work before torch's current stream of that GPU.  Read-only numpy arrays are
-        shared too (the cache only reads K/V).  One exception: an array with negative
-        strides (``a[::-1]``) is copied once first, keeping its dtype, because DLPack
-        import in torch cannot represent it.
+        shared too (the cache only reads K/V), and so are ``ml_dtypes.bfloat16`` numpy
+        arrays (the kv_numpy backend's bfloat16), through an int16 view.  One exception:
+        an array with negative strides (``a[::-1]``) is copied once first, keeping its
+        dtype, because DLPack import in torch cannot represent it.
         """
         if isinstance(obj, TensorRef) and isinstance(obj.native, torch.Tensor):
             obj = obj.native
@@ -491,6 +499,11 @@ class TorchBackend(Backend):
         if isinstance(strides, tuple) and any(s < 0 for s in strides):
             # torch.from_dlpack aborts the process on negative strides (torch 2.x).
             obj = obj.copy()
+        if isinstance(obj, np.ndarray) and obj.dtype.name == "bfloat16" and device.is_cpu:
+            # ml_dtypes' bfloat16 has no DLPack code; its bits are torch's bfloat16:
+            # shared without a copy through a 16-bit integer view (a non-contiguous one
+            # is copied once first).
+            return torch.from_numpy(np.ascontiguousarray(obj).view(np.int16)).view(torch.bfloat16)
         try:
             if device.is_cuda:
                 with torch.cuda.device(device.index):
@@ -542,7 +555,7 @@ class TorchBackend(Backend):
         self.check_dtype(dtype)
         bits = check_bits(bits, dtype)
         # torch has no unsigned views of every width: the signed twin holds the same bits.
-        signed = bits.view(np.int32 if dtype is DType.float32 else np.int16)
+        signed = bits.view({4: np.int32, 2: np.int16, 1: np.int8}[dtype.itemsize])
         host = torch.from_numpy(signed.copy()).view(_TORCH_DTYPES[dtype])
         return host.to(device=_torch_device(device))
 

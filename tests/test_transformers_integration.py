@@ -153,11 +153,14 @@ def test_misuse_is_refused_with_typed_errors(model):
     ids, mask = _batch(PROMPTS)
     with pytest.raises(ValueError, match="expected left padding"):
         cache.set_prompts(ids, mask.flip(1))
-    cache.set_prompts(ids[:3], mask[:3])
+    cache.set_prompts(ids[:3], mask[:3])  # allocates the three rows now
+    held = cache.manager.stats().used_blocks
     with pytest.raises(ShapeMismatchError, match="set_prompts got 3 prompts"):
         model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=2,
                        do_sample=False)
-    assert cache.manager.stats().used_blocks == 0  # nothing half-allocated
+    assert cache.manager.stats().used_blocks == held  # nothing more, nothing half-done
+    cache.release()
+    assert cache.manager.stats().used_blocks == 0
     with pytest.raises(ValueError, match="pass a negative number"):
         cache.crop(3)
     half = KvCoreCache.from_model(model, num_blocks=64, dtype="float16")

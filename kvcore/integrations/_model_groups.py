@@ -19,7 +19,9 @@ What a layer stores is what the model hands ``cache.update``: ``num_key_value_he
 heads (else ``num_attention_heads``) of ``head_dim`` (else ``hidden_size //
 num_attention_heads``); Falcon's ``multi_query`` stores one head, its
 ``new_decoder_architecture`` every query head (transformers broadcasts the KV heads
-before the cache sees them).  Everything else is refused early with
+before the cache sees them); DeepSeek-V3's latent attention (MLA) caches the
+compressed latents, one head of ``kv_lora_rank`` as K and of ``qk_rope_head_dim`` as V
+(a group whose K and V widths differ).  Everything else is refused early with
 :class:`~kvcore.errors.UnsupportedError` naming the model type: state-space and
 linear-attention layers (Mamba, Jamba, Zamba, ...), models with their own cache
 classes, layers without attention or with shared KV, and latent (MLA) layouts whose
@@ -43,6 +45,10 @@ _KINDS = {"full_attention": GroupKind.full, "sliding_attention": GroupKind.slidi
           "chunked_attention": GroupKind.sliding}
 #: Model types whose generate() does not use a transformers Cache at all.
 _OWN_CACHE = frozenset({"reformer", "xlnet", "rwkv", "xlstm", "minimax"})
+#: Latent-attention (MLA) models whose layers cache the compressed latents: the
+#: normalised ``kv_lora_rank`` vector as K and the rotary key part as V, one head each
+#: (checked against transformers' modeling code; tokens compared in the tests).
+_LATENT_KV = frozenset({"deepseek_v3"})
 
 
 @dataclass(frozen=True)
@@ -87,13 +93,15 @@ def _layer_types(text: Any, model_type: str, decoder_layers: int) -> list[tuple[
     return [(t, kw.get("sliding_window")) for t, kw in zip(types, kwargs)]
 
 
-def _kv_shape(c: Any, model_type: str) -> tuple[int, int]:
-    """``(kv heads, head size)`` of what one layer passes to ``cache.update``."""
+def _kv_shape(c: Any, model_type: str) -> tuple[int, int, int]:
+    """``(kv heads, K width, V width)`` of what one layer passes to ``cache.update``."""
     heads = getattr(c, "num_attention_heads", None)
     if not heads:
         raise UnsupportedError(f"{model_type}: its config names no attention heads "
                                "(num_attention_heads): kvcore holds attention K/V only")
     if getattr(c, "kv_lora_rank", None):
+        if model_type in _LATENT_KV:
+            return 1, int(c.kv_lora_rank), int(c.qk_rope_head_dim)
         raise UnsupportedError(
             f"{model_type}: a latent-attention (MLA) config (kv_lora_rank); what its layers "
             "cache differs between model types, and kvcore does not know this one's. Pass "
@@ -111,7 +119,7 @@ def _kv_shape(c: Any, model_type: str) -> tuple[int, int]:
     else:
         kv = getattr(c, "num_key_value_heads", None) or heads
     dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return int(kv), int(dim)
+    return int(kv), int(dim), int(dim)
 
 
 def model_layout(model_or_config: Any, *, num_kv_heads: int | None = None,
@@ -150,22 +158,25 @@ def model_layout(model_or_config: Any, *, num_kv_heads: int | None = None,
                            head_dim or 1)
     heterogeneous = bool(getattr(text, "is_heterogeneous", False))
     per_layer = list(text.per_layer_config) if heterogeneous else [text] * layers
-    specs: dict[tuple[GroupKind, int | None, int, int], list[int]] = {}
+    specs: dict[tuple[GroupKind, int | None, int, int, int], list[int]] = {}
     for i, ((kind_name, window), c) in enumerate(zip(kinds, per_layer)):
-        kv, dim = _kv_shape(c, model_type)
-        kv, dim = num_kv_heads or kv, head_dim or dim
+        kv, k_dim, v_dim = _kv_shape(c, model_type)
+        if head_dim:
+            k_dim = v_dim = head_dim
         kind = _KINDS[kind_name]
-        specs.setdefault((kind, window if kind is GroupKind.sliding else None, kv, dim),
-                         []).append(i)
+        key = (kind, window if kind is GroupKind.sliding else None, num_kv_heads or kv,
+               k_dim, v_dim)
+        specs.setdefault(key, []).append(i)
     groups = [LayerGroup(kind=kind, layers=tuple(ids), window=window, num_kv_heads=kv,
-                         head_dim=dim)
-              for (kind, window, kv, dim), ids in specs.items()]
+                         head_dim=k_dim, v_head_dim=v_dim if v_dim != k_dim else None)
+              for (kind, window, kv, k_dim, v_dim), ids in specs.items()]
     first = next(iter(specs))
     if encoder_decoder:
         # Cross-attention reads the encoder's output with the decoder's head shape.
-        _, _, kv, dim = first
+        _, _, kv, k_dim, v_dim = first
         groups.append(LayerGroup(kind=GroupKind.cross, layers=tuple(range(layers, 2 * layers)),
-                                 num_kv_heads=kv, head_dim=dim,
+                                 num_kv_heads=kv, head_dim=k_dim,
+                                 v_head_dim=v_dim if v_dim != k_dim else None,
                                  encoder_tokens=_encoder_limit(config)))
     return ModelLayout(model_type, layers, tuple(groups), encoder_decoder, first[2], first[3])
 

@@ -105,7 +105,8 @@ def cache_config_for(model_or_config: Any, *, num_blocks: int, block_size: int =
     num_layers = fields.pop("num_layers", layout.num_layers)
     if groups is None:
         groups = layout.groups
-        if len(groups) == 1 and groups[0].kind is GroupKind.full:
+        if len(groups) == 1 and groups[0].kind is GroupKind.full \
+                and groups[0].v_head_dim is None:
             groups = ()  # one full group of every layer: the plain config, as before
     if dtype is None:
         dtype = _TORCH_DTYPES.get(getattr(model_or_config, "dtype", None), "float32")

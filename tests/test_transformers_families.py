@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 # CI installs both: a missing one must fail here, not skip.
 import torch
@@ -183,6 +184,36 @@ def test_sliding_window_models_give_dynamic_cache_tokens_holding_only_the_window
     cache.manager.check_invariants()
     cache.release()
     assert cache.manager.stats().used_blocks == 0
+
+
+@pytest.mark.parametrize("beams", [1, 3], ids=["greedy", "beams"])
+@pytest.mark.parametrize("name", ["qwen2", "gemma2"])
+def test_each_steps_read_index_is_the_block_tables_own(name, beams, monkeypatch):
+    # A decode step advances the last step's index by one column instead of reading
+    # the block tables again; beams reorder it with their rows, and copy-on-write
+    # moves a forked row's last block.  Every column a row holds must still name the
+    # slot the block table gives it.
+    model = model_of(name)
+    checked = []
+    real = KvCoreCache._rectangle
+
+    def rectangle(self, group, window, n):
+        index, width = real(self, group, window, n)
+        if self._repeat == 1:
+            want = self._rebuilt(group, self._length - width)
+            got = index.numpy().reshape(want.shape)
+            columns = np.arange(self._length - width, self._length)
+            held = columns[None, :] >= self._pads[:, None]
+            assert np.array_equal(got[held], want[held])
+            checked.append(window)
+        return index, width
+
+    monkeypatch.setattr(KvCoreCache, "_rectangle", rectangle)
+    cache = KvCoreCache.from_model(model, num_blocks=256, block_size=BS)
+    cache.set_prompts(*batch(PROMPTS))
+    assert torch.equal(generate(model, cache, num_beams=beams),
+                       generate(model, None, num_beams=beams))
+    assert checked.count(None) >= NEW - 1 and checked.count(WINDOW) >= NEW - 1
 
 
 @pytest.mark.parametrize("name", ["gemma2", "mistral"])

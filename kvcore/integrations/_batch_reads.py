@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["PoolViews", "rectangle_slots"]
+__all__ = ["PoolViews", "advance", "hide", "rectangle_slots"]
 
 
 def rectangle_slots(blocks: np.ndarray, lengths: np.ndarray, pads: np.ndarray, width: int,
@@ -42,6 +42,35 @@ def rectangle_slots(blocks: np.ndarray, lengths: np.ndarray, pads: np.ndarray, w
     pos = np.where((pos >= lo[:, None]) & (pos < lengths[:, None]), pos, lo[:, None])
     page = np.take_along_axis(blocks, pos // bs, axis=1).astype(np.int64)
     return page * bs + pos % bs
+
+
+def advance(slots: np.ndarray, new: np.ndarray, positions: np.ndarray, keep: int,
+            block_size: int) -> np.ndarray:
+    """The rectangle's slots one decode token later, from the last step's: its last
+    ``keep`` columns, then the new token's column (``new``, at each row's
+    ``positions``).  The tokens before the new one in its block are set from the new
+    slot too: an extension that copied a shared last block (copy-on-write) moved them
+    there, and every other block stays where it was.  Columns no row holds keep stale
+    slots; :func:`hide` points them somewhere safe."""
+    rows = slots.shape[0]
+    out = np.empty((rows, keep + 1), dtype=np.int64)
+    out[:, :keep] = slots[:, slots.shape[1] - keep:]
+    out[:, keep] = new
+    k = min(block_size, keep + 1)
+    back = np.arange(k)
+    same_block = back[None, :] <= (positions % block_size)[:, None]
+    tail = out[:, keep + 1 - k:][:, ::-1]  # a view: column -1 - j is tail[:, j]
+    np.copyto(tail, new[:, None] - back[None, :], where=same_block)
+    return out
+
+
+def hide(slots: np.ndarray, first_column: int, pads: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``slots`` with every padding column pointed at the row's newest token (written
+    for the layer before it is read)."""
+    if not pads.size or int(pads.max()) <= first_column:
+        return slots
+    columns = np.arange(first_column, first_column + slots.shape[1])
+    return np.where(columns[None, :] >= pads[:, None], slots, new[:, None])
 
 
 class PoolViews:

@@ -56,13 +56,13 @@ __all__ = ["REMADE_ON_FORK", "SAVED", "SHARED_ON_FORK", "fork_cache", "load_cach
 SHARED_ON_FORK = frozenset({"_manager", "_extra_key", "_prompt_width", "_length",
                             "layer_class_to_replicate", "offloading", "_is_user_defined",
                             # the layout read from the manager, and views of its pools
-                            "_specs", "_cross_group", "_pool_views",
+                            "_specs", "_cross_group", "_windows", "_pool_views",
                             # plain values of the pass and the rows
                             "_mode", "_pass_tokens", "_repeat", "_fresh",
                             "_encoder_tokens"})
 #: Attributes a fork makes anew: its own rows (forked sequences), ids, layers and arrays.
 REMADE_ON_FORK = frozenset({"_prefix", "_ids", "layers", "_prompts", "_layer_len", "_pads",
-                            "_cached", "_mapping", "_reads", "_handles", "_waiting",
+                            "_cached", "_mapping", "_reads", "_index", "_handles", "_waiting",
                             "_held_back", "_cross_done"})
 
 #: ``KvCoreCache.load(..., extra_key=SAVED)``: the saved cache's ``extra_key``.
@@ -134,6 +134,7 @@ def fork_cache(cache: KvCoreCache, memo: dict[int, Any] | None) -> KvCoreCache:
     new._cached = cache._cached.copy()
     new._mapping = None  # made by the next step's extend, for the copy's own rows
     new._reads = {}      # indices of the copy's own rows, made on its next read
+    new._index = {}
     new._waiting = None if cache._waiting is None else \
         (list(cache._waiting[0]), cache._waiting[1].copy())
     new._held_back = list(cache._held_back)

@@ -70,7 +70,7 @@ from .._slot_mapping import SlotMapping
 from ..errors import (CacheError, CapacityError, LayerIndexError, ShapeMismatchError,
                       UnsupportedError, WriteOrderError)
 from ..models import CacheConfig, GroupKind
-from ._batch_reads import PoolViews, rectangle_slots
+from ._batch_reads import PoolViews, advance, hide, rectangle_slots
 from ._cache_state import SAVED, fork_cache, load_cache, save_cache
 from ._encoder_decoder import KvCoreEncoderDecoderCache
 from ._model_groups import model_layout
@@ -204,6 +204,7 @@ class KvCoreCache(Cache):
             (g.index, g.num_kv_heads, g.k_dim, g.v_dim, g.window)
             for layer in token_layers for g in groups if layer in g.layers)
         self._cross_group = cross[0].index if cross else None
+        self._windows = {spec[0]: spec[4] for spec in self._specs}  # group -> window
         super().__init__(layers=[_KvCoreLayer(self, i, spec[4])
                                  for i, spec in enumerate(self._specs)])
         self._pool_views = PoolViews(manager)
@@ -222,7 +223,8 @@ class KvCoreCache(Cache):
         self._mapping: SlotMapping | None = None
         self._mode = _STEP
         self._pass_tokens = 0                       # tokens the current pass adds per row
-        self._reads: dict[int, tuple[torch.Tensor, int]] = {}
+        self._reads: dict[int, tuple[torch.Tensor, int]] = {}   # this pass's, per group
+        self._index: dict[int, np.ndarray] = {}  # per group: the last step's slots, kept
         self._repeat = 1          # batch rows per kvcore row in a first pass (beams)
         self._fresh = False       # rows allocated by set_prompts, no forward pass yet
         # Encoder-decoder models: rows are allocated when the encoder's length is known
@@ -362,24 +364,40 @@ class KvCoreCache(Cache):
                                        width)
 
     def _rectangle(self, group: int, window: int | None, n: int) -> tuple[torch.Tensor, int]:
-        table = self._manager.vllm_block_table(self._handles, group=group, pad_value=-1)
+        """This pass's index of ``group``: a decode step advances the last step's by
+        one column (:func:`advance`), anything else reads the block tables."""
         total = self._length
         width = total if window is None else min(total - n, window - 1) + n
-        slots = rectangle_slots(table.block_tables, table.seq_lens.astype(np.int64),
-                                self._pads, total, total - width, self._manager.block_size)
+        slots = self._index.get(group) if self._mode is _STEP else None
+        if slots is None:
+            slots = self._rebuilt(group, total - width)
+            if self._mode is _STEP:
+                self._index[group] = slots
+        else:
+            slots = hide(slots, total - width, self._pads, self._mapping.group_slots[group])
         if self._repeat > 1:
             slots = np.repeat(slots, self._repeat, axis=0)
         device = torch.device(str(self._manager.config.device))
         return torch.from_numpy(slots.reshape(-1)).to(device), width
 
+    def _rebuilt(self, group: int, first_column: int) -> np.ndarray:
+        """The rectangle's slots of ``group`` from column ``first_column`` on, read
+        from the manager's block tables."""
+        table = self._manager.vllm_block_table(self._handles, group=group, pad_value=-1)
+        return rectangle_slots(table.block_tables, table.seq_lens.astype(np.int64),
+                               self._pads, self._length, first_column,
+                               self._manager.block_size)
+
     def _begin_pass(self, batch: int, n: int) -> None:
         self._materialize()
         self._reads = {}
         self._pass_tokens = n
+        if self._handles and not self._fresh:
+            self._extend(batch, n)
+            return
+        self._index = {}
         if self._fresh:
             self._resume(batch, n)
-        elif self._handles:
-            self._extend(batch, n)
         elif self._waiting is not None:
             raise CacheError("an encoder-decoder cache got a second decoder pass before any "
                              "cross-attention K/V: call the model with encoder outputs")
@@ -462,9 +480,18 @@ class KvCoreCache(Cache):
         if batch != len(self._handles):
             raise ShapeMismatchError(f"a forward pass of {batch} rows on a cache of "
                                      f"{len(self._handles)} rows; reorder or select rows first")
-        self._mapping = self._manager.extend_batch(self._handles, n)
-        self._length += n
-        self._mode = _STEP
+        mapping = self._manager.extend_batch(self._handles, n)
+        past, self._length, self._mode, self._mapping = self._length, self._length + n, \
+            _STEP, mapping
+        if n != 1:
+            self._index = {}
+            return
+        bs = self._manager.block_size
+        for group, slots in self._index.items():
+            window = self._windows[group]
+            keep = past if window is None else min(past, window - 1)
+            self._index[group] = advance(slots, mapping.group_slots[group], mapping.starts,
+                                         keep, bs)
 
     def _new_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -509,6 +536,8 @@ class KvCoreCache(Cache):
         self._pads = self._pads[index]
         self._cached = self._cached[index]
         self._reads = {}
+        # A fork reads its parent's blocks until it writes: the same slots.
+        self._index = {group: slots[index] for group, slots in self._index.items()}
 
     def batch_select_indices(self, indices: Any) -> None:
         """Keep the rows ``indices`` (in that order); the others are deallocated."""
@@ -542,6 +571,7 @@ class KvCoreCache(Cache):
         self._cached = np.minimum(self._cached,
                                   [h.num_tokens() for h in self._handles]).astype(np.int64)
         self._reads = {}
+        self._index = {}
 
     def reset(self) -> None:
         """Free every sequence and empty the cache (the prompts stay set; the next

@@ -14,7 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvcore
 from kvcore.errors import CapacityError, DtypeMismatchError, ShapeMismatchError
-from kvcore.integrations.transformers import KvCoreCache, cache_config_for
+from kvcore.integrations.transformers import KvCoreCache, cache_config_for, track_token_ids
 
 PREFIX = [5, 17, 33, 9, 41, 77, 12, 3, 90, 64, 8, 21]  # three blocks of 4
 PROMPTS = [PREFIX + [44, 45], [3, 4, 5], PREFIX + [7, 8, 9, 10, 11, 12, 13], PREFIX]
@@ -110,6 +110,84 @@ def test_prompt_blocks_of_one_generate_call_serve_the_next(model):
     assert cache.num_cached_tokens == [12, 0]  # served at allocation, not recomputed
     cache.release()
     manager.check_invariants()
+
+
+class Fed:
+    """The tokens the model computes per forward pass (a hook on the embeddings)."""
+
+    def __init__(self, model) -> None:
+        self.passes: list[int] = []
+        self._hook = model.get_input_embeddings().register_forward_hook(
+            lambda m, args, out: self.passes.append(int(args[0].shape[1])))
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def _chat_turns(model, manager, tracked: bool):
+    """Two chat turns on one manager; turn 2's prompt repeats turn 1's prompt and
+    reply.  Returns (turn 2's skipped columns, the tokens it fed the model first, its
+    output, DynamicCache's output)."""
+    turn1 = [PREFIX + [99, 98, 97]]
+    first = KvCoreCache(manager)
+    first.set_prompts(*_batch(turn1))
+    if tracked:
+        track_token_ids(model)
+    out = _generate(model, turn1, first, do_sample=False)
+    first.release()
+    turn2 = [out[0].tolist() + [60, 61]]
+    expect = _generate(model, turn2, None, do_sample=False)
+    fed = Fed(model)
+    try:
+        cache = KvCoreCache(manager)
+        cache.set_prompts(*_batch(turn2))
+        skipped = cache.get_seq_length()
+        got = _generate(model, turn2, cache, do_sample=False)
+    finally:
+        fed.close()
+    cache.release()
+    manager.check_invariants()
+    return skipped, fed.passes[0], got, expect
+
+
+def test_a_chat_turn_reuses_the_earlier_turn_reply_included(model):
+    # from_model tracks the model's input ids, so the decode steps extend the rows with
+    # their tokens: turn 1's reply blocks join the prefix cache like its prompt blocks.
+    manager = KvCoreCache.from_model(model, num_blocks=128, block_size=4).manager
+    skipped, fed, got, expect = _chat_turns(model, manager, tracked=True)
+    assert torch.equal(got, expect)
+    prompt2 = len(PREFIX) + 3 + NEW + 2
+    # Held: every full block before the reply's last token (never fed to the model).
+    assert skipped == (len(PREFIX) + 3 + NEW - 1) // 4 * 4 and skipped > len(PREFIX) + 3
+    assert fed == prompt2 - skipped
+
+
+def test_an_untracked_model_reuses_the_prompt_blocks_only(model):
+    # A cache built on a manager for a model nobody tracked sees no ids after the
+    # prompt: the chain stops there, and turn 2 recomputes turn 1's reply.
+    config = cache_config_for(model, num_blocks=128, block_size=4)
+    fresh = LlamaForCausalLM(model.config).eval()  # same shapes, never tracked
+    fresh.load_state_dict(model.state_dict())
+    skipped, fed, got, expect = _chat_turns(fresh, kvcore.KvCacheManager(config, "torch"),
+                                            tracked=False)
+    assert torch.equal(got, expect)
+    assert skipped == (len(PREFIX) + 3) // 4 * 4
+
+
+def test_ids_of_a_failed_pass_never_reach_the_next_one(model):
+    cache = KvCoreCache.from_model(model, num_blocks=64, block_size=4)
+    cache.set_prompts(*_batch([PREFIX]))
+    _generate(model, [PREFIX], cache, do_sample=False)
+    known = cache.handles[0].token_ids()
+    assert known is not None and len(known) == len(PREFIX) + NEW - 1  # decode ids kept
+    with pytest.raises(IndexError):  # fails in the embedding, before any cache update
+        model(input_ids=torch.tensor([[1000]]), cache=cache)
+    # The next pass comes through the inner model, which nobody tracks: it has no ids,
+    # and must not be given the failed pass's.
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([[7]]), cache=cache)
+    assert cache.handles[0].token_ids() is None  # the chain ends; no 1000 in it
+    cache.release()
 
 
 @pytest.mark.parametrize("told", [True, False], ids=["prompts-set", "padding-stored"])

@@ -52,6 +52,7 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,7 +77,7 @@ from ._encoder_decoder import KvCoreEncoderDecoderCache
 from ._model_groups import model_layout
 from ._prompt_rows import allocate_rows, left_padded_prompts
 
-__all__ = ["KvCoreCache", "KvCoreEncoderDecoderCache", "cache_config_for"]
+__all__ = ["KvCoreCache", "KvCoreEncoderDecoderCache", "cache_config_for", "track_token_ids"]
 
 _TORCH_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
                  torch.float32: "float32"}
@@ -223,6 +224,7 @@ class KvCoreCache(Cache):
         self._mapping: SlotMapping | None = None
         self._mode = _STEP
         self._pass_tokens = 0                       # tokens the current pass adds per row
+        self._next_ids: torch.Tensor | None = None  # the pass's input ids (track_token_ids)
         self._reads: dict[int, tuple[torch.Tensor, int]] = {}   # this pass's, per group
         self._index: dict[int, np.ndarray] = {}  # per group: the last step's slots, kept
         self._repeat = 1          # batch rows per kvcore row in a first pass (beams)
@@ -246,6 +248,8 @@ class KvCoreCache(Cache):
         config = cache_config_for(model, num_blocks=num_blocks, block_size=block_size,
                                   **config_fields)
         cache = cls(KvCacheManager(config, backend=backend), extra_key=extra_key)
+        if isinstance(model, torch.nn.Module):
+            track_token_ids(model)
         if cache._cross_group is not None:
             return KvCoreEncoderDecoderCache(cache)
         return cache
@@ -480,7 +484,11 @@ class KvCoreCache(Cache):
         if batch != len(self._handles):
             raise ShapeMismatchError(f"a forward pass of {batch} rows on a cache of "
                                      f"{len(self._handles)} rows; reorder or select rows first")
-        mapping = self._manager.extend_batch(self._handles, n)
+        ids, self._next_ids = self._next_ids, None
+        if ids is not None and (ids.dim() != 2 or tuple(ids.shape) != (batch, n)):
+            ids = None
+        mapping = self._manager.extend_batch(
+            self._handles, n, token_ids=None if ids is None else _to_numpy(ids))
         past, self._length, self._mode, self._mapping = self._length, self._length + n, \
             _STEP, mapping
         if n != 1:
@@ -647,6 +655,51 @@ class KvCoreCache(Cache):
     def __repr__(self) -> str:
         return (f"KvCoreCache(rows={len(self._handles)}, tokens={self._length}, "
                 f"backend={self._manager.backend.name!r})")
+
+
+_TRACKED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+
+def track_token_ids(model: torch.nn.Module) -> None:
+    """Let the kvcore caches ``model`` runs with learn the token ids of each forward
+    pass (idempotent; :meth:`KvCoreCache.from_model` calls it).
+
+    A cache's ``update`` sees K/V, never ids.  With this, a forward pre-hook hands a
+    :class:`KvCoreCache` (or a :class:`KvCoreEncoderDecoderCache`'s self-attention
+    part) the pass's ``input_ids`` (``decoder_input_ids``), and a decode step extends
+    its rows with them: the blocks generated tokens fill join the prefix cache like
+    prompt blocks, so the next turn of a chat, whose prompt repeats this turn's reply,
+    finds them.  Only rows allocated with their prompt ids (``set_prompts``) keep a
+    chain; a pass fed embeddings has no ids and ends it.  A forward hook (run even
+    when the forward raises) drops the ids after the pass, so they never reach
+    another pass."""
+    if model in _TRACKED:
+        return
+    model.register_forward_pre_hook(_see_ids, with_kwargs=True)
+    model.register_forward_hook(_forget_ids, with_kwargs=True, always_call=True)
+    _TRACKED.add(model)
+
+
+def _cache_and_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, KvCoreEncoderDecoderCache):
+        return cache.self_attention_cache, kwargs.get("decoder_input_ids")
+    if isinstance(cache, KvCoreCache):
+        return cache, kwargs.get("input_ids", args[0] if args else None)
+    return None, None
+
+
+def _see_ids(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    cache, ids = _cache_and_ids(args, kwargs)
+    if cache is not None:
+        cache._next_ids = ids if isinstance(ids, torch.Tensor) else None
+
+
+def _forget_ids(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                output: Any) -> None:
+    cache, _ = _cache_and_ids(args, kwargs)
+    if cache is not None:
+        cache._next_ids = None
 
 
 def _to_numpy(array: Any) -> np.ndarray:

@@ -306,6 +306,36 @@ def test_generation_benchmark_reports_both_caches_from_one_run():
         benchmark_generation(repeats=0)
 
 
+def test_chat_benchmark_reuses_earlier_turns_and_reports_time_to_first_token():
+    from kvcore.integrations._chat_bench import benchmark_chat
+
+    r = benchmark_chat(history=40, turns=3, user_tokens=5, reply_tokens=6, block_size=4,
+                       repeats=1, model_kwargs=dict(num_layers=2, hidden_size=32,
+                                                    vocab_size=64))
+    assert r["identical"] is True
+    first, *later = r["turns"]
+    assert first["reused_tokens"] == 0 and first["prompt_tokens"] == 45
+    for turn in later:  # everything up to the last reply's last token, in whole blocks
+        assert turn["reused_tokens"] == (turn["prompt_tokens"] - 5 - 1) // 4 * 4
+        assert turn["kvcore_ttft_s"] > 0 and turn["dynamic_ttft_s"] > 0
+        assert turn["speedup"] == pytest.approx(turn["dynamic_ttft_s"] / turn["kvcore_ttft_s"])
+    with pytest.raises(ValueError, match="repeats=0"):
+        benchmark_chat(repeats=0)
+
+
+def test_memory_benchmark_measures_both_caches_peaks():
+    from kvcore.integrations._memory_bench import benchmark_kv_memory
+
+    r = benchmark_kv_memory(prefix=32, batch=4, suffix=6, beams=3, beam_prompt=32,
+                            new_tokens=6, window=8, block_size=4,
+                            model_kwargs=dict(num_layers=2, hidden_size=32, vocab_size=64))
+    for name in ("beam_search", "shared_prefix", "sliding_window"):
+        assert r[name]["identical"] is True
+        assert r[name]["kvcore_peak_bytes"] > 0 and r[name]["dynamic_peak_bytes"] > 0
+    # Beams share the prompt's blocks, prompts their common prefix.
+    assert r["beam_search"]["ratio"] < 0.6 and r["shared_prefix"]["ratio"] < 0.6
+
+
 def test_generation_demo_prints_tokens_per_second_and_stats(monkeypatch, capsys):
     from kvcore.integrations import _demo_generate, _generation_bench
 

@@ -245,6 +245,34 @@ def test_a_prompt_prefix_the_manager_holds_is_not_computed_again(name):
         hook.remove()
 
 
+FULL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=256, pad_token_id=0,
+            bos_token_id=1, eos_token_id=None)
+
+
+@pytest.mark.parametrize("make, heads", [
+    (lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(num_key_value_heads=2, head_dim=16, **FULL)),
+     2),
+    (lambda: tf.GemmaForCausalLM(tf.GemmaConfig(num_key_value_heads=1, head_dim=16, **FULL)),
+     1),
+    (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, pad_token_id=0,
+        bos_token_id=1, eos_token_id=None)), 4),
+    (lambda: tf.PhiForCausalLM(tf.PhiConfig(num_key_value_heads=4, **FULL)), 4),
+    (lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**FULL)), 4),
+], ids=["qwen3", "gemma", "gpt2", "phi", "gpt-neox"])
+@pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beams"])
+def test_full_attention_families_give_dynamic_cache_tokens(make, heads, beams):
+    torch.manual_seed(0)
+    model = make().eval()
+    expect = generate(model, None, num_beams=beams, max_new_tokens=10)
+    cache = KvCoreCache.from_model(model, num_blocks=128, block_size=BS)
+    assert cache.manager.config.layer_groups == ()  # one full group: the plain config
+    assert cache.manager.config.num_kv_heads == heads
+    cache.set_prompts(*batch(PROMPTS))
+    assert torch.equal(generate(model, cache, num_beams=beams, max_new_tokens=10), expect)
+
+
 # --- multi-query, latent attention and explicit shapes ------------------------------------
 
 

@@ -42,9 +42,9 @@ How the batch maps onto kvcore:
   same manager, :meth:`KvCoreCache.save` / :meth:`KvCoreCache.load` keep a cache in a
   safetensors file (:mod:`kvcore.integrations._cache_state`).
 
-Refused early, with :class:`~kvcore.errors.UnsupportedError` naming the model type:
-state-space and linear-attention layers (Mamba, Jamba, Zamba, ...) and the other
-layouts :mod:`kvcore.integrations._model_groups` lists.
+Not supported, and refused early with :class:`~kvcore.errors.UnsupportedError` naming
+the model type: state-space and linear-attention layers (Mamba, Jamba, Zamba, ...) and
+the other layouts :mod:`kvcore.integrations._model_groups` lists.
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ from ._batch_reads import rectangle_slots
 if TYPE_CHECKING:
     from .._manager import KvCacheManager
     from .._paged_handle import PagedKvCacheHandle
-    from .transformers import KvCoreCache
+
+#: A :class:`~kvcore.integrations.transformers.KvCoreCache`: named, not imported, since
+#: the cache's module imports this one.
+KvCoreCache = Any
 
 __all__ = ["KvCoreCrossAttentionCache", "KvCoreEncoderDecoderCache"]
 

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UnsupportedError
-from ..models import GroupKind, LayerGroup
+from ..models import CacheConfig, GroupKind, LayerGroup
 
-__all__ = ["ModelLayout", "model_layout"]
+__all__ = ["ModelLayout", "cache_config_for", "model_layout"]
 
 #: Layer types that keep a recurrent state instead of (or besides) attention K/V.
 _STATE_SPACE = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding"})
@@ -189,3 +189,38 @@ def _encoder_limit(config: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 4096
+
+
+#: torch dtypes (by name: this module does not import torch) -> kvcore dtypes.
+_TORCH_DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16",
+                 "torch.float32": "float32"}
+
+
+def cache_config_for(model_or_config: Any, *, num_blocks: int, block_size: int = 16,
+                     dtype: Any = None, device: Any = None, **fields: Any) -> CacheConfig:
+    """A :class:`~kvcore.CacheConfig` shaped for a transformers model (or its config):
+    its decoder layers as layer groups (sliding windows bounded, cross-attention for
+    encoder-decoder models; :mod:`kvcore.integrations._model_groups`), their KV heads
+    and head size, and (from a model) its dtype and device.
+
+    ``fields`` are further :class:`~kvcore.CacheConfig` fields.  ``num_kv_heads`` and
+    ``head_dim`` override what every layer stores (a model whose layers hand the
+    cache other shapes than its config says); ``layer_groups`` (with ``num_layers``)
+    replaces the groups read from the config.  A model kvcore cannot hold raises
+    :class:`~kvcore.errors.UnsupportedError` naming its type."""
+    groups = fields.pop("layer_groups", None)
+    layout = model_layout(model_or_config, num_kv_heads=fields.pop("num_kv_heads", None),
+                          head_dim=fields.pop("head_dim", None), shapes=groups is None)
+    num_layers = fields.pop("num_layers", layout.num_layers)
+    if groups is None:
+        groups = layout.groups
+        if len(groups) == 1 and groups[0].kind is GroupKind.full \
+                and groups[0].v_head_dim is None:
+            groups = ()  # one full group of every layer: the plain config, as before
+    if dtype is None:
+        dtype = _TORCH_DTYPES.get(str(getattr(model_or_config, "dtype", None)), "float32")
+    if device is None:
+        device = str(getattr(model_or_config, "device", "cpu"))
+    return CacheConfig(num_layers=num_layers, num_kv_heads=layout.num_kv_heads,
+                       head_dim=layout.head_dim, dtype=dtype, block_size=block_size,
+                       num_blocks=num_blocks, device=device, layer_groups=groups, **fields)

@@ -1,5 +1,7 @@
 """A batch's rows as kvcore sequences: prompts from a left-padded batch, allocation
-with prefix sharing, and the part of the batch the pool already holds.
+with prefix sharing, the part of the batch the pool already holds, and the first
+forward pass on new rows (from scratch, after a reused prefix, or, for
+encoder-decoder models, once the encoder's length is known).
 
 **Reuse rule.**  transformers slices a ``generate`` call's input by the cache's
 ``get_seq_length()``, one number for the whole batch, so a batch can skip only the
@@ -19,14 +21,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..errors import ShapeMismatchError
+from ..errors import CacheError, ShapeMismatchError
 from ..models import AllocationRequest, GroupKind
 
 if TYPE_CHECKING:
     from .._paged_handle import PagedKvCacheHandle
-    from .transformers import KvCoreCache
 
-__all__ = ["allocate_rows", "left_padded_prompts"]
+#: A :class:`~kvcore.integrations.transformers.KvCoreCache`: named, not imported, since
+#: the cache's module imports this one.
+KvCoreCache = Any
+
+__all__ = ["PREFILL", "RESUME", "STEP", "allocate_rows", "allocate_waiting", "first_pass",
+           "left_padded_prompts"]
+
+# What a KvCoreCache's current forward pass does (its ``_mode``).
+PREFILL = "prefill"   # rows' first pass from scratch: write, hand the model its own K/V
+RESUME = "resume"     # rows' first pass after a reused prefix: write the rest, read
+STEP = "step"         # a pass on rows that ran before: extend, write_slots, read
 
 
 def left_padded_prompts(input_ids: Any, attention_mask: Any) -> tuple[list[tuple[int, ...]],
@@ -53,6 +64,85 @@ def left_padded_prompts(input_ids: Any, attention_mask: Any) -> tuple[list[tuple
     pads = (ids.shape[1] - mask.sum(axis=1)).astype(np.int64)
     prompts = [tuple(int(t) for t in row[p:]) for row, p in zip(ids, pads)]
     return prompts, pads, int(ids.shape[1])
+
+
+def first_pass(cache: KvCoreCache, batch: int, n: int) -> None:
+    """Start a forward pass of ``batch`` rows of ``n`` tokens on a cache whose rows
+    have not run yet: set_prompts' rows (:func:`_resume`), or none (:func:`_prefill`)."""
+    if cache._fresh:
+        _resume(cache, batch, n)
+    elif cache._waiting is not None:
+        raise CacheError("an encoder-decoder cache got a second decoder pass before any "
+                         "cross-attention K/V: call the model with encoder outputs")
+    else:
+        _prefill(cache, batch, n)
+
+
+def _set_repeat(cache: KvCoreCache, batch: int, rows: int) -> None:
+    """A first pass of ``batch`` rows over ``rows`` kvcore rows: generate repeats
+    each prompt for beams and return sequences (``repeat_interleave``).  Each
+    kvcore row writes once for its copies, which are forked from it after the
+    pass (``KvCoreCache._materialize``): the prompt's blocks are stored once."""
+    if batch % rows:
+        raise ShapeMismatchError(
+            f"the first forward pass has {batch} rows, but set_prompts got {rows} "
+            "prompts (rows must be a multiple of the prompts: generate repeats each "
+            "prompt for beams and return sequences)")
+    cache._repeat = batch // rows
+
+def _prefill(cache: KvCoreCache, batch: int, n: int) -> None:
+    """Allocate one sequence per prompt (per row without set_prompts) for a first
+    forward pass from scratch."""
+    if cache._prompts is None:
+        prompts: list[tuple[int, ...] | None] = [None] * batch
+        pads = np.zeros(batch, dtype=np.int64)
+    else:
+        if n != cache._prompt_width:
+            raise ShapeMismatchError(
+                f"the first forward pass has {batch} rows of {n} tokens, but "
+                f"set_prompts got {len(cache._prompts)} prompts padded to "
+                f"{cache._prompt_width}")
+        prompts = list(cache._prompts)
+        pads = np.asarray([n - len(p) for p in prompts], dtype=np.int64)
+    _set_repeat(cache, batch, len(prompts))
+    cache._length = n
+    cache._mode = PREFILL
+    if cache._cross_group is not None:
+        cache._waiting = (prompts, pads)  # rows need the encoder's length
+        return
+    cache._handles, cache._cached, _ = allocate_rows(cache, prompts, pads, n, reuse=False)
+    cache._pads = pads
+
+def allocate_waiting(cache: KvCoreCache, encoder_tokens: int) -> None:
+    """Encoder-decoder models: allocate the rows of the first pass now that the
+    encoder's length is known, and write what the decoder layers held back."""
+    prompts, pads = cache._waiting  # type: ignore[misc]
+    cache._handles, cache._cached, _ = allocate_rows(cache, prompts, pads, cache._length,
+                                                   reuse=False,
+                                                   encoder_tokens=encoder_tokens)
+    cache._pads = pads
+    cache._encoder_tokens = encoder_tokens
+    cache._waiting = None
+    held, cache._held_back = cache._held_back, []
+    for layer, key, value in held:
+        cache._write_rows(layer, key, value)
+
+def _resume(cache: KvCoreCache, batch: int, n: int) -> None:
+    """The first pass on rows set_prompts allocated: ``n`` is the columns after the
+    reused part (or the whole width: the caller fed every column)."""
+    cache._fresh = False
+    _set_repeat(cache, batch, len(cache._handles))
+    width = cache._prompt_width
+    if n == width:  # every column fed: compute them all, as a plain prefill
+        cache._mode = PREFILL
+    elif cache._length + n == width:
+        cache._mode = RESUME
+    else:
+        raise ShapeMismatchError(f"the first forward pass has {n} tokens per row; the "
+                                 f"prompts are {width} wide and the cache holds "
+                                 f"{cache._length} of them: expected {width - cache._length}"
+                                 f" (or {width})")
+    cache._length = width
 
 
 def allocate_rows(cache: KvCoreCache, prompts: list[tuple[int, ...] | None], pads: np.ndarray,

@@ -52,7 +52,6 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,52 +69,17 @@ from .._paged_handle import PagedKvCacheHandle
 from .._slot_mapping import SlotMapping
 from ..errors import (CacheError, CapacityError, LayerIndexError, ShapeMismatchError,
                       UnsupportedError, WriteOrderError)
-from ..models import CacheConfig, GroupKind
+from ..models import GroupKind
 from ._batch_reads import PoolViews, advance, hide, rectangle_slots
 from ._cache_state import SAVED, fork_cache, load_cache, save_cache
 from ._encoder_decoder import KvCoreEncoderDecoderCache
-from ._model_groups import model_layout
-from ._prompt_rows import allocate_rows, left_padded_prompts
+from ._model_groups import cache_config_for
+from ._prompt_rows import (PREFILL, STEP, allocate_rows, allocate_waiting, first_pass,
+                           left_padded_prompts)
+from ._token_ids import track_token_ids
 
 __all__ = ["KvCoreCache", "KvCoreEncoderDecoderCache", "cache_config_for", "track_token_ids"]
 
-_TORCH_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
-                 torch.float32: "float32"}
-
-# What the current forward pass does (KvCoreCache._mode).
-_PREFILL = "prefill"   # rows' first pass from scratch: write, hand the model its own K/V
-_RESUME = "resume"     # rows' first pass after a reused prefix: write the rest, read
-_STEP = "step"         # a pass on rows that ran before: extend, write_slots, read
-
-
-def cache_config_for(model_or_config: Any, *, num_blocks: int, block_size: int = 16,
-                     dtype: Any = None, device: Any = None, **fields: Any) -> CacheConfig:
-    """A :class:`~kvcore.CacheConfig` shaped for a transformers model (or its config):
-    its decoder layers as layer groups (sliding windows bounded, cross-attention for
-    encoder-decoder models; :mod:`kvcore.integrations._model_groups`), their KV heads
-    and head size, and (from a model) its dtype and device.
-
-    ``fields`` are further :class:`~kvcore.CacheConfig` fields.  ``num_kv_heads`` and
-    ``head_dim`` override what every layer stores (a model whose layers hand the
-    cache other shapes than its config says); ``layer_groups`` (with ``num_layers``)
-    replaces the groups read from the config.  A model kvcore cannot hold raises
-    :class:`~kvcore.errors.UnsupportedError` naming its type."""
-    groups = fields.pop("layer_groups", None)
-    layout = model_layout(model_or_config, num_kv_heads=fields.pop("num_kv_heads", None),
-                          head_dim=fields.pop("head_dim", None), shapes=groups is None)
-    num_layers = fields.pop("num_layers", layout.num_layers)
-    if groups is None:
-        groups = layout.groups
-        if len(groups) == 1 and groups[0].kind is GroupKind.full \
-                and groups[0].v_head_dim is None:
-            groups = ()  # one full group of every layer: the plain config, as before
-    if dtype is None:
-        dtype = _TORCH_DTYPES.get(getattr(model_or_config, "dtype", None), "float32")
-    if device is None:
-        device = str(getattr(model_or_config, "device", "cpu"))
-    return CacheConfig(num_layers=num_layers, num_kv_heads=layout.num_kv_heads,
-                       head_dim=layout.head_dim, dtype=dtype, block_size=block_size,
-                       num_blocks=num_blocks, device=device, layer_groups=groups, **fields)
 
 
 class _KvCoreLayer(CacheLayerMixin):
@@ -222,7 +186,7 @@ class KvCoreCache(Cache):
         self._length = 0                            # the rectangle's width, pads included
         self._layer_len = [0] * len(self._specs)
         self._mapping: SlotMapping | None = None
-        self._mode = _STEP
+        self._mode = STEP
         self._pass_tokens = 0                       # tokens the current pass adds per row
         self._next_ids: torch.Tensor | None = None  # the pass's input ids (track_token_ids)
         self._reads: dict[int, tuple[torch.Tensor, int]] = {}   # this pass's, per group
@@ -328,7 +292,7 @@ class KvCoreCache(Cache):
             raise WriteOrderError(f"layer {layer} holds {done} tokens and got {n} more, but "
                                   f"this forward pass is at {self._length} tokens")
         mode = self._mode
-        if mode is _STEP:  # one backend call for the whole batch
+        if mode is STEP:  # one backend call for the whole batch
             rows = key.shape[0] * n
             self._manager.write_slots(layer, self._mapping,
                                       key.transpose(1, 2).reshape(rows, heads, k_dim),
@@ -340,7 +304,7 @@ class KvCoreCache(Cache):
             self._held_back.append((layer, key, value))
             return key, value
         self._write_rows(layer, key, value)
-        if mode is _PREFILL:  # the model's own K/V, as DynamicCache hands them back
+        if mode is PREFILL:  # the model's own K/V, as DynamicCache hands them back
             return key, value
         return self._read(layer, group, window, n)
 
@@ -372,10 +336,10 @@ class KvCoreCache(Cache):
         one column (:func:`advance`), anything else reads the block tables."""
         total = self._length
         width = total if window is None else min(total - n, window - 1) + n
-        slots = self._index.get(group) if self._mode is _STEP else None
+        slots = self._index.get(group) if self._mode is STEP else None
         if slots is None:
             slots = self._rebuilt(group, total - width)
-            if self._mode is _STEP:
+            if self._mode is STEP:
                 self._index[group] = slots
         else:
             slots = hide(slots, total - width, self._pads, self._mapping.group_slots[group])
@@ -400,25 +364,7 @@ class KvCoreCache(Cache):
             self._extend(batch, n)
             return
         self._index = {}
-        if self._fresh:
-            self._resume(batch, n)
-        elif self._waiting is not None:
-            raise CacheError("an encoder-decoder cache got a second decoder pass before any "
-                             "cross-attention K/V: call the model with encoder outputs")
-        else:
-            self._prefill(batch, n)
-
-    def _set_repeat(self, batch: int, rows: int) -> None:
-        """A first pass of ``batch`` rows over ``rows`` kvcore rows: generate repeats
-        each prompt for beams and return sequences (``repeat_interleave``).  Each
-        kvcore row writes once for its copies, which are forked from it after the
-        pass (:meth:`_materialize`): the prompt's blocks are stored once."""
-        if batch % rows:
-            raise ShapeMismatchError(
-                f"the first forward pass has {batch} rows, but set_prompts got {rows} "
-                "prompts (rows must be a multiple of the prompts: generate repeats each "
-                "prompt for beams and return sequences)")
-        self._repeat = batch // rows
+        first_pass(self, batch, n)
 
     def _materialize(self) -> None:
         """Fork each row into the copies its first pass computed (between passes)."""
@@ -426,59 +372,10 @@ class KvCoreCache(Cache):
             repeat, self._repeat = self._repeat, 1
             self.batch_repeat_interleave(repeat)
 
-    def _prefill(self, batch: int, n: int) -> None:
-        """Allocate one sequence per prompt (per row without set_prompts) for a first
-        forward pass from scratch."""
-        if self._prompts is None:
-            prompts: list[tuple[int, ...] | None] = [None] * batch
-            pads = np.zeros(batch, dtype=np.int64)
-        else:
-            if n != self._prompt_width:
-                raise ShapeMismatchError(
-                    f"the first forward pass has {batch} rows of {n} tokens, but "
-                    f"set_prompts got {len(self._prompts)} prompts padded to "
-                    f"{self._prompt_width}")
-            prompts = list(self._prompts)
-            pads = np.asarray([n - len(p) for p in prompts], dtype=np.int64)
-        self._set_repeat(batch, len(prompts))
-        self._length = n
-        self._mode = _PREFILL
-        if self._cross_group is not None:
-            self._waiting = (prompts, pads)  # rows need the encoder's length
-            return
-        self._handles, self._cached, _ = allocate_rows(self, prompts, pads, n, reuse=False)
-        self._pads = pads
-
     def allocate_waiting(self, encoder_tokens: int) -> None:
-        """Encoder-decoder models: allocate the rows of the first pass now that the
-        encoder's length is known, and write what the decoder layers held back."""
-        prompts, pads = self._waiting  # type: ignore[misc]
-        self._handles, self._cached, _ = allocate_rows(self, prompts, pads, self._length,
-                                                       reuse=False,
-                                                       encoder_tokens=encoder_tokens)
-        self._pads = pads
-        self._encoder_tokens = encoder_tokens
-        self._waiting = None
-        held, self._held_back = self._held_back, []
-        for layer, key, value in held:
-            self._write_rows(layer, key, value)
-
-    def _resume(self, batch: int, n: int) -> None:
-        """The first pass on rows set_prompts allocated: ``n`` is the columns after the
-        reused part (or the whole width: the caller fed every column)."""
-        self._fresh = False
-        self._set_repeat(batch, len(self._handles))
-        width = self._prompt_width
-        if n == width:  # every column fed: compute them all, as a plain prefill
-            self._mode = _PREFILL
-        elif self._length + n == width:
-            self._mode = _RESUME
-        else:
-            raise ShapeMismatchError(f"the first forward pass has {n} tokens per row; the "
-                                     f"prompts are {width} wide and the cache holds "
-                                     f"{self._length} of them: expected {width - self._length}"
-                                     f" (or {width})")
-        self._length = width
+        """Encoder-decoder models: allocate the first pass's rows now that the
+        encoder's length is known (:func:`~kvcore.integrations._prompt_rows.allocate_waiting`)."""
+        allocate_waiting(self, encoder_tokens)
 
     def _extend(self, batch: int, n: int) -> None:
         if batch != len(self._handles):
@@ -490,7 +387,7 @@ class KvCoreCache(Cache):
         mapping = self._manager.extend_batch(
             self._handles, n, token_ids=None if ids is None else _to_numpy(ids))
         past, self._length, self._mode, self._mapping = self._length, self._length + n, \
-            _STEP, mapping
+            STEP, mapping
         if n != 1:
             self._index = {}
             return
@@ -655,51 +552,6 @@ class KvCoreCache(Cache):
     def __repr__(self) -> str:
         return (f"KvCoreCache(rows={len(self._handles)}, tokens={self._length}, "
                 f"backend={self._manager.backend.name!r})")
-
-
-_TRACKED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
-
-
-def track_token_ids(model: torch.nn.Module) -> None:
-    """Let the kvcore caches ``model`` runs with learn the token ids of each forward
-    pass (idempotent; :meth:`KvCoreCache.from_model` calls it).
-
-    A cache's ``update`` sees K/V, never ids.  With this, a forward pre-hook hands a
-    :class:`KvCoreCache` (or a :class:`KvCoreEncoderDecoderCache`'s self-attention
-    part) the pass's ``input_ids`` (``decoder_input_ids``), and a decode step extends
-    its rows with them: the blocks generated tokens fill join the prefix cache like
-    prompt blocks, so the next turn of a chat, whose prompt repeats this turn's reply,
-    finds them.  Only rows allocated with their prompt ids (``set_prompts``) keep a
-    chain; a pass fed embeddings has no ids and ends it.  A forward hook (run even
-    when the forward raises) drops the ids after the pass, so they never reach
-    another pass."""
-    if model in _TRACKED:
-        return
-    model.register_forward_pre_hook(_see_ids, with_kwargs=True)
-    model.register_forward_hook(_forget_ids, with_kwargs=True, always_call=True)
-    _TRACKED.add(model)
-
-
-def _cache_and_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if isinstance(cache, KvCoreEncoderDecoderCache):
-        return cache.self_attention_cache, kwargs.get("decoder_input_ids")
-    if isinstance(cache, KvCoreCache):
-        return cache, kwargs.get("input_ids", args[0] if args else None)
-    return None, None
-
-
-def _see_ids(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    cache, ids = _cache_and_ids(args, kwargs)
-    if cache is not None:
-        cache._next_ids = ids if isinstance(ids, torch.Tensor) else None
-
-
-def _forget_ids(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                output: Any) -> None:
-    cache, _ = _cache_and_ids(args, kwargs)
-    if cache is not None:
-        cache._next_ids = None
 
 
 def _to_numpy(array: Any) -> np.ndarray:

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, EncoderDecoderCache
 
 from ..errors import CacheError, LayerIndexError, ShapeMismatchError, UnsupportedError
 from ._batch_reads import rectangle_slots
+from ._torch_arrays import kv_rows
 
 if TYPE_CHECKING:
     from .._manager import KvCacheManager
@@ -145,8 +146,8 @@ class KvCoreCrossAttentionCache(Cache):
                                      f"the decoder's pass has {rows}")
         every, manager = owner._repeat, owner.manager
         for row, handle in enumerate(owner._handles):
-            manager.write(handle, self._base + index, _rows(key[row * every]),
-                          _rows(value[row * every]), start=0)
+            manager.write(handle, self._base + index, kv_rows(key[row * every]),
+                          kv_rows(value[row * every]), start=0)
         owner._cross_done[index] = True
         return key, value
 
@@ -278,8 +279,3 @@ class KvCoreEncoderDecoderCache(EncoderDecoderCache):
 
     def __repr__(self) -> str:
         return f"KvCoreEncoderDecoderCache({self.self_attention_cache!r})"
-
-
-def _rows(states: torch.Tensor) -> torch.Tensor:
-    """``[kv_heads, tokens, head_dim]`` -> the ``[tokens, kv_heads, head_dim]`` kvcore writes."""
-    return states.transpose(0, 1).contiguous()

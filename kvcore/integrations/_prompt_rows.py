@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import CacheError, ShapeMismatchError
 from ..models import AllocationRequest, GroupKind
+from ._torch_arrays import to_numpy
 
 if TYPE_CHECKING:
     from .._paged_handle import PagedKvCacheHandle
@@ -44,14 +44,14 @@ def left_padded_prompts(input_ids: Any, attention_mask: Any) -> tuple[list[tuple
                                                                       np.ndarray, int]:
     """``(prompts without padding, left padding per row, width)`` of a batch; a mask
     with zeros after ones (right padding) is refused."""
-    ids = np.asarray(_to_numpy(input_ids), dtype=np.int64)
+    ids = np.asarray(to_numpy(input_ids), dtype=np.int64)
     if ids.ndim != 2:
         raise ShapeMismatchError(f"input_ids has shape {list(ids.shape)}, expected "
                                  "[batch, prompt_len]")
     if attention_mask is None:
         mask = np.ones_like(ids, dtype=bool)
     else:
-        mask = np.asarray(_to_numpy(attention_mask)).astype(bool)
+        mask = np.asarray(to_numpy(attention_mask)).astype(bool)
         if mask.shape != ids.shape:
             raise ShapeMismatchError(f"attention_mask has shape {list(mask.shape)}, "
                                      f"input_ids {list(ids.shape)}")
@@ -202,9 +202,3 @@ def _ready_tokens(manager: Any, handles: list[PagedKvCacheHandle],
         ready[row] = (int(np.argmax(pending)) if pending.any() else hit) * bs
         fresh = np.concatenate([fresh, own[hit:]])
     return np.minimum(ready, cached)
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)

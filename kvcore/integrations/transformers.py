@@ -59,7 +59,7 @@ import numpy as np
 
 try:
     import torch
-    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.cache_utils import Cache
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("kvcore.integrations.transformers needs torch and transformers: "
                       'pip install "kvcore[transformers]"') from exc
@@ -71,64 +71,17 @@ from ..errors import (CacheError, CapacityError, LayerIndexError, ShapeMismatchE
                       UnsupportedError, WriteOrderError)
 from ..models import GroupKind
 from ._batch_reads import PoolViews, advance, hide, rectangle_slots
+from ._cache_layer import KvCoreLayer
 from ._cache_state import SAVED, fork_cache, load_cache, save_cache
 from ._encoder_decoder import KvCoreEncoderDecoderCache
 from ._model_groups import cache_config_for
 from ._prompt_rows import (PREFILL, STEP, allocate_rows, allocate_waiting, first_pass,
                            left_padded_prompts)
 from ._token_ids import track_token_ids
+from ._torch_arrays import kv_rows, to_numpy
 
 __all__ = ["KvCoreCache", "KvCoreEncoderDecoderCache", "cache_config_for", "track_token_ids"]
 
-
-
-class _KvCoreLayer(CacheLayerMixin):
-    """One attention layer's view of a :class:`KvCoreCache`; all state is the cache's.
-    A sliding-window layer says so (``is_sliding``, ``sliding_window``) as
-    transformers' ``DynamicSlidingWindowLayer`` does: the mask code looks for it."""
-
-    is_compileable = False
-    is_croppable = True
-
-    def __init__(self, owner: KvCoreCache, layer_idx: int, window: int | None) -> None:
-        super().__init__()
-        self._owner = owner
-        self._layer_idx = layer_idx
-        self.is_sliding = window is not None
-        self.sliding_window = window
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        return self._owner._update(key_states, value_states, self._layer_idx)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        past = self._owner._layer_len[self._layer_idx]
-        window = self.sliding_window
-        if window is None:
-            return past + query_length, 0
-        # DynamicSlidingWindowLayer's: the last window - 1 tokens plus the new ones.
-        return min(past, window - 1) + query_length, max(past - window + 1, 0)
-
-    def get_seq_length(self) -> int:
-        return self._owner._layer_len[self._layer_idx]
-
-    def get_max_length(self) -> int:
-        return -1 if self.sliding_window is None else self.sliding_window
-
-    def reset(self) -> None:
-        self.is_initialized = False
-
-    def offload(self) -> None:  # the pool stays where the manager put it
-        pass
-
-    def prefetch(self) -> None:
-        pass
 
 
 class KvCoreCache(Cache):
@@ -170,7 +123,7 @@ class KvCoreCache(Cache):
             for layer in token_layers for g in groups if layer in g.layers)
         self._cross_group = cross[0].index if cross else None
         self._windows = {spec[0]: spec[4] for spec in self._specs}  # group -> window
-        super().__init__(layers=[_KvCoreLayer(self, i, spec[4])
+        super().__init__(layers=[KvCoreLayer(self, i, spec[4])
                                  for i, spec in enumerate(self._specs)])
         self._pool_views = PoolViews(manager)
         self._prefix = f"hf-{uuid.uuid4().hex[:12]}"
@@ -317,8 +270,8 @@ class KvCoreCache(Cache):
             cached, pad = int(self._cached[row]), int(self._pads[row])
             skip = pad + cached - first  # >= 0: the reuse rule never skips unwritten tokens
             if skip < key.shape[2]:
-                self._manager.write(handle, layer, _rows(key[row * every, :, skip:]),
-                                    _rows(value[row * every, :, skip:]), start=cached)
+                self._manager.write(handle, layer, kv_rows(key[row * every, :, skip:]),
+                                    kv_rows(value[row * every, :, skip:]), start=cached)
 
     def _read(self, layer: int, group: int, window: int | None,
               n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,7 +338,7 @@ class KvCoreCache(Cache):
         if ids is not None and (ids.dim() != 2 or tuple(ids.shape) != (batch, n)):
             ids = None
         mapping = self._manager.extend_batch(
-            self._handles, n, token_ids=None if ids is None else _to_numpy(ids))
+            self._handles, n, token_ids=None if ids is None else to_numpy(ids))
         past, self._length, self._mode, self._mapping = self._length, self._length + n, \
             STEP, mapping
         if n != 1:
@@ -414,7 +367,7 @@ class KvCoreCache(Cache):
         if not self._handles:
             return
         self._check_between_steps("reorder_cache")
-        index = np.asarray(_to_numpy(beam_idx), dtype=np.int64).reshape(-1)
+        index = np.asarray(to_numpy(beam_idx), dtype=np.int64).reshape(-1)
         rows = len(self._handles)
         if index.size and (index.min() < 0 or index.max() >= rows):
             raise ValueError(f"beam_idx {index.tolist()} names rows outside 0..{rows - 1}")
@@ -552,14 +505,3 @@ class KvCoreCache(Cache):
     def __repr__(self) -> str:
         return (f"KvCoreCache(rows={len(self._handles)}, tokens={self._length}, "
                 f"backend={self._manager.backend.name!r})")
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
-def _rows(states: torch.Tensor) -> torch.Tensor:
-    """``[kv_heads, tokens, head_dim]`` -> the ``[tokens, kv_heads, head_dim]`` kvcore writes."""
-    return states.transpose(0, 1).contiguous()

@@ -58,7 +58,7 @@ SHARED_ON_FORK = frozenset({"_manager", "_extra_key", "_prompt_width", "_length"
                             # the layout read from the manager, and views of its pools
                             "_specs", "_cross_group", "_windows", "_pool_views",
                             # plain values of the pass and the rows
-                            "_mode", "_pass_tokens", "_repeat", "_fresh",
+                            "_mode", "_repeat", "_fresh",
                             "_encoder_tokens"})
 #: Attributes a fork makes anew: its own rows (forked sequences), ids, layers and arrays.
 REMADE_ON_FORK = frozenset({"_prefix", "_ids", "layers", "_prompts", "_layer_len", "_pads",

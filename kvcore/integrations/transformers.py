@@ -140,7 +140,6 @@ class KvCoreCache(Cache):
         self._layer_len = [0] * len(self._specs)
         self._mapping: SlotMapping | None = None
         self._mode = STEP
-        self._pass_tokens = 0                       # tokens the current pass adds per row
         self._next_ids: torch.Tensor | None = None  # the pass's input ids (track_token_ids)
         self._reads: dict[int, tuple[torch.Tensor, int]] = {}   # this pass's, per group
         self._index: dict[int, np.ndarray] = {}  # per group: the last step's slots, kept
@@ -312,7 +311,6 @@ class KvCoreCache(Cache):
     def _begin_pass(self, batch: int, n: int) -> None:
         self._materialize()
         self._reads = {}
-        self._pass_tokens = n
         if self._handles and not self._fresh:
             self._extend(batch, n)
             return

@@ -394,6 +394,19 @@ def test_an_encoder_decoder_cache_forks_both_parts_together():
     assert cache.handles[0].is_valid() and out.shape == (1, 4)
 
 
+def test_a_bare_kvcore_cache_on_an_encoder_decoder_model_is_refused_by_name():
+    # T5 would call it for self- and cross-attention alike; the pair is what it needs.
+    model = _t5()
+    bare = KvCoreCache(KvCoreCache.from_model(model, num_blocks=64, block_size=BS).manager)
+    with pytest.raises(UnsupportedError, match="use KvCoreEncoderDecoderCache"):
+        model.generate(input_ids=torch.tensor([[5, 6, 7]]), cache=bare, max_new_tokens=2)
+    assert bare.manager.stats().used_blocks == 0
+    paired = KvCoreEncoderDecoderCache(bare)  # the same cache, paired: it works
+    assert torch.equal(
+        model.generate(input_ids=torch.tensor([[5, 6, 7]]), cache=paired, max_new_tokens=2),
+        model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2))
+
+
 # --- what kvcore cannot hold --------------------------------------------------------------
 
 

@@ -63,7 +63,7 @@ SHARED_ON_FORK = frozenset({"_manager", "_extra_key", "_prompt_width", "_length"
 #: Attributes a fork makes anew: its own rows (forked sequences), ids, layers and arrays.
 REMADE_ON_FORK = frozenset({"_prefix", "_ids", "layers", "_prompts", "_layer_len", "_pads",
                             "_cached", "_mapping", "_reads", "_index", "_handles", "_waiting",
-                            "_next_ids",
+                            "_next_ids", "_paired",
                             "_held_back", "_cross_done"})
 
 #: ``KvCoreCache.load(..., extra_key=SAVED)``: the saved cache's ``extra_key``.
@@ -137,6 +137,7 @@ def fork_cache(cache: KvCoreCache, memo: dict[int, Any] | None) -> KvCoreCache:
     new._reads = {}      # indices of the copy's own rows, made on its next read
     new._index = {}
     new._next_ids = None
+    new._paired = False  # KvCoreEncoderDecoderCache.fork pairs the copy again
     new._waiting = None if cache._waiting is None else \
         (list(cache._waiting[0]), cache._waiting[1].copy())
     new._held_back = list(cache._held_back)

@@ -217,6 +217,7 @@ class KvCoreEncoderDecoderCache(EncoderDecoderCache):
 
     def __init__(self, cache: KvCoreCache) -> None:
         super().__init__(cache, KvCoreCrossAttentionCache(cache))
+        cache._paired = True
 
     @property
     def manager(self) -> KvCacheManager:

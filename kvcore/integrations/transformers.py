@@ -126,6 +126,8 @@ class KvCoreCache(Cache):
         super().__init__(layers=[KvCoreLayer(self, i, spec[4])
                                  for i, spec in enumerate(self._specs)])
         self._pool_views = PoolViews(manager)
+        #: Whether a KvCoreEncoderDecoderCache serves this cache's cross-attention part.
+        self._paired = False
         self._prefix = f"hf-{uuid.uuid4().hex[:12]}"
         self._ids = itertools.count()
         self._prompts: list[tuple[int, ...]] | None = None
@@ -314,6 +316,11 @@ class KvCoreCache(Cache):
         if self._handles and not self._fresh:
             self._extend(batch, n)
             return
+        if self._cross_group is not None and not self._paired:
+            raise UnsupportedError(
+                "this KvCoreCache's manager has a cross-attention group: an encoder-decoder "
+                "model needs its self- and cross-attention caches apart; use "
+                "KvCoreEncoderDecoderCache(cache) (KvCoreCache.from_model builds one)")
         self._index = {}
         first_pass(self, batch, n)
 

@@ -394,6 +394,19 @@ def test_an_encoder_decoder_cache_forks_both_parts_together():
     assert cache.handles[0].is_valid() and out.shape == (1, 4)
 
 
+def test_the_numpy_backend_holds_sliding_and_cross_groups_too():
+    # Pools torch reads through DLPack: windows and encoder parts work the same.
+    model = model_of("gemma2")
+    cache = KvCoreCache.from_model(model, backend="numpy", num_blocks=128, block_size=BS)
+    cache.set_prompts(*batch(PROMPTS))
+    assert torch.equal(generate(model, cache, num_beams=2), generate(model, None, num_beams=2))
+    t5 = _t5()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+    kwargs = dict(input_ids=ids, max_new_tokens=8, do_sample=False, num_beams=2)
+    paged = KvCoreCache.from_model(t5, backend="numpy", num_blocks=64, block_size=BS)
+    assert torch.equal(t5.generate(cache=paged, **kwargs), t5.generate(**kwargs))
+
+
 def test_a_bare_kvcore_cache_on_an_encoder_decoder_model_is_refused_by_name():
     # T5 would call it for self- and cross-attention alike; the pair is what it needs.
     model = _t5()

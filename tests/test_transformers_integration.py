@@ -14,7 +14,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvcore
 from kvcore.errors import CapacityError, DtypeMismatchError, ShapeMismatchError
-from kvcore.integrations.transformers import KvCoreCache, cache_config_for
+from kvcore.integrations.transformers import KvCoreCache, cache_config_for, track_token_ids
 
 PREFIX = [5, 17, 33, 9, 41, 77, 12, 3, 90, 64, 8, 21]  # three blocks of 4
 PROMPTS = [PREFIX + [44, 45], [3, 4, 5], PREFIX + [7, 8, 9, 10, 11, 12, 13], PREFIX]
@@ -112,6 +112,84 @@ def test_prompt_blocks_of_one_generate_call_serve_the_next(model):
     manager.check_invariants()
 
 
+class Fed:
+    """The tokens the model computes per forward pass (a hook on the embeddings)."""
+
+    def __init__(self, model) -> None:
+        self.passes: list[int] = []
+        self._hook = model.get_input_embeddings().register_forward_hook(
+            lambda m, args, out: self.passes.append(int(args[0].shape[1])))
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def _chat_turns(model, manager, tracked: bool):
+    """Two chat turns on one manager; turn 2's prompt repeats turn 1's prompt and
+    reply.  Returns (turn 2's skipped columns, the tokens it fed the model first, its
+    output, DynamicCache's output)."""
+    turn1 = [PREFIX + [99, 98, 97]]
+    first = KvCoreCache(manager)
+    first.set_prompts(*_batch(turn1))
+    if tracked:
+        track_token_ids(model)
+    out = _generate(model, turn1, first, do_sample=False)
+    first.release()
+    turn2 = [out[0].tolist() + [60, 61]]
+    expect = _generate(model, turn2, None, do_sample=False)
+    fed = Fed(model)
+    try:
+        cache = KvCoreCache(manager)
+        cache.set_prompts(*_batch(turn2))
+        skipped = cache.get_seq_length()
+        got = _generate(model, turn2, cache, do_sample=False)
+    finally:
+        fed.close()
+    cache.release()
+    manager.check_invariants()
+    return skipped, fed.passes[0], got, expect
+
+
+def test_a_chat_turn_reuses_the_earlier_turn_reply_included(model):
+    # from_model tracks the model's input ids, so the decode steps extend the rows with
+    # their tokens: turn 1's reply blocks join the prefix cache like its prompt blocks.
+    manager = KvCoreCache.from_model(model, num_blocks=128, block_size=4).manager
+    skipped, fed, got, expect = _chat_turns(model, manager, tracked=True)
+    assert torch.equal(got, expect)
+    prompt2 = len(PREFIX) + 3 + NEW + 2
+    # Held: every full block before the reply's last token (never fed to the model).
+    assert skipped == (len(PREFIX) + 3 + NEW - 1) // 4 * 4 and skipped > len(PREFIX) + 3
+    assert fed == prompt2 - skipped
+
+
+def test_an_untracked_model_reuses_the_prompt_blocks_only(model):
+    # A cache built on a manager for a model nobody tracked sees no ids after the
+    # prompt: the chain stops there, and turn 2 recomputes turn 1's reply.
+    config = cache_config_for(model, num_blocks=128, block_size=4)
+    fresh = LlamaForCausalLM(model.config).eval()  # same shapes, never tracked
+    fresh.load_state_dict(model.state_dict())
+    skipped, fed, got, expect = _chat_turns(fresh, kvcore.KvCacheManager(config, "torch"),
+                                            tracked=False)
+    assert torch.equal(got, expect)
+    assert skipped == (len(PREFIX) + 3) // 4 * 4
+
+
+def test_ids_of_a_failed_pass_never_reach_the_next_one(model):
+    cache = KvCoreCache.from_model(model, num_blocks=64, block_size=4)
+    cache.set_prompts(*_batch([PREFIX]))
+    _generate(model, [PREFIX], cache, do_sample=False)
+    known = cache.handles[0].token_ids()
+    assert known is not None and len(known) == len(PREFIX) + NEW - 1  # decode ids kept
+    with pytest.raises(IndexError):  # fails in the embedding, before any cache update
+        model(input_ids=torch.tensor([[1000]]), cache=cache)
+    # The next pass comes through the inner model, which nobody tracks: it has no ids,
+    # and must not be given the failed pass's.
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([[7]]), cache=cache)
+    assert cache.handles[0].token_ids() is None  # the chain ends; no 1000 in it
+    cache.release()
+
+
 @pytest.mark.parametrize("told", [True, False], ids=["prompts-set", "padding-stored"])
 def test_beam_search_forks_beams_and_equals_dynamic_cache(model, told):
     kwargs = dict(do_sample=False, num_beams=3, num_return_sequences=2)
@@ -153,11 +231,14 @@ def test_misuse_is_refused_with_typed_errors(model):
     ids, mask = _batch(PROMPTS)
     with pytest.raises(ValueError, match="expected left padding"):
         cache.set_prompts(ids, mask.flip(1))
-    cache.set_prompts(ids[:3], mask[:3])
+    cache.set_prompts(ids[:3], mask[:3])  # allocates the three rows now
+    held = cache.manager.stats().used_blocks
     with pytest.raises(ShapeMismatchError, match="set_prompts got 3 prompts"):
         model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=2,
                        do_sample=False)
-    assert cache.manager.stats().used_blocks == 0  # nothing half-allocated
+    assert cache.manager.stats().used_blocks == held  # nothing more, nothing half-done
+    cache.release()
+    assert cache.manager.stats().used_blocks == 0
     with pytest.raises(ValueError, match="pass a negative number"):
         cache.crop(3)
     half = KvCoreCache.from_model(model, num_blocks=64, dtype="float16")
@@ -223,6 +304,36 @@ def test_generation_benchmark_reports_both_caches_from_one_run():
     assert {"backend", "repeats", "threads", "model", "transformers_version"} <= set(r)
     with pytest.raises(ValueError, match="repeats=0"):
         benchmark_generation(repeats=0)
+
+
+def test_chat_benchmark_reuses_earlier_turns_and_reports_time_to_first_token():
+    from kvcore.integrations._chat_bench import benchmark_chat
+
+    r = benchmark_chat(history=40, turns=3, user_tokens=5, reply_tokens=6, block_size=4,
+                       repeats=1, model_kwargs=dict(num_layers=2, hidden_size=32,
+                                                    vocab_size=64))
+    assert r["identical"] is True
+    first, *later = r["turns"]
+    assert first["reused_tokens"] == 0 and first["prompt_tokens"] == 45
+    for turn in later:  # everything up to the last reply's last token, in whole blocks
+        assert turn["reused_tokens"] == (turn["prompt_tokens"] - 5 - 1) // 4 * 4
+        assert turn["kvcore_ttft_s"] > 0 and turn["dynamic_ttft_s"] > 0
+        assert turn["speedup"] == pytest.approx(turn["dynamic_ttft_s"] / turn["kvcore_ttft_s"])
+    with pytest.raises(ValueError, match="repeats=0"):
+        benchmark_chat(repeats=0)
+
+
+def test_memory_benchmark_measures_both_caches_peaks():
+    from kvcore.integrations._memory_bench import benchmark_kv_memory
+
+    r = benchmark_kv_memory(prefix=32, batch=4, suffix=6, beams=3, beam_prompt=32,
+                            new_tokens=6, window=8, block_size=4,
+                            model_kwargs=dict(num_layers=2, hidden_size=32, vocab_size=64))
+    for name in ("beam_search", "shared_prefix", "sliding_window"):
+        assert r[name]["identical"] is True
+        assert r[name]["kvcore_peak_bytes"] > 0 and r[name]["dynamic_peak_bytes"] > 0
+    # Beams share the prompt's blocks, prompts their common prefix.
+    assert r["beam_search"]["ratio"] < 0.6 and r["shared_prefix"]["ratio"] < 0.6
 
 
 def test_generation_demo_prints_tokens_per_second_and_stats(monkeypatch, capsys):

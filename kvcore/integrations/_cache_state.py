@@ -54,10 +54,17 @@ __all__ = ["REMADE_ON_FORK", "SAVED", "SHARED_ON_FORK", "fork_cache", "load_cach
 #: Attributes a fork shares with its original: the manager and immutable values
 #: (``_is_user_defined`` is the flag transformers' ``generate`` sets on a cache it got).
 SHARED_ON_FORK = frozenset({"_manager", "_extra_key", "_prompt_width", "_length",
-                            "layer_class_to_replicate", "offloading", "_is_user_defined"})
+                            "layer_class_to_replicate", "offloading", "_is_user_defined",
+                            # the layout read from the manager, and views of its pools
+                            "_specs", "_cross_group", "_windows", "_pool_views",
+                            # plain values of the pass and the rows
+                            "_mode", "_repeat", "_fresh",
+                            "_encoder_tokens"})
 #: Attributes a fork makes anew: its own rows (forked sequences), ids, layers and arrays.
 REMADE_ON_FORK = frozenset({"_prefix", "_ids", "layers", "_prompts", "_layer_len", "_pads",
-                            "_cached", "_mapping", "_layout", "_handles"})
+                            "_cached", "_mapping", "_reads", "_index", "_handles", "_waiting",
+                            "_next_ids", "_paired",
+                            "_held_back", "_cross_done"})
 
 #: ``KvCoreCache.load(..., extra_key=SAVED)``: the saved cache's ``extra_key``.
 SAVED: Any = type("SavedExtraKey", (), {"__repr__": lambda self: "<the saved extra_key>"})()
@@ -127,7 +134,14 @@ def fork_cache(cache: KvCoreCache, memo: dict[int, Any] | None) -> KvCoreCache:
     new._pads = cache._pads.copy()
     new._cached = cache._cached.copy()
     new._mapping = None  # made by the next step's extend, for the copy's own rows
-    new._layout = None
+    new._reads = {}      # indices of the copy's own rows, made on its next read
+    new._index = {}
+    new._next_ids = None
+    new._paired = False  # KvCoreEncoderDecoderCache.fork pairs the copy again
+    new._waiting = None if cache._waiting is None else \
+        (list(cache._waiting[0]), cache._waiting[1].copy())
+    new._held_back = list(cache._held_back)
+    new._cross_done = list(cache._cross_done)
     manager = cache._manager
     handles: list[PagedKvCacheHandle] = []
     try:
@@ -219,7 +233,7 @@ def load_cache(cls: type[KvCoreCache], path: str | os.PathLike[str],
     cache._pads = np.asarray(batch.pads, dtype=np.int64)
     cache._cached = np.asarray(batch.cached, dtype=np.int64)
     cache._length = batch.length
-    cache._layer_len = [batch.length] * manager.config.num_layers
+    cache._layer_len = [batch.length] * len(cache._specs)
     cache._prompts = None if batch.prompts is None else [tuple(p) for p in batch.prompts]
     cache._prompt_width = batch.prompt_width
     if handles:  # what the first update would have set: the layers hold K/V

@@ -18,33 +18,33 @@ what it returns, beam search calls ``reorder_cache(beam_idx)``.
 
 How the batch maps onto kvcore:
 
-* each batch row is one kvcore sequence; ``update`` writes the new tokens through the
-  manager (a decode step is one ``extend_batch`` and one ``write_slots`` per layer)
-  and returns the whole rectangle gathered from the pool through the page table;
-* with :meth:`KvCoreCache.set_prompts`, left padding is stripped: a row stores only
-  its real tokens, allocated with their ids so full prompt blocks are shared through
-  the prefix cache (with earlier ``generate`` calls on the same manager, and with
-  earlier rows of the same batch, whose prefill is joined while it runs:
-  ``AllocationRequest(join_pending=True)``), and prefill writes only the tokens the
-  cache did not already hold; without it every position, padding included, is
-  stored, as ``DynamicCache`` does;
+* each batch row is one kvcore sequence; the manager has the model's layer groups
+  (:func:`cache_config_for`): full attention, sliding windows (a sliding layer keeps
+  only the blocks its window still reads, and reports transformers' sliding
+  ``kv_length`` / ``kv_offset``), and for encoder-decoder models a cross-attention
+  group (:meth:`KvCoreCache.from_model` then returns a
+  :class:`~kvcore.integrations._encoder_decoder.KvCoreEncoderDecoderCache`);
+* the prefill writes each row through the manager and hands the model back the K/V it
+  computed, as ``DynamicCache`` does; a decode step is one ``extend_batch`` and one
+  ``write_slots`` per layer, and reads the rectangle back with one ``index_select``
+  per layer through an index made once per step and layer group
+  (:mod:`kvcore.integrations._batch_reads`);
+* with :meth:`KvCoreCache.set_prompts`, left padding is stripped, rows are allocated
+  with their token ids (full prompt blocks shared through the prefix cache, with
+  earlier ``generate`` calls and with earlier rows of the same batch), and a prompt
+  prefix the manager already holds is not computed again: ``get_seq_length()`` reports
+  it and ``generate`` feeds only the rest (:mod:`kvcore.integrations._prompt_rows`);
 * ``reorder_cache`` (beam search), ``batch_select_indices`` and
   ``batch_repeat_interleave`` map to :meth:`~kvcore.KvCacheManager.fork` and
-  :meth:`~kvcore.KvCacheManager.deallocate`: a beam that survives twice is forked, and
-  copy-on-write gives each child its own copy of the shared last block when it writes.
-
-* ``crop(-n)`` (assisted and speculative decoding roll back rejected draft tokens)
-  maps to :meth:`~kvcore.KvCacheManager.truncate`, which copies a shared or
-  prefix-cached last block before the row writes into it again; assisted decoding
-  (``generate(..., assistant_model=...)``) gives ``DynamicCache``'s exact tokens on a
-  cache without :meth:`KvCoreCache.set_prompts`.
-
+  :meth:`~kvcore.KvCacheManager.deallocate`; ``crop(-n)`` (assisted decoding) to
+  :meth:`~kvcore.KvCacheManager.truncate`;
 * ``copy.deepcopy`` / ``copy.copy`` / :meth:`KvCoreCache.fork` fork every row on the
-  same manager (transformers' prompt-reuse recipe; no K/V copied until written), and
-  :meth:`KvCoreCache.save` / :meth:`KvCoreCache.load` keep a cache in a safetensors
-  file (:mod:`kvcore.integrations._cache_state`).
+  same manager, :meth:`KvCoreCache.save` / :meth:`KvCoreCache.load` keep a cache in a
+  safetensors file (:mod:`kvcore.integrations._cache_state`).
 
-Not supported: sliding-window and linear-attention layers.
+Not supported, and refused early with :class:`~kvcore.errors.UnsupportedError` naming
+the model type: state-space and linear-attention layers (Mamba, Jamba, Zamba, ...) and
+the other layouts :mod:`kvcore.integrations._model_groups` lists.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ import numpy as np
 
 try:
     import torch
-    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.cache_utils import Cache
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("kvcore.integrations.transformers needs torch and transformers: "
                       'pip install "kvcore[transformers]"') from exc
@@ -67,88 +67,35 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .._manager import KvCacheManager
 from .._paged_handle import PagedKvCacheHandle
 from .._slot_mapping import SlotMapping
-from ..attention import PagedLayout, gather_kv
 from ..errors import (CacheError, CapacityError, LayerIndexError, ShapeMismatchError,
-                      WriteOrderError)
-from ..models import AllocationRequest, CacheConfig
+                      UnsupportedError, WriteOrderError)
+from ..models import GroupKind
+from ._batch_reads import PoolViews, advance, hide, rectangle_slots
+from ._cache_layer import KvCoreLayer
 from ._cache_state import SAVED, fork_cache, load_cache, save_cache
+from ._encoder_decoder import KvCoreEncoderDecoderCache
+from ._model_groups import cache_config_for
+from ._prompt_rows import (PREFILL, STEP, allocate_rows, allocate_waiting, first_pass,
+                           left_padded_prompts)
+from ._token_ids import track_token_ids
+from ._torch_arrays import kv_rows, to_numpy
 
-__all__ = ["KvCoreCache", "cache_config_for"]
-
-_TORCH_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16",
-                 torch.float32: "float32"}
-
-
-def cache_config_for(model_or_config: Any, *, num_blocks: int, block_size: int = 16,
-                     dtype: Any = None, device: Any = None, **fields: Any) -> CacheConfig:
-    """A :class:`~kvcore.CacheConfig` shaped for a transformers model (or its config):
-    its decoder layers, KV heads and head size, and (from a model) its dtype and device."""
-    config = getattr(model_or_config, "config", model_or_config)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    if dtype is None:
-        dtype = _TORCH_DTYPES.get(getattr(model_or_config, "dtype", None), "float32")
-    if device is None:
-        device = str(getattr(model_or_config, "device", "cpu"))
-    return CacheConfig(num_layers=text.num_hidden_layers, num_kv_heads=kv_heads,
-                       head_dim=head_dim, dtype=dtype, block_size=block_size,
-                       num_blocks=num_blocks, device=device, **fields)
-
-
-class _KvCoreLayer(CacheLayerMixin):
-    """One attention layer's view of a :class:`KvCoreCache`; all state is the cache's."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = True
-
-    def __init__(self, owner: KvCoreCache, layer_idx: int) -> None:
-        super().__init__()
-        self._owner = owner
-        self._layer_idx = layer_idx
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        return self._owner._update(key_states, value_states, self._layer_idx)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self._owner._layer_len[self._layer_idx]
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.is_initialized = False
-
-    def offload(self) -> None:  # the pool stays where the manager put it
-        pass
-
-    def prefetch(self) -> None:
-        pass
+__all__ = ["KvCoreCache", "KvCoreEncoderDecoderCache", "cache_config_for", "track_token_ids"]
 
 
 
 class KvCoreCache(Cache):
-    """A transformers ``Cache`` storing K/V in a :class:`~kvcore.KvCacheManager`.
+    """A transformers ``Cache`` storing a decoder's self-attention K/V in a
+    :class:`~kvcore.KvCacheManager`.
 
-    ``manager`` must match the model: one kvcore layer per decoder layer, the model's
-    KV heads, head size, dtype and device (:func:`cache_config_for` builds the
-    config, :meth:`from_model` the whole thing).  Its backend must hold arrays torch can
-    take without a copy (``torch``; ``numpy`` on the CPU works through DLPack).  Several
-    caches may share one manager: prompt blocks written by one ``generate`` call are
-    then reused by the next.  ``extra_key`` separates prefix-cache entries of different
-    models or adapters sharing a manager.
+    ``manager`` must match the model: its layer groups, KV heads, head sizes, dtype
+    and device (:func:`cache_config_for` builds the config, :meth:`from_model` the
+    whole thing).  Its backend must hold arrays torch can take without a copy
+    (``torch``; ``numpy`` on the CPU works through DLPack).  Several caches may share
+    one manager: prompt blocks written by one ``generate`` call are then reused by
+    the next.  ``extra_key`` separates prefix-cache entries of different models or
+    adapters sharing a manager.  A manager with a cross-attention group serves an
+    encoder-decoder model through :class:`KvCoreEncoderDecoderCache`.
 
     A cache serves one ``generate`` call; :meth:`release` (or leaving a ``with``
     block) frees its sequences, :meth:`reset` empties it for another call.
@@ -158,10 +105,29 @@ class KvCoreCache(Cache):
         if not isinstance(manager, KvCacheManager):
             raise TypeError(f"manager must be a kvcore.KvCacheManager, got "
                             f"{type(manager).__name__}")
+        groups = manager.config.groups
+        cross = [g for g in groups if g.kind is GroupKind.cross]
+        token_layers = sorted(i for g in groups if g.kind is not GroupKind.cross
+                              for i in g.layers)
+        if token_layers != list(range(len(token_layers))) or len(cross) > 1 or any(
+                g.kind is GroupKind.latent for g in groups):
+            raise UnsupportedError(
+                "KvCoreCache needs a manager whose decoder layers come first (full or "
+                "sliding groups, layers 0..n-1) followed by at most one cross-attention "
+                f"group; this one has groups {[(g.kind.value, g.layers) for g in groups]}")
         self._manager = manager
         self._extra_key = extra_key
-        num_layers = manager.config.num_layers
-        super().__init__(layers=[_KvCoreLayer(self, i) for i in range(num_layers)])
+        #: Per decoder layer: (group index, kv heads, K width, V width, window).
+        self._specs = tuple(
+            (g.index, g.num_kv_heads, g.k_dim, g.v_dim, g.window)
+            for layer in token_layers for g in groups if layer in g.layers)
+        self._cross_group = cross[0].index if cross else None
+        self._windows = {spec[0]: spec[4] for spec in self._specs}  # group -> window
+        super().__init__(layers=[KvCoreLayer(self, i, spec[4])
+                                 for i, spec in enumerate(self._specs)])
+        self._pool_views = PoolViews(manager)
+        #: Whether a KvCoreEncoderDecoderCache serves this cache's cross-attention part.
+        self._paired = False
         self._prefix = f"hf-{uuid.uuid4().hex[:12]}"
         self._ids = itertools.count()
         self._prompts: list[tuple[int, ...]] | None = None
@@ -173,18 +139,38 @@ class KvCoreCache(Cache):
         self._pads = np.zeros(0, dtype=np.int64)   # left padding of each row
         self._cached = np.zeros(0, dtype=np.int64)  # prompt tokens served by the prefix cache
         self._length = 0                            # the rectangle's width, pads included
-        self._layer_len = [0] * self._manager.config.num_layers
+        self._layer_len = [0] * len(self._specs)
         self._mapping: SlotMapping | None = None
-        self._layout: PagedLayout | None = None
+        self._mode = STEP
+        self._next_ids: torch.Tensor | None = None  # the pass's input ids (track_token_ids)
+        self._reads: dict[int, tuple[torch.Tensor, int]] = {}   # this pass's, per group
+        self._index: dict[int, np.ndarray] = {}  # per group: the last step's slots, kept
+        self._repeat = 1          # batch rows per kvcore row in a first pass (beams)
+        self._fresh = False       # rows allocated by set_prompts, no forward pass yet
+        # Encoder-decoder models: rows are allocated when the encoder's length is known
+        # (the first cross-attention update); the decoder's prefill writes wait here.
+        self._encoder_tokens = 0
+        self._waiting: tuple[list[tuple[int, ...] | None], np.ndarray] | None = None
+        self._held_back: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._cross_done = [False] * len(self._specs) if self._cross_group is not None else []
 
     @classmethod
     def from_model(cls, model: Any, *, backend: str | None = "torch", num_blocks: int = 512,
                    block_size: int = 16, extra_key: str | None = None,
-                   **config_fields: Any) -> KvCoreCache:
-        """A cache with a new manager shaped for ``model`` (its dtype and device)."""
+                   **config_fields: Any) -> Any:
+        """A cache with a new manager shaped for ``model`` (its layer groups, dtype and
+        device; ``config_fields`` as for :func:`cache_config_for`).  For an
+        encoder-decoder model (T5, BART, ...) it is a
+        :class:`KvCoreEncoderDecoderCache` over one manager: the decoder's
+        self-attention and its cross-attention, each row one kvcore sequence."""
         config = cache_config_for(model, num_blocks=num_blocks, block_size=block_size,
                                   **config_fields)
-        return cls(KvCacheManager(config, backend=backend), extra_key=extra_key)
+        cache = cls(KvCacheManager(config, backend=backend), extra_key=extra_key)
+        if isinstance(model, torch.nn.Module):
+            track_token_ids(model)
+        if cache._cross_group is not None:
+            return KvCoreEncoderDecoderCache(cache)
+        return cache
 
     # --- what the caller tells the cache -------------------------------------------------
 
@@ -195,139 +181,180 @@ class KvCoreCache(Cache):
     @property
     def handles(self) -> list[PagedKvCacheHandle]:
         """One kvcore handle per batch row, in row order (after any beam reordering)."""
+        self._materialize()
         return list(self._handles)
 
     @property
     def num_cached_tokens(self) -> list[int]:
-        """Per row: prompt tokens the prefix cache already held at prefill."""
+        """Per row: prompt tokens the prefix cache already held at allocation."""
+        self._materialize()
         return self._cached.tolist()
 
     def set_prompts(self, input_ids: Any, attention_mask: Any = None) -> None:
         """Tell the cache the prompts ``generate`` will get (the same ``input_ids`` and
-        ``attention_mask``): padding is then not stored and full prompt blocks are
-        shared through the prefix cache.  Padding must be on the left, as transformers
-        pads decoder-only prompts for generation."""
-        if self._handles:
+        ``attention_mask``; padding on the left, as transformers pads decoder-only
+        prompts for generation).  Padding is then not stored, full prompt blocks are
+        shared through the prefix cache, and a leading part of the batch the manager
+        already holds is not computed again.
+
+        Rows are allocated now, one per prompt, with their token ids.  The batch's
+        reusable part is the columns every row already holds, padding included:
+        ``min(padding + tokens already in the pool)`` over the rows, never the last
+        column.  ``get_seq_length()`` then reports it, and ``generate`` feeds the model
+        only the columns after it.  A row holding more than that recomputes the
+        difference but keeps (and reads) the K/V the pool holds for it.  With beam
+        search or several sequences per prompt, the first forward pass repeats each
+        row (its copies share the prompt's blocks).  An encoder-decoder cache only
+        records the prompts: its rows wait for the encoder's length."""
+        if self._handles or self._waiting is not None:
             raise CacheError("set_prompts: this cache already holds a batch; call reset() "
                              "or use a new cache")
-        ids = np.asarray(_to_numpy(input_ids), dtype=np.int64)
-        if ids.ndim != 2:
-            raise ShapeMismatchError(f"input_ids has shape {list(ids.shape)}, expected "
-                                     "[batch, prompt_len]")
-        if attention_mask is None:
-            mask = np.ones_like(ids, dtype=bool)
-        else:
-            mask = np.asarray(_to_numpy(attention_mask)).astype(bool)
-            if mask.shape != ids.shape:
-                raise ShapeMismatchError(f"attention_mask has shape {list(mask.shape)}, "
-                                         f"input_ids {list(ids.shape)}")
-        # Left padding: once a row's mask turns on it stays on.
-        if np.any(mask[:, :-1] & ~mask[:, 1:]):
-            row = int(np.argmax(np.any(mask[:, :-1] & ~mask[:, 1:], axis=1)))
-            raise ValueError(f"attention_mask row {row} is {mask[row].astype(int).tolist()}: "
-                             "expected left padding (zeros only before the prompt); build "
-                             "the batch with tokenizer.padding_side='left'")
-        pads = ids.shape[1] - mask.sum(axis=1)
-        self._prompts = [tuple(int(t) for t in row[p:]) for row, p in zip(ids, pads)]
-        self._prompt_width = int(ids.shape[1])
+        prompts, pads, width = left_padded_prompts(input_ids, attention_mask)
+        self._prompts, self._prompt_width = prompts, width
+        if self._cross_group is not None or not prompts:
+            return
+        handles, cached, columns = allocate_rows(self, prompts, pads, width)
+        self._handles, self._pads, self._cached = handles, pads, cached
+        self._length = columns
+        self._layer_len = [columns] * len(self._specs)
+        self._fresh = True
 
     # --- the Cache API -------------------------------------------------------------------
 
     def _update(self, key: torch.Tensor, value: torch.Tensor,
                 layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self._manager.config
-        if not 0 <= layer < cfg.num_layers:
+        specs = self._specs
+        if not 0 <= layer < len(specs):
             raise LayerIndexError(f"layer {layer} is out of range: the cache has "
-                                  f"{cfg.num_layers} layers")
-        if key.dim() != 4 or tuple(key.shape[1::2]) != (cfg.num_kv_heads, cfg.head_dim) \
-                or value.shape != key.shape:
+                                  f"{len(specs)} layers")
+        group, heads, k_dim, v_dim, window = specs[layer]
+        if key.dim() != 4 or value.dim() != 4 or key.shape[1] != heads \
+                or key.shape[3] != k_dim or value.shape[:3] != key.shape[:3] \
+                or value.shape[3] != v_dim:
             raise ShapeMismatchError(
-                f"key/value have shapes {list(key.shape)} / {list(value.shape)}, expected "
-                f"[batch, {cfg.num_kv_heads}, new_tokens, {cfg.head_dim}] for both")
+                f"layer {layer}: key/value have shapes {list(key.shape)} / "
+                f"{list(value.shape)}, expected [batch, {heads}, new_tokens, {k_dim}] / "
+                f"[batch, {heads}, new_tokens, {v_dim}]; if the model's layers hand the "
+                "cache other shapes than its config says, pass num_kv_heads= / head_dim= "
+                "to from_model or cache_config_for")
         n = int(key.shape[2])
         done = self._layer_len[layer]
         if done == self._length:  # the first layer of a new forward pass
-            if self._handles:
-                self._extend(int(key.shape[0]), n)
-            else:
-                self._prefill(int(key.shape[0]), n)
+            self._begin_pass(int(key.shape[0]), n)
+            done = self._length - n
         elif done + n != self._length:
             raise WriteOrderError(f"layer {layer} holds {done} tokens and got {n} more, but "
                                   f"this forward pass is at {self._length} tokens")
-        if self._mapping is None:  # the prefill: only what the prefix cache lacks
-            for row, handle in enumerate(self._handles):
-                skip = int(self._pads[row] + self._cached[row])
-                if skip < n:
-                    self._manager.write(handle, layer, _rows(key[row, :, skip:]),
-                                        _rows(value[row, :, skip:]), start=int(self._cached[row]))
-        else:  # a step: one backend call for the whole batch
-            flat = (key.shape[0] * n, cfg.num_kv_heads, cfg.head_dim)
+        mode = self._mode
+        if mode is STEP:  # one backend call for the whole batch
+            rows = key.shape[0] * n
             self._manager.write_slots(layer, self._mapping,
-                                      key.transpose(1, 2).reshape(flat).contiguous(),
-                                      value.transpose(1, 2).reshape(flat).contiguous())
+                                      key.transpose(1, 2).reshape(rows, heads, k_dim),
+                                      value.transpose(1, 2).reshape(rows, heads, v_dim))
+            self._layer_len[layer] = done + n
+            return self._read(layer, group, window, n)
         self._layer_len[layer] = done + n
-        pool = self._manager.layer_pool(layer).native
-        k, v = gather_kv(pool, self._layout)  # [batch, width, kv_heads, head_dim]
-        return _as_torch(k).transpose(1, 2), _as_torch(v).transpose(1, 2)
+        if not self._handles:  # an encoder-decoder prefill before its rows exist
+            self._held_back.append((layer, key, value))
+            return key, value
+        self._write_rows(layer, key, value)
+        if mode is PREFILL:  # the model's own K/V, as DynamicCache hands them back
+            return key, value
+        return self._read(layer, group, window, n)
 
-    def _prefill(self, batch: int, n: int) -> None:
-        """Allocate one sequence per row for the first forward pass."""
-        if self._prompts is None:
-            prompts: list[tuple[int, ...] | None] = [None] * batch
-            pads = np.zeros(batch, dtype=np.int64)
+    def _write_rows(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """A first pass: each row writes the tokens the prefix cache lacks (the
+        first of each group of ``_repeat`` identical rows writes for the group)."""
+        first = self._length - int(key.shape[2])  # the pass's first column
+        every = self._repeat
+        for row, handle in enumerate(self._handles):
+            cached, pad = int(self._cached[row]), int(self._pads[row])
+            skip = pad + cached - first  # >= 0: the reuse rule never skips unwritten tokens
+            if skip < key.shape[2]:
+                self._manager.write(handle, layer, kv_rows(key[row * every, :, skip:]),
+                                    kv_rows(value[row * every, :, skip:]), start=cached)
+
+    def _read(self, layer: int, group: int, window: int | None,
+              n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rectangle of ``layer`` after this pass's write: every column for a full
+        layer, the last ``min(past, window - 1) + n`` for a sliding one."""
+        reads = self._reads.get(group)
+        if reads is None:
+            reads = self._reads[group] = self._rectangle(group, window, n)
+        index, width = reads
+        return self._pool_views.gather(layer, index, len(self._handles) * self._repeat,
+                                       width)
+
+    def _rectangle(self, group: int, window: int | None, n: int) -> tuple[torch.Tensor, int]:
+        """This pass's index of ``group``: a decode step advances the last step's by
+        one column (:func:`advance`), anything else reads the block tables."""
+        total = self._length
+        width = total if window is None else min(total - n, window - 1) + n
+        slots = self._index.get(group) if self._mode is STEP else None
+        if slots is None:
+            slots = self._rebuilt(group, total - width)
+            if self._mode is STEP:
+                self._index[group] = slots
         else:
-            if n != self._prompt_width or batch % len(self._prompts):
-                raise ShapeMismatchError(
-                    f"the first forward pass has {batch} rows of {n} tokens, but set_prompts "
-                    f"got {len(self._prompts)} prompts padded to {self._prompt_width} (rows "
-                    "must be a multiple of the prompts: generate repeats each prompt for "
-                    "beams and return sequences)")
-            # generate expands each prompt with repeat_interleave (beams, samples).
-            prompts = [p for p in self._prompts for _ in range(batch // len(self._prompts))]
-            pads = np.asarray([n - len(p) for p in prompts], dtype=np.int64)
-        handles: list[PagedKvCacheHandle] = []
-        try:
-            for prompt, pad in zip(prompts, pads):
-                rid = self._new_id()
-                if prompt is None:
-                    request = AllocationRequest(request_id=rid, num_tokens=n)
-                else:
-                    # Rows of one batch share the prompt blocks they have in common at
-                    # once: a row joins blocks an earlier row writes in this same
-                    # forward pass, whose update() writes every row of a layer before
-                    # any row reads it (the promise join_pending asks for).  The model
-                    # computes every prompt token anyway (generate does not shorten
-                    # the prefill), so a hit only saves storage: the last prompt
-                    # token's block may be shared too (allow_full_hit).
-                    request = AllocationRequest(request_id=rid, prompt_token_ids=prompt,
-                                                extra_key=self._extra_key, join_pending=True,
-                                                allow_full_hit=True)
-                handles.append(self._manager.allocate(request))
-        except BaseException:
-            for handle in handles:  # all or nothing
-                self._manager.deallocate(handle)
-            raise
-        self._handles = handles
-        self._pads = pads
-        self._cached = np.asarray([h.num_cached_tokens() for h in handles], dtype=np.int64)
-        self._length = n
-        self._mapping = None
-        self._layout = PagedLayout.from_manager(self._manager, handles, width=n,
-                                                left_padded=True)
+            slots = hide(slots, total - width, self._pads, self._mapping.group_slots[group])
+        if self._repeat > 1:
+            slots = np.repeat(slots, self._repeat, axis=0)
+        device = torch.device(str(self._manager.config.device))
+        return torch.from_numpy(slots.reshape(-1)).to(device), width
 
-    def _replace(self, row: int, handle: PagedKvCacheHandle) -> None:
-        self._manager.deallocate(self._handles[row])
-        self._handles[row] = handle
-        self._layout = None
+    def _rebuilt(self, group: int, first_column: int) -> np.ndarray:
+        """The rectangle's slots of ``group`` from column ``first_column`` on, read
+        from the manager's block tables."""
+        table = self._manager.vllm_block_table(self._handles, group=group, pad_value=-1)
+        return rectangle_slots(table.block_tables, table.seq_lens.astype(np.int64),
+                               self._pads, self._length, first_column,
+                               self._manager.block_size)
+
+    def _begin_pass(self, batch: int, n: int) -> None:
+        self._materialize()
+        self._reads = {}
+        if self._handles and not self._fresh:
+            self._extend(batch, n)
+            return
+        if self._cross_group is not None and not self._paired:
+            raise UnsupportedError(
+                "this KvCoreCache's manager has a cross-attention group: an encoder-decoder "
+                "model needs its self- and cross-attention caches apart; use "
+                "KvCoreEncoderDecoderCache(cache) (KvCoreCache.from_model builds one)")
+        self._index = {}
+        first_pass(self, batch, n)
+
+    def _materialize(self) -> None:
+        """Fork each row into the copies its first pass computed (between passes)."""
+        if self._repeat > 1 and all(n == self._length for n in self._layer_len):
+            repeat, self._repeat = self._repeat, 1
+            self.batch_repeat_interleave(repeat)
+
+    def allocate_waiting(self, encoder_tokens: int) -> None:
+        """Encoder-decoder models: allocate the first pass's rows now that the
+        encoder's length is known (:func:`~kvcore.integrations._prompt_rows.allocate_waiting`)."""
+        allocate_waiting(self, encoder_tokens)
 
     def _extend(self, batch: int, n: int) -> None:
         if batch != len(self._handles):
             raise ShapeMismatchError(f"a forward pass of {batch} rows on a cache of "
                                      f"{len(self._handles)} rows; reorder or select rows first")
-        self._mapping = self._manager.extend_batch(self._handles, n)
-        self._length += n
-        self._layout = PagedLayout.from_manager(self._manager, self._handles,
-                                                width=self._length, left_padded=True)
+        ids, self._next_ids = self._next_ids, None
+        if ids is not None and (ids.dim() != 2 or tuple(ids.shape) != (batch, n)):
+            ids = None
+        mapping = self._manager.extend_batch(
+            self._handles, n, token_ids=None if ids is None else to_numpy(ids))
+        past, self._length, self._mode, self._mapping = self._length, self._length + n, \
+            STEP, mapping
+        if n != 1:
+            self._index = {}
+            return
+        bs = self._manager.block_size
+        for group, slots in self._index.items():
+            window = self._windows[group]
+            keep = past if window is None else min(past, window - 1)
+            self._index[group] = advance(slots, mapping.group_slots[group], mapping.starts,
+                                         keep, bs)
 
     def _new_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
@@ -336,6 +363,7 @@ class KvCoreCache(Cache):
         if any(n != self._length for n in self._layer_len):
             raise CacheError(f"{op}: a forward pass is half done (layers hold "
                              f"{self._layer_len} tokens)")
+        self._materialize()
 
     def reorder_cache(self, beam_idx: Any) -> None:
         """Row ``j`` becomes old row ``beam_idx[j]``.  The first row to pick an old row
@@ -344,7 +372,7 @@ class KvCoreCache(Cache):
         if not self._handles:
             return
         self._check_between_steps("reorder_cache")
-        index = np.asarray(_to_numpy(beam_idx), dtype=np.int64).reshape(-1)
+        index = np.asarray(to_numpy(beam_idx), dtype=np.int64).reshape(-1)
         rows = len(self._handles)
         if index.size and (index.min() < 0 or index.max() >= rows):
             raise ValueError(f"beam_idx {index.tolist()} names rows outside 0..{rows - 1}")
@@ -370,7 +398,9 @@ class KvCoreCache(Cache):
         self._handles = new
         self._pads = self._pads[index]
         self._cached = self._cached[index]
-        self._layout = None  # rebuilt with the next step's extend
+        self._reads = {}
+        # A fork reads its parent's blocks until it writes: the same slots.
+        self._index = {group: slots[index] for group, slots in self._index.items()}
 
     def batch_select_indices(self, indices: Any) -> None:
         """Keep the rows ``indices`` (in that order); the others are deallocated."""
@@ -385,7 +415,8 @@ class KvCoreCache(Cache):
         a negative count, as ``DynamicCache`` takes it): assisted and speculative
         decoding roll rejected draft tokens back this way.  Uses
         :meth:`KvCacheManager.truncate`, which copies a shared last block before the
-        row writes into it again."""
+        row writes into it again; a sliding-window layer cannot go back past what its
+        window gave back (:class:`~kvcore.errors.CapacityError`)."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens "
                              "to remove, as transformers' DynamicCache takes it")
@@ -402,10 +433,12 @@ class KvCoreCache(Cache):
         self._layer_len = [n - remove for n in self._layer_len]
         self._cached = np.minimum(self._cached,
                                   [h.num_tokens() for h in self._handles]).astype(np.int64)
-        self._layout = None  # rebuilt with the next step's extend
+        self._reads = {}
+        self._index = {}
 
     def reset(self) -> None:
-        """Free every sequence and empty the cache (the prompts stay set)."""
+        """Free every sequence and empty the cache (the prompts stay set; the next
+        ``generate`` allocates its rows at its first forward pass)."""
         self.release()
         for layer in self.layers:
             layer.reset()
@@ -477,19 +510,3 @@ class KvCoreCache(Cache):
     def __repr__(self) -> str:
         return (f"KvCoreCache(rows={len(self._handles)}, tokens={self._length}, "
                 f"backend={self._manager.backend.name!r})")
-
-
-
-def _to_numpy(array: Any) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
-def _rows(states: torch.Tensor) -> torch.Tensor:
-    """``[kv_heads, tokens, head_dim]`` -> the ``[tokens, kv_heads, head_dim]`` kvcore writes."""
-    return states.transpose(0, 1).contiguous()
-
-
-def _as_torch(array: Any) -> torch.Tensor:
-    return array if isinstance(array, torch.Tensor) else torch.from_dlpack(array)

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._device import DType
+
 __all__ = ["PoolViews", "advance", "hide", "rectangle_slots"]
 
 
@@ -76,16 +78,20 @@ def hide(slots: np.ndarray, first_column: int, pads: np.ndarray, new: np.ndarray
 class PoolViews:
     """torch views of a manager's layer pools, flattened to ``[planes, slots, heads,
     dim]``: one per pool (K and V share one; a layer whose K and V widths differ has
-    two).  Kept per layer when the backend changes pools in place; asked for again on
-    every read when it does not (an immutable backend hands out a new pool after each
-    write)."""
+    two; a quantized cache adds its scales pool last, one plane per K/V plane, and
+    reads decode codes times scales into the cache's ``compute_dtype``).  Kept per
+    layer when the backend changes pools in place; asked for again on every read when
+    it does not (an immutable backend hands out a new pool after each write)."""
 
-    __slots__ = ("_manager", "_views", "_keep")
+    __slots__ = ("_manager", "_views", "_keep", "_codec", "_compute")
 
     def __init__(self, manager: Any) -> None:
         self._manager = manager
         self._views: dict[int, tuple[torch.Tensor, ...]] = {}
         self._keep = bool(getattr(manager.backend, "mutable_pools", True))
+        config = manager.config
+        self._codec: DType | None = config.dtype if config.dtype.is_codec else None
+        self._compute = getattr(torch, config.compute_dtype.value)
 
     def __call__(self, layer: int) -> tuple[torch.Tensor, ...]:
         views = self._views.get(layer)
@@ -101,6 +107,8 @@ class PoolViews:
         """K and V of ``layer`` at the slots of ``index`` (``batch * width`` of them),
         as ``[batch, heads, width, dim]`` views."""
         views = self(layer)
+        if self._codec is not None:
+            return self._gather_decoded(views, index, batch, width)
         if len(views) == 1:
             kv = views[0].index_select(1, index)
             kv = kv.view(2, batch, width, kv.shape[-2], kv.shape[-1])
@@ -110,6 +118,35 @@ class PoolViews:
             x = view[0].index_select(0, index)
             out.append(x.view(batch, width, x.shape[-2], x.shape[-1]).transpose(1, 2))
         return out[0], out[1]
+
+    def _gather_decoded(self, views: tuple[torch.Tensor, ...], index: torch.Tensor,
+                        batch: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a quantized layer: codes and scales through one index, decoded
+        as kvcore's codecs decode them (float32 value times float32 scale, then
+        the compute dtype), so these reads equal ``handle.key_cache(layer)``."""
+        codes, scales = views[:-1], views[-1].index_select(1, index)
+        if len(codes) == 1:
+            c = codes[0].index_select(1, index)
+            planes = [c[0], c[1]]
+        else:
+            planes = [view[0].index_select(0, index) for view in codes]
+        out = []
+        for plane, scale in zip(planes, scales):
+            x = _code_values(plane, self._codec) * scale
+            x = x.to(self._compute)
+            out.append(x.view(batch, width, x.shape[-2], x.shape[-1]).transpose(1, 2))
+        return out[0], out[1]
+
+
+#: torch's float8 dtypes of kvcore's float8 codecs (codes are stored as their bits).
+_FLOAT8 = {DType.float8_e4m3: "float8_e4m3fn", DType.float8_e5m2: "float8_e5m2"}
+
+
+def _code_values(codes: torch.Tensor, codec: DType) -> torch.Tensor:
+    """The float32 values of int8 codes or of float8 bit patterns."""
+    if codec is DType.int8:
+        return codes.float()
+    return codes.view(getattr(torch, _FLOAT8[codec])).float()
 
 
 def _as_torch(array: Any) -> torch.Tensor:

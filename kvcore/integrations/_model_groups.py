@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .._device import DType
 from ..errors import UnsupportedError
 from ..models import CacheConfig, GroupKind, LayerGroup
 
@@ -217,8 +218,12 @@ def cache_config_for(model_or_config: Any, *, num_blocks: int, block_size: int =
         if len(groups) == 1 and groups[0].kind is GroupKind.full \
                 and groups[0].v_head_dim is None:
             groups = ()  # one full group of every layer: the plain config, as before
+    model_dtype = _TORCH_DTYPES.get(str(getattr(model_or_config, "dtype", None)), "float32")
     if dtype is None:
-        dtype = _TORCH_DTYPES.get(str(getattr(model_or_config, "dtype", None)), "float32")
+        dtype = model_dtype
+    elif "compute_dtype" not in fields and DType.parse(dtype).is_codec:
+        # A quantized cache is written and read in the model's own dtype unless told.
+        fields["compute_dtype"] = model_dtype
     if device is None:
         device = str(getattr(model_or_config, "device", "cpu"))
     return CacheConfig(num_layers=num_layers, num_kv_heads=layout.num_kv_heads,

@@ -43,7 +43,11 @@ class TorchOps(ArrayOps):
         return a.index_select(1, index)
 
     def zero_rows(self, a: Any, mask: np.ndarray) -> Any:
-        a[self.from_host(mask, a)] = 0  # in place: a is an array kvcore just made
+        # In place (a is an array kvcore just made), through the padding's (row, token)
+        # pairs: a boolean-mask assignment measured 19 ms for a 35 MB batch read on
+        # the CPU (it finds the true entries on the device first), the pairs 0.3 ms.
+        rows, tokens = np.nonzero(mask)
+        a[self.from_host(rows, a), self.from_host(tokens, a)] = 0
         return a
 
     def float32(self, a: Any) -> Any:

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, EncoderDecoderCache
+from transformers.cache_utils import Cache, EncoderDecoderCache
 
 from ..errors import CacheError, LayerIndexError, ShapeMismatchError, UnsupportedError
 from ._batch_reads import rectangle_slots
+from ._cache_layer import PoolLayer
 from ._torch_arrays import kv_rows
 
 if TYPE_CHECKING:
@@ -43,12 +44,10 @@ KvCoreCache = Any
 __all__ = ["KvCoreCrossAttentionCache", "KvCoreEncoderDecoderCache"]
 
 
-class _CrossLayer(CacheLayerMixin):
+class _CrossLayer(PoolLayer):
     """Cross-attention layer ``i``: K/V read from the pool, never held here."""
 
     is_sliding = False
-    is_compileable = False
-    is_croppable = True
 
     def __init__(self, owner: KvCoreCrossAttentionCache, index: int) -> None:
         # No CacheLayerMixin.__init__: keys and values are read-only views here.
@@ -64,14 +63,8 @@ class _CrossLayer(CacheLayerMixin):
     def values(self) -> torch.Tensor | None:
         return self._owner._read(self._index, 1)
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def _put(self, key_states: torch.Tensor,
+             value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._owner._write(key_states, value_states, self._index)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -82,15 +75,6 @@ class _CrossLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
-
-    def reset(self) -> None:
-        self.is_initialized = False
-
-    def offload(self) -> None:
-        pass
-
-    def prefetch(self) -> None:
-        pass
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         pass  # the rows are the self-attention cache's; it reorders them

@@ -14,6 +14,7 @@ reference bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -112,6 +113,34 @@ def _prefill(h: Harness, mgr: KvCacheManager, handle: PagedKvCacheHandle,
         written.add(layer, *rows)
 
 
+def _fork_and_write(h: Harness, mgr: KvCacheManager, handle: PagedKvCacheHandle,
+                    written: dict[str, _Written],
+                    shapes: dict[int, tuple[tuple[int, int], ...]],
+                    expect_all: Callable[[PagedKvCacheHandle, _Written, str], None],
+                    skip: tuple[int, ...] = (),
+                    child_what: str = "the fork after copy-on-write") -> None:
+    """Fork ``handle``, write one decode step into the child (copying the shared last
+    blocks), and check both read what each was written."""
+    name = handle.request_id
+    child = mgr.fork(handle, f"{name}-child")
+    written[child.request_id] = written[name].copy()
+    _step(h, mgr, [child], written, shapes, skip=skip)
+    expect_all(handle, written[name], "the parent after its fork wrote")
+    expect_all(child, written[child.request_id], child_what)
+
+
+def _swap_round_trip(mgr: KvCacheManager, handle: PagedKvCacheHandle, swap: Any,
+                     written: _Written,
+                     expect_all: Callable[[PagedKvCacheHandle, _Written, str], None]) -> None:
+    """Swap ``handle`` out and back in (when the backend has a swap device) and check
+    it reads what it was written."""
+    if swap is None:
+        return
+    mgr.swap_out(handle)
+    mgr.swap_in(handle)
+    expect_all(handle, written, f"after swap_out / swap_in via {swap}")
+
+
 def _swap_device(h: Harness) -> Any:
     types = h.backend.capabilities().swap_device_types
     if not types:
@@ -170,15 +199,8 @@ class LayerGroupContract(ContractTests):
         check(mgr.stats().window_released_blocks >= released, GROUPS_SLIDING,
               "manager stats window_released_blocks", seen=mgr.stats().window_released_blocks,
               expected=f">= {released}")
-        child = mgr.fork(handle, "w-child")
-        written["w-child"] = written["w"].copy()
-        _step(h, mgr, [child], written, shapes)  # the shared last blocks are copied
-        expect_all(handle, written["w"], "the parent after its fork wrote")
-        expect_all(child, written["w-child"], "the fork after copy-on-write")
-        if swap is not None:
-            mgr.swap_out(handle)
-            mgr.swap_in(handle)
-            expect_all(handle, written["w"], f"after swap_out / swap_in via {swap}")
+        _fork_and_write(h, mgr, handle, written, shapes, expect_all)  # the shared last blocks are copied
+        _swap_round_trip(mgr, handle, swap, written["w"], expect_all)
         _check_invariants(mgr, GROUPS_SLIDING, "after the window moved")
 
     @covers(GROUPS_LATENT)
@@ -214,11 +236,7 @@ class LayerGroupContract(ContractTests):
                       lambda: mgr.write(handle, 0, h.native(_rows(h, 1, 1, latent)),
                                         h.native(_rows(h, 1, 1, latent)), start=0),
                       "a latent write given a value")
-        child = mgr.fork(handle, "mla-child")
-        written["mla-child"] = written["mla"].copy()
-        _step(h, mgr, [child], written, shapes)
-        expect_all(handle, written["mla"], "the parent after its fork wrote")
-        expect_all(child, written["mla-child"], "the fork after copy-on-write")
+        _fork_and_write(h, mgr, handle, written, shapes, expect_all)
         shared = h.allocate(mgr, "mla-hit", prompt=prompt)
         check(shared.num_cached_tokens() >= 2 * BS, GROUPS_LATENT, "prompt tokens a repeated "
               "prompt finds in the prefix cache", seen=shared.num_cached_tokens(),
@@ -226,10 +244,7 @@ class LayerGroupContract(ContractTests):
         hit = shared.num_cached_tokens()
         _expect(h, GROUPS_LATENT, shared, 0, 0, written["mla"].plane(0, 0)[:hit],
                 "a prefix hit on the latent layer")
-        if swap is not None:
-            mgr.swap_out(handle)
-            mgr.swap_in(handle)
-            expect_all(handle, written["mla"], f"after swap_out / swap_in via {swap}")
+        _swap_round_trip(mgr, handle, swap, written["mla"], expect_all)
         _check_invariants(mgr, GROUPS_LATENT, "after the latent layer's operations")
 
     @covers(GROUPS_KV_WIDTHS)
@@ -261,11 +276,7 @@ class LayerGroupContract(ContractTests):
                     GROUPS_KV_WIDTHS, "layer_pools(0): K's pool and V's pool")
         expect_raises(GROUPS_KV_WIDTHS, UnsupportedError, lambda: mgr.layer_pool(0),
                       "layer_pool of a layer keeping two pools")
-        child = mgr.fork(handle, "kv-child")
-        written["kv-child"] = written["kv"].copy()
-        _step(h, mgr, [child], written, shapes)  # copy-on-write of the shared last block
-        expect_all(handle, written["kv"], "the parent after its fork wrote")
-        expect_all(child, written["kv-child"], "the fork after copy-on-write")
+        _fork_and_write(h, mgr, handle, written, shapes, expect_all)  # copy-on-write of the shared last block
         shared = h.allocate(mgr, "kv-hit", prompt=prompt)
         hit = shared.num_cached_tokens()
         check(hit >= 2 * BS, GROUPS_KV_WIDTHS, "prompt tokens a repeated prompt finds in the "
@@ -273,10 +284,7 @@ class LayerGroupContract(ContractTests):
         for plane in (0, 1):
             _expect(h, GROUPS_KV_WIDTHS, shared, 1, plane,
                     written["kv"].plane(1, plane)[:hit], "a prefix hit")
-        if swap is not None:
-            mgr.swap_out(handle)
-            mgr.swap_in(handle)
-            expect_all(handle, written["kv"], f"after swap_out / swap_in via {swap}")
+        _swap_round_trip(mgr, handle, swap, written["kv"], expect_all)
         _check_invariants(mgr, GROUPS_KV_WIDTHS, "after the two-pool layer's operations")
 
     @covers(GROUPS_CROSS)
@@ -324,9 +332,6 @@ class LayerGroupContract(ContractTests):
                       lambda: mgr.write(handle, 1, h.native(h.kv(1)), h.native(h.kv(1)),
                                         start=encoder),
                       "a cross-attention write past the encoder tokens reserved")
-        child = mgr.fork(handle, "dec-child")
-        written["dec-child"] = written["dec"].copy()
-        _step(h, mgr, [child], written, shapes, skip=(1,))
-        expect_all(handle, written["dec"], "the parent after its fork wrote")
-        expect_all(child, written["dec-child"], "the fork")
+        _fork_and_write(h, mgr, handle, written, shapes, expect_all, skip=(1,),
+                        child_what="the fork")
         _check_invariants(mgr, GROUPS_CROSS, "after the cross-attention layer's operations")
